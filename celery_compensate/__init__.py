@@ -1,0 +1,27 @@
+"""Compensation (sagas) for Celery task chains, recorded in Redis.
+
+Pair tasks with undo tasks (``compensate_with=``), run them with
+``saga(...)``, and when a step fails the undos of the steps that completed
+run in reverse order on ordinary workers.
+"""
+from __future__ import annotations
+
+from . import signals
+from .canvas import Saga, saga
+from .exceptions import (
+    CompensateError, CorruptSagaRecord, ImproperlyConfigured, InvalidSaga,
+    ResultNotSerializable, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
+    SagaTimeoutError,
+)
+from .install import install
+from .model import SagaState
+from .result import SagaResult
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'install', 'saga', 'Saga', 'SagaResult', 'SagaState', 'signals',
+    'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
+    'InvalidSaga', 'ResultNotSerializable', 'SagaNotFound', 'SagaStoreError',
+    'SagaStoreUnavailable', 'SagaTimeoutError',
+)

@@ -1,0 +1,261 @@
+"""``saga(...)``: a canvas of signatures, chains and groups run as a saga.
+
+Chains (nested or not) become consecutive stages; a group is one parallel
+stage; a chord is its header (a parallel stage) followed by its body.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from celery import current_app
+from celery.canvas import Signature, _chain, chord, group
+from celery.utils.log import get_logger
+from kombu.serialization import dumps as kombu_dumps
+from kombu.utils.json import dumps
+
+from . import signals
+from .exceptions import InvalidSaga
+from .install import get_state
+from .model import Plan, TaskIdInfo, TaskRef, UndoSpec, validate_saga_id
+from .result import SagaResult
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ('saga', 'Saga')
+
+logger = get_logger(__name__)
+
+#: Signature options a saga sets itself or cannot honour.
+_MANAGED = frozenset({
+    'task_id', 'parent_id', 'root_id', 'group_id', 'group_index', 'chord',
+    'chain', 'reply_to', 'subtask_type', 'immutable',
+    'compensate_with', 'compensate_on_failure',
+})
+_REFUSED = frozenset({'link', 'link_error'})
+
+
+def saga(*steps: Any, app: Celery | None = None) -> Saga:
+    """Build a saga from signatures, chains and groups.
+
+    Arguments:
+        steps: the steps in order; a chain adds its links as consecutive
+            steps, a group adds one parallel stage.
+        app: the app (default: the app of the first signature, else the
+            current app).
+
+    Raises:
+        InvalidSaga: no steps, an unknown undo, a ``compensate_with`` of the
+            wrong type, arguments that cannot be serialized.
+    """
+    return Saga(steps, app=app)
+
+
+class Saga:
+    """A saga ready to be started with :meth:`apply_async` or :meth:`delay`."""
+
+    def __init__(self, steps: Sequence[Any], app: Celery | None = None) -> None:
+        if len(steps) == 1 and isinstance(steps[0], (list, tuple)):
+            steps = tuple(steps[0])
+        if not steps:
+            raise InvalidSaga('a saga needs at least one step')
+        self.steps = tuple(steps)
+        self.app = app or _app_of(self.steps) or current_app
+        self.stages = _stages(self.steps)
+        # validate now: bad input must fail before anything is stored
+        self.plan_for(())
+
+    def __repr__(self) -> str:
+        return f'<Saga: {len(self.stages)} stages>'
+
+    def plan_for(self, args: Sequence[Any], options: Mapping[str, Any] | None = None
+                 ) -> Plan:
+        """Freeze the steps into a plan, prepending ``args`` to the first
+        stage's (mutable) steps like ``chain.apply_async(args)`` does."""
+        built = []
+        for k, stage in enumerate(self.stages):
+            members = []
+            for sig in stage:
+                extra = args if k == 0 and not sig.immutable else ()
+                members.append(self._freeze(sig, len(built), extra,
+                                            options or {}))
+            built.append(members)
+        plan = Plan.from_stages(built)
+        for step in plan.steps:
+            self._check_encodable(step.call, step.describe())
+            if step.undo is not None:
+                self._check_encodable(step.undo, f'the undo of {step.describe()}')
+        return plan
+
+    def _freeze(self, sig: Signature, stage: int, extra: Sequence[Any],
+                defaults: Mapping[str, Any]
+                ) -> tuple[TaskRef, UndoSpec | None, bool]:
+        name = sig.task
+        where = f'step {name!r} (stage {stage})'
+        if not isinstance(name, str) or not name:
+            raise InvalidSaga(f'{where}: a saga step needs a task name')
+        refused = _REFUSED & set(sig.options)
+        if refused:
+            raise InvalidSaga(
+                f'{where}: saga steps cannot carry {", ".join(sorted(refused))}'
+                ' callbacks; compensation replaces them')
+        task = self.app.tasks.get(name)
+        opts = sig.options
+        undo_value = (opts['compensate_with'] if 'compensate_with' in opts
+                      else getattr(task, 'compensate_with', None))
+        cof = bool(opts['compensate_on_failure'] if 'compensate_on_failure'
+                   in opts else getattr(task, 'compensate_on_failure', False))
+        call = TaskRef(
+            name=name, args=(*extra, *sig.args), kwargs=dict(sig.kwargs),
+            options={**defaults, **{k: v for k, v in opts.items()
+                                    if k not in _MANAGED}},
+            immutable=bool(sig.immutable),
+        )
+        undo = self._undo(undo_value, where)
+        if cof and undo is None:
+            raise InvalidSaga(
+                f'{where}: compensate_on_failure=True needs compensate_with')
+        return call, undo, cof
+
+    def _undo(self, value: Any, where: str) -> UndoSpec | None:
+        if value is None:
+            return None
+        if isinstance(value, Signature):
+            if isinstance(value, (_chain, group, chord)):
+                raise InvalidSaga(f'{where}: compensate_with must be a single '
+                                  f'task signature, got {type(value).__name__}')
+            name = value.task
+            spec = UndoSpec(
+                name=name, args=tuple(value.args), kwargs=dict(value.kwargs),
+                options={k: v for k, v in value.options.items()
+                         if k not in _MANAGED | _REFUSED},
+                immutable=bool(value.immutable))
+        elif isinstance(value, str):
+            name, spec = value, UndoSpec(name=value)
+        elif isinstance(getattr(value, 'name', None), str) and callable(
+                getattr(value, 'apply_async', None)):
+            name, spec = value.name, UndoSpec(name=value.name)
+        else:
+            raise InvalidSaga(
+                f'{where}: compensate_with must be a task, a task name or a '
+                f'signature, got {type(value).__name__} {value!r}')
+        if name not in self.app.tasks:
+            raise InvalidSaga(
+                f'{where}: undo task {name!r} is not a registered task')
+        return spec
+
+    def _check_encodable(self, ref: TaskRef, where: str) -> None:
+        task = self.app.tasks.get(ref.name)
+        serializer = (ref.options.get('serializer')
+                      or getattr(task, 'serializer', None)
+                      or self.app.conf.task_serializer)
+        try:
+            dumps(ref.to_dict())
+            kombu_dumps((list(ref.args), dict(ref.kwargs), {}),
+                        serializer=serializer)
+        except Exception as exc:  # noqa: BLE001 - any encoder error
+            raise InvalidSaga(
+                f'{where}: arguments cannot be serialized (saga records are '
+                f'JSON; the task uses {serializer!r}): {exc}') from exc
+
+    def apply_async(self, args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None,
+                    saga_id: str | None = None, **options: Any) -> SagaResult:
+        """Store the saga, then publish its first stage.
+
+        Arguments:
+            args: prepended to the first stage's arguments (as for a chain).
+            kwargs: merged into the first stage's keyword arguments.
+            saga_id: choose the saga id (default: a new UUID).
+            options: publishing options applied to every step (``queue``,
+                ``priority`` ...); a step's own options win.
+
+        Returns:
+            SagaResult: the saga's handle.
+        Raises:
+            InvalidSaga: the saga cannot be started as given.
+            SagaStoreUnavailable: Redis is unreachable; nothing was
+                published.
+        """
+        state = get_state(self.app)
+        saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
+        plan = self.plan_for(tuple(args or ()), options)
+        if kwargs:
+            plan = _with_first_kwargs(plan, kwargs)
+            for step in plan.stages[0]:
+                self._check_encodable(step.call, step.describe())
+        if not state.store.create(saga_id, plan):
+            raise InvalidSaga(f'saga {saga_id!r} already exists')
+        coordinator = state.coordinator
+        first = plan.stages[0]
+        for n, step in enumerate(first):
+            try:
+                coordinator.publish_step(saga_id, step, step.call.args,
+                                         step.call.kwargs)
+            except Exception as exc:
+                # nothing half-started: the unpublished members fail, so
+                # whatever was published is compensated once it finishes
+                for rest in first[n:]:
+                    coordinator.step_failed(
+                        TaskIdInfo(saga_id, rest.index, False),
+                        f'publish failed: {exc!r}')
+                raise
+        logger.info('saga %s: started with %d steps in %d stages',
+                    saga_id, len(plan), len(plan.stages))
+        signals.saga_started.send(sender=self.app, saga_id=saga_id,
+                                  steps=len(plan))
+        return SagaResult(saga_id, app=self.app)
+
+    def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
+        """Shortcut for ``apply_async(args, kwargs)``."""
+        return self.apply_async(args, kwargs)
+
+
+def _app_of(steps: Iterable[Any]) -> Celery | None:
+    for step in steps:
+        app = getattr(step, '_app', None)
+        if app is not None:
+            return app
+    return None
+
+
+def _stages(steps: Iterable[Any]) -> list[list[Signature]]:
+    stages: list[list[Signature]] = []
+    for step in steps:
+        stages.extend(_flatten(step))
+    return stages
+
+
+def _flatten(sig: Any) -> list[list[Signature]]:
+    if isinstance(sig, _chain):
+        return _stages(sig.tasks)
+    if isinstance(sig, chord):
+        return _flatten(group(list(sig.tasks))) + _flatten(sig.body)
+    if isinstance(sig, group):
+        members: list[Signature] = []
+        for task in sig.tasks:
+            sub = _flatten(task)
+            if len(sub) != 1:
+                raise InvalidSaga(
+                    f'a group member must be a single task or a group, got '
+                    f'{task!r}: chains inside parallel stages are not '
+                    'supported; split them into stages')
+            members.extend(sub[0])
+        if not members:
+            raise InvalidSaga('a group in a saga needs at least one task')
+        return [members]
+    if isinstance(sig, Signature):
+        return [[sig]]
+    raise InvalidSaga(
+        f'saga steps must be Celery signatures, chains or groups, got '
+        f'{type(sig).__name__} {sig!r}')
+
+
+def _with_first_kwargs(plan: Plan, kwargs: Mapping[str, Any]) -> Plan:
+    from dataclasses import replace
+    stages = [list(stage) for stage in plan.stages]
+    stages[0] = [replace(step, call=replace(
+        step.call, kwargs={**step.call.kwargs, **kwargs}))
+        for step in stages[0]]
+    return Plan(tuple(tuple(stage) for stage in stages))

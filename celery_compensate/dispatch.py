@@ -1,0 +1,228 @@
+"""The coordinator: turns store outcomes into published tasks, signals and
+log lines.
+
+It is the only place that publishes saga tasks, so every forward step and
+every undo carries the same headers and task ids.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from celery.utils.log import get_logger
+from kombu.utils.json import dumps
+
+from . import signals
+from .exceptions import ResultNotSerializable
+from .model import (
+    SagaState, StepSpec, TaskIdInfo, idempotency_key, step_task_id,
+    undo_delay, undo_task_id,
+)
+from .store import Outcome, SagaStore, UndoDue
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .settings import Settings
+
+__all__ = ('Coordinator',)
+
+logger = get_logger(__name__)
+
+
+class Coordinator:
+    """Advances sagas of one app.
+
+    Arguments:
+        app: the Celery app.
+        settings: its validated settings.
+        store: its saga store.
+    """
+
+    def __init__(self, app: Celery, settings: Settings,
+                 store: SagaStore) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = store
+
+    # -- publishing -----------------------------------------------------
+
+    def publish_step(self, saga_id: str, step: StepSpec,
+                     args: Sequence[Any], kwargs: Mapping[str, Any],
+                     extra: Mapping[str, Any] | None = None) -> None:
+        """Publish forward step ``step`` with the given arguments."""
+        options = {**step.call.options, **(extra or {})}
+        headers = {**(options.pop('headers', None) or {}),
+                   'compensate_saga_id': saga_id,
+                   'compensate_step': step.index}
+        self.app.signature(
+            step.call.name, args=tuple(args), kwargs=dict(kwargs),
+        ).apply_async(task_id=step_task_id(saga_id, step.index),
+                      headers=headers, **options)
+
+    def publish_undo(self, saga_id: str, due: UndoDue,
+                     countdown: float | None = None) -> None:
+        """Publish one attempt of a step's undo."""
+        step = due.step
+        assert step.undo is not None
+        if due.call is not None:
+            call_args, call_kwargs = due.call
+        else:
+            call_args, call_kwargs = list(step.call.args), dict(step.call.kwargs)
+        args, kwargs = step.undo.call_args(due.result, call_args, call_kwargs)
+        options = dict(step.undo.options)
+        headers = {**(options.pop('headers', None) or {}),
+                   'compensate_saga_id': saga_id,
+                   'compensate_step': step.index,
+                   'compensate_attempt': due.attempt,
+                   'compensate_idempotency_key': idempotency_key(
+                       saga_id, step.index)}
+        if self.settings.undo_queue:
+            options['queue'] = self.settings.undo_queue
+        if countdown:
+            options['countdown'] = countdown
+        self.app.signature(step.undo.name, args=args, kwargs=kwargs).apply_async(
+            task_id=undo_task_id(saga_id, step.index, due.attempt),
+            headers=headers, **options)
+
+    def publish_next_stage(self, saga_id: str, outcome: Outcome) -> None:
+        """Publish the stage after a completed one, passing its result on
+        like a chain (a parallel stage passes the list of its results)."""
+        prev = outcome.results[0] if len(outcome.results) == 1 else outcome.results
+        for step in outcome.forward:
+            args = step.call.args if step.call.immutable else (prev, *step.call.args)
+            try:
+                self.publish_step(saga_id, step, args, step.call.kwargs)
+            except Exception as exc:  # noqa: BLE001 - becomes a step failure
+                logger.exception('saga %s: could not publish %s',
+                                 saga_id, step.describe())
+                self.step_failed(TaskIdInfo(saga_id, step.index, False),
+                                 f'publish failed: {exc!r}')
+
+    # -- reacting to workers ----------------------------------------------
+
+    def step_done(self, info: TaskIdInfo, retval: Any,
+                  args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """A forward step returned: record it, then publish what is next.
+
+        Raises:
+            ResultNotSerializable: the return value cannot be stored; the
+                step has been recorded as failed.
+        """
+        try:
+            result_json = dumps(retval)
+        except (TypeError, ValueError) as exc:
+            err = ResultNotSerializable(
+                f'saga {info.saga_id}: step {info.index} returned '
+                f'{type(retval).__name__} which cannot be stored as JSON: {exc}')
+            self.step_failed(info, repr(err), args, kwargs)
+            raise err from exc
+        outcome = self.store.step_done(info.saga_id, info.index, result_json,
+                                       _call_json(args, kwargs))
+        self.apply(info.saga_id, outcome, step=info.index)
+
+    def step_failed(self, info: TaskIdInfo, reason: str,
+                    args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None) -> Outcome:
+        """A forward step failed for good: claim or join compensation."""
+        outcome = self.store.step_failed(
+            info.saga_id, info.index, reason,
+            _call_json(args, kwargs) if args is not None else '')
+        if outcome.status == 'claimed':
+            logger.warning('saga %s: step %d failed (%s), compensating',
+                           info.saga_id, info.index, reason)
+        self.apply(info.saga_id, outcome, step=info.index, reason=reason)
+        return outcome
+
+    def undo_done(self, info: TaskIdInfo, task_name: str) -> None:
+        """An undo attempt succeeded."""
+        outcome = self.store.undo_done(info.saga_id, info.index)
+        if outcome.status == 'undone':
+            logger.info('saga %s: step %d compensated by %s',
+                        info.saga_id, info.index, task_name)
+            signals.step_compensated.send(
+                sender=self.app, saga_id=info.saga_id, step=info.index,
+                task_name=task_name)
+        self.apply(info.saga_id, outcome, step=info.index)
+
+    def undo_failed(self, info: TaskIdInfo, error: BaseException | str) -> None:
+        """An undo attempt failed: schedule the next one or give up."""
+        text = error if isinstance(error, str) else _describe(error)
+        outcome = self.store.undo_failed(info.saga_id, info.index,
+                                         info.attempt, text)
+        if outcome.status == 'retry':
+            due = outcome.undos[0]
+            countdown = undo_delay(info.attempt,
+                                   self.settings.undo_retry_backoff,
+                                   self.settings.undo_retry_backoff_max)
+            logger.warning(
+                'saga %s: undo of step %d failed on attempt %d (%s), '
+                'retrying in %.2fs', info.saga_id, info.index, info.attempt,
+                text, countdown)
+            signals.undo_retry.send(
+                sender=self.app, saga_id=info.saga_id, step=info.index,
+                attempt=info.attempt, countdown=countdown, error=text)
+            self.publish_undo(info.saga_id, due, countdown=countdown)
+        elif outcome.status == 'failed':
+            logger.error(
+                'saga %s: COMPENSATION_FAILED: undo of step %d failed %d '
+                'times, last error: %s; remaining undos wait for '
+                '`celery compensate retry %s`', info.saga_id, info.index,
+                info.attempt, text, info.saga_id)
+            signals.compensation_failed.send(
+                sender=self.app, saga_id=info.saga_id, step=info.index,
+                error=text)
+
+    # -- outcome ----------------------------------------------------------
+
+    def apply(self, saga_id: str, outcome: Outcome, step: int | None = None,
+              reason: str | None = None) -> None:
+        """Publish what ``outcome`` made due and announce its transition."""
+        old, new = outcome.old_state, outcome.new_state
+        if outcome.status == 'missing':
+            logger.warning('saga %s: not found in the saga store (expired or '
+                           'never started); step %s ignored', saga_id, step)
+            return
+        if outcome.status == 'next':
+            self.publish_next_stage(saga_id, outcome)
+        if new is not old:
+            self._transition(saga_id, old, new, step, reason)
+        for due in outcome.undos:
+            try:
+                self.publish_undo(saga_id, due)
+            except Exception as exc:  # noqa: BLE001 - counts as an attempt
+                logger.exception('saga %s: could not publish the undo of '
+                                 'step %d', saga_id, due.step.index)
+                self.undo_failed(TaskIdInfo(saga_id, due.step.index, True,
+                                            due.attempt),
+                                 f'publish failed: {exc!r}')
+
+    def _transition(self, saga_id: str, old: SagaState | None,
+                    new: SagaState | None, step: int | None,
+                    reason: str | None) -> None:
+        send = {'sender': self.app, 'saga_id': saga_id}
+        if new is SagaState.COMPLETED:
+            logger.info('saga %s: COMPLETED', saga_id)
+            signals.saga_completed.send(**send)
+            return
+        if old is SagaState.RUNNING:
+            signals.compensation_started.send(step=step, reason=reason, **send)
+        if new is SagaState.COMPENSATING and old is SagaState.RUNNING:
+            logger.warning('saga %s: COMPENSATING', saga_id)
+        elif new is SagaState.COMPENSATED:
+            logger.warning('saga %s: COMPENSATED', saga_id)
+            signals.saga_compensated.send(**send)
+
+
+def _call_json(args: Sequence[Any] | None,
+               kwargs: Mapping[str, Any] | None) -> str:
+    """``[args, kwargs]`` as JSON, or '' when they cannot be stored (the
+    undo then falls back to the arguments in the plan)."""
+    try:
+        return dumps([list(args or ()), dict(kwargs or {})])
+    except (TypeError, ValueError):
+        return ''
+
+
+def _describe(exc: BaseException) -> str:
+    return f'{type(exc).__name__}: {exc}'[:2000]
+

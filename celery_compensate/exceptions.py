@@ -1,0 +1,59 @@
+"""The exceptions celery_compensate raises: one tree under CompensateError."""
+from __future__ import annotations
+
+from celery.exceptions import CeleryError
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+__all__ = (
+    'CompensateError', 'ImproperlyConfigured', 'InvalidSaga', 'SagaNotFound',
+    'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
+    'ResultNotSerializable', 'CorruptSagaRecord',
+)
+
+
+class CompensateError(CeleryError):
+    """Base class of every error raised by celery_compensate."""
+
+
+class ImproperlyConfigured(CompensateError):
+    """A ``compensate_*`` setting is missing or has the wrong type."""
+
+
+class InvalidSaga(CompensateError, ValueError):
+    """A saga cannot be started as given (no steps, an unknown undo task,
+    a ``compensate_with`` of the wrong type, arguments that cannot be
+    serialized ...).  Raised before anything is stored or published."""
+
+
+class SagaNotFound(CompensateError, KeyError):
+    """No saga with this id exists (never started, or expired)."""
+
+    def __init__(self, saga_id: str) -> None:
+        super().__init__(saga_id)
+        self.saga_id = saga_id
+
+    def __str__(self) -> str:
+        return f'saga {self.saga_id!r} not found (never started, or expired)'
+
+
+class SagaStoreError(CompensateError):
+    """The saga store in Redis failed or returned something unexpected."""
+
+
+class SagaStoreUnavailable(SagaStoreError, ConnectionError):
+    """The saga store's Redis cannot be reached."""
+
+
+class CorruptSagaRecord(SagaStoreError):
+    """A saga record in Redis cannot be decoded."""
+
+
+class ResultNotSerializable(CompensateError, TypeError):
+    """A step's return value cannot be stored as JSON, so its undo could not
+    be called with it.  The step counts as failed."""
+
+
+class SagaTimeoutError(CompensateError, CeleryTimeoutError, TimeoutError):
+    """`SagaResult.wait` ran out of time before the saga reached a final
+    state.  Also an instance of the builtin :exc:`TimeoutError` and of
+    :exc:`celery.exceptions.TimeoutError`."""

@@ -1,0 +1,192 @@
+"""Worker-side hooks: the task ``__call__`` wrapper and the failure signals.
+
+The wrapper records a completed step *inside* the task call, before Celery
+publishes anything else (``celery/app/trace.py`` publishes the next chain
+link before ``on_success``/``task_success``).  The signal handlers catch the
+failures that happen outside the call: hard time limits, lost pool
+children, ``Reject`` and revokes, which Celery reports from the worker's
+main process with only the task id.
+
+Task options owned here (ordinary ``@app.task(...)`` options, so any base
+class works):
+
+- ``compensate_with``: the undo (a task, a task name or a signature);
+- ``compensate_on_failure``: also undo the step when it fails itself (its
+  undo then gets ``None`` as the result).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery import signals as celery_signals
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.log import get_logger
+
+from .model import TaskIdInfo, parse_task_id
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from .install import AppState
+
+__all__ = ('TASK_OPTIONS', 'CallAnnotation', 'wrap_task_class',
+           'connect_signals')
+
+logger = get_logger(__name__)
+
+#: The task options this library reads.
+TASK_OPTIONS = ('compensate_with', 'compensate_on_failure')
+
+
+def wrap_task_class(cls: type[Task]) -> None:
+    """Wrap ``cls.__call__`` once so saga steps and undos are recorded.
+
+    Tasks not sent by a saga pay one attribute lookup and a ``'.' in id``
+    check per call.
+    """
+    orig: Callable[..., Any] = cls.__call__
+    if getattr(orig, '_compensate_hook', False):
+        return
+
+    def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:
+        request = self.request_stack.top
+        info = parse_task_id(request.id) if request is not None else None
+        if info is None:
+            return orig(self, *args, **kwargs)
+        state = getattr(self.app, '_compensate_state', None)
+        if state is None:
+            return orig(self, *args, **kwargs)
+        if info.is_undo:
+            return _run_undo(state, self, orig, info, args, kwargs)
+        return _run_step(state, self, orig, info, args, kwargs)
+
+    __call__._compensate_hook = True  # type: ignore[attr-defined]
+    __call__.__wrapped__ = orig  # type: ignore[attr-defined]
+    cls.__call__ = __call__  # type: ignore[method-assign]
+
+
+class CallAnnotation:
+    """A ``task_annotations`` entry that wraps every task class of the app
+    when Celery binds it, whatever its base class."""
+
+    def annotate(self, task: type[Task]) -> None:
+        wrap_task_class(task)
+        return None
+
+    def annotate_any(self) -> None:
+        return None
+
+
+def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
+              info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
+    try:
+        retval = orig(task, *args, **kwargs)
+    except (Retry, Ignore):
+        # a retry is not a failure; Ignore leaves the step to the sweep
+        raise
+    except Reject as exc:
+        if not exc.requeue:
+            _guarded(state, 'step_failed', info, f'rejected: {exc.reason!r}',
+                     args, kwargs)
+        raise
+    except Exception as exc:
+        _guarded(state, 'step_failed', info, _describe(exc), args, kwargs)
+        state.handled.add(task.request.id)
+        raise
+    state.coordinator.step_done(info, retval, args, kwargs)
+    return retval
+
+
+def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
+              info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
+    verdict = state.store.undo_begin(info.saga_id, info.index, info.attempt)
+    if verdict != 'run':
+        logger.info('saga %s: undo of step %d attempt %d not run: %s',
+                    info.saga_id, info.index, info.attempt, verdict)
+        return None
+    try:
+        retval = orig(task, *args, **kwargs)
+    except Retry:
+        raise
+    except Exception as exc:
+        _guarded(state, 'undo_failed', info, exc)
+        state.handled.add(task.request.id)
+        raise
+    state.coordinator.undo_done(info, task.name)
+    return retval
+
+
+def _guarded(state: AppState, method: str, *args: Any) -> None:
+    """Call a coordinator method, logging instead of raising: the task's
+    own exception is what Celery must see."""
+    try:
+        getattr(state.coordinator, method)(*args)
+    except Exception:  # noqa: BLE001
+        logger.exception('celery_compensate: %s%r failed', method, args[:2])
+
+
+def _describe(exc: BaseException) -> str:
+    return f'{type(exc).__name__}: {exc}'[:2000]
+
+
+def connect_signals(app: Celery) -> None:
+    """Connect the failure handlers for ``app`` (idempotent)."""
+    uid = f'celery_compensate.{id(app)}'
+
+    def _state_for(sender: Any) -> AppState | None:
+        if getattr(sender, 'app', None) is not app:
+            return None
+        return getattr(app, '_compensate_state', None)
+
+    def on_failure(sender: Any = None, task_id: str | None = None,
+                   exception: BaseException | None = None,
+                   args: Any = None, kwargs: Any = None, **_: Any) -> None:
+        info = parse_task_id(task_id)
+        state = _state_for(sender) if info else None
+        if state is None:
+            return
+        if task_id in state.handled:
+            # already handled in this process by the call wrapper
+            state.handled.discard(task_id)
+            return
+        reason = _describe(exception) if exception else 'failed'
+        if info.is_undo:
+            _guarded(state, 'undo_failed', info, reason)
+        else:
+            _guarded(state, 'step_failed', info, reason, args, kwargs)
+
+    def on_revoked(sender: Any = None, request: Any = None,
+                   terminated: bool = False, expired: bool = False,
+                   signum: Any = None, **_: Any) -> None:
+        info = parse_task_id(getattr(request, 'id', None))
+        state = _state_for(sender) if info else None
+        if state is None:
+            return
+        reason = ('expired' if expired else
+                  f'revoked (terminated by {signum})' if terminated else
+                  'revoked')
+        if info.is_undo:
+            _guarded(state, 'undo_failed', info, reason)
+        else:
+            _guarded(state, 'step_failed', info, reason,
+                     getattr(request, 'args', None),
+                     getattr(request, 'kwargs', None))
+
+    def on_unknown(sender: Any = None, name: str | None = None,
+                   id: str | None = None, **_: Any) -> None:
+        info = parse_task_id(id)
+        state = _state_for(sender) if info else None
+        if state is None:
+            return
+        reason = f'task {name!r} is not registered in the worker'
+        if info.is_undo:
+            _guarded(state, 'undo_failed', info, reason)
+        else:
+            _guarded(state, 'step_failed', info, reason)
+
+    celery_signals.task_failure.connect(on_failure, weak=False,
+                                        dispatch_uid=uid + '.failure')
+    celery_signals.task_revoked.connect(on_revoked, weak=False,
+                                        dispatch_uid=uid + '.revoked')
+    celery_signals.task_unknown.connect(on_unknown, weak=False,
+                                        dispatch_uid=uid + '.unknown')

@@ -1,0 +1,106 @@
+"""``install(app)`` and the per-app state it attaches."""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery.utils.log import get_logger
+from celery.utils.collections import LimitedSet
+
+from .dispatch import Coordinator
+from .exceptions import ImproperlyConfigured
+from .hooks import CallAnnotation, connect_signals, wrap_task_class
+from .settings import Settings
+from .store import SagaStore
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ('install', 'AppState', 'get_state')
+
+logger = get_logger(__name__)
+
+_ATTR = '_compensate_state'
+
+
+class AppState:
+    """What celery_compensate keeps per app: settings, store, coordinator.
+
+    The Redis client is created on first use in each process (redis-py
+    pools reset themselves after a fork), never at import.
+    """
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        #: task ids whose failure this process already handled, so the
+        #: ``task_failure`` signal that follows does not count it twice.
+        self.handled: LimitedSet = LimitedSet(maxlen=10_000)
+        self._lock = threading.Lock()
+        self._store: SagaStore | None = None
+        self._coordinator: Coordinator | None = None
+
+    @property
+    def store(self) -> SagaStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = SagaStore(self.settings)
+        return self._store
+
+    @property
+    def coordinator(self) -> Coordinator:
+        if self._coordinator is None:
+            self._coordinator = Coordinator(self.app, self.settings, self.store)
+        return self._coordinator
+
+
+def install(app: Celery) -> AppState:
+    """Add compensation to ``app``.  Idempotent.
+
+    Reads and validates the ``compensate_*`` settings (configure them
+    before calling this), wraps every task class of the app so saga steps
+    are recorded inside the call, and connects the failure signals.
+
+    Returns:
+        AppState: the app's compensation state.
+    Raises:
+        ImproperlyConfigured: a setting is missing or wrong.
+    """
+    state = getattr(app, _ATTR, None)
+    if state is not None:
+        return state
+    state = AppState(app, Settings.from_conf(app.conf))
+    setattr(app, _ATTR, state)
+    _annotate(app)
+    connect_signals(app)
+    return state
+
+
+def get_state(app: Celery) -> AppState:
+    """The state of an installed app.
+
+    Raises:
+        ImproperlyConfigured: ``install(app)`` was not called.
+    """
+    state = getattr(app, _ATTR, None)
+    if state is None:
+        raise ImproperlyConfigured(
+            f'celery_compensate is not installed on app {app.main!r}: '
+            'call celery_compensate.install(app) first')
+    return state
+
+
+def _annotate(app: Celery) -> None:
+    """Wrap task classes bound from now on (via ``task_annotations``) and
+    those already bound."""
+    existing: Any = app.conf.task_annotations
+    if existing is None:
+        existing = ()
+    elif not isinstance(existing, (list, tuple)):
+        existing = (existing,)
+    app.conf.task_annotations = (CallAnnotation(), *existing)
+    app.__dict__.pop('annotations', None)  # drop Celery's cached copy
+    for task in list(app._tasks.values()):
+        if type(task).__bound__:
+            wrap_task_class(type(task))

@@ -1,0 +1,277 @@
+"""The saga model: plans, states and identifiers.
+
+Pure data and rules, with no Redis or Celery imports, so that everything
+else (the canvas that builds plans, the store that persists them, the
+worker hooks that advance them) shares one vocabulary.
+
+A saga is a list of *stages* run one after another; a stage is one step or
+several parallel steps (a Celery group).  Steps are numbered globally in
+plan order.  Compensation walks the stages backwards: the undos of one
+stage run in parallel, and the stage before it starts only once every
+member of the later stage has settled (finished forward and been undone).
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = (
+    'SagaState', 'StepState', 'UndoState', 'UndoSpec', 'StepSpec', 'Plan',
+    'TaskRef', 'FINAL_STATES', 'step_task_id', 'undo_task_id',
+    'parse_task_id', 'idempotency_key', 'undo_delay', 'validate_saga_id',
+)
+
+
+class SagaState(str, enum.Enum):
+    """Lifecycle of a saga as stored in Redis."""
+
+    RUNNING = 'RUNNING'
+    COMPLETED = 'COMPLETED'
+    COMPENSATING = 'COMPENSATING'
+    COMPENSATED = 'COMPENSATED'
+    COMPENSATION_FAILED = 'COMPENSATION_FAILED'
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+#: States `SagaResult.wait` returns on.  ``COMPENSATION_FAILED`` is final
+#: for waiting (nothing more happens by itself) but is kept in Redis
+#: without expiry so an operator can repair it.
+FINAL_STATES = frozenset({
+    SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED,
+})
+
+
+class StepState(str, enum.Enum):
+    """Forward state of one step (one-letter codes as stored)."""
+
+    PENDING = 'P'      #: its stage was never dispatched
+    RUNNING = 'R'      #: dispatched, not yet settled
+    DONE = 'D'         #: completed and recorded
+    FAILED = 'F'       #: failed, revoked, rejected or lost
+
+
+class UndoState(str, enum.Enum):
+    """State of one step's undo (one-letter codes as stored)."""
+
+    NONE = ''          #: not (yet) due
+    QUEUED = 'Q'       #: dispatched, not yet started
+    RUNNING = 'R'      #: an attempt is running
+    WAITING = 'W'      #: an attempt failed, the next one is scheduled
+    DONE = 'D'         #: undone
+    FAILED = 'F'       #: retry budget spent; waits for an operator
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """A task call frozen into a plan: name, arguments and options."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    immutable: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            'task': self.name, 'args': list(self.args),
+            'kwargs': dict(self.kwargs), 'options': dict(self.options),
+            'immutable': self.immutable,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TaskRef:
+        return cls(
+            name=d['task'], args=tuple(d.get('args') or ()),
+            kwargs=dict(d.get('kwargs') or {}),
+            options=dict(d.get('options') or {}),
+            immutable=bool(d.get('immutable')),
+        )
+
+
+@dataclass(frozen=True)
+class UndoSpec(TaskRef):
+    """The undo of a step.
+
+    A mutable undo is called as ``undo(result, *step_args, *own_args,
+    **step_kwargs, **own_kwargs)``, exactly as Celery passes a parent's
+    result to a chained task; an immutable one (``.si()``) with its own
+    arguments only.
+    """
+
+    def call_args(
+        self, result: Any, step_args: Sequence[Any],
+        step_kwargs: Mapping[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Return the ``(args, kwargs)`` the undo is called with.
+
+        Arguments:
+            result: the forward step's return value (``None`` when the
+                step failed and opted in to ``compensate_on_failure``).
+            step_args: the positional arguments the step was called with.
+            step_kwargs: the keyword arguments the step was called with.
+        """
+        if self.immutable:
+            return tuple(self.args), dict(self.kwargs)
+        return ((result, *step_args, *self.args),
+                {**step_kwargs, **self.kwargs})
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One forward step of a plan."""
+
+    index: int
+    stage: int
+    call: TaskRef
+    undo: UndoSpec | None = None
+    compensate_on_failure: bool = False
+
+    @property
+    def undo_flag(self) -> str:
+        """Code stored for the Lua scripts: 0 no undo, 1 undo, 2 undo also
+        on the step's own failure."""
+        if self.undo is None:
+            return '0'
+        return '2' if self.compensate_on_failure else '1'
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            'index': self.index, 'stage': self.stage,
+            'call': self.call.to_dict(),
+            'undo': self.undo.to_dict() if self.undo else None,
+            'compensate_on_failure': self.compensate_on_failure,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepSpec:
+        undo = d.get('undo')
+        return cls(
+            index=int(d['index']), stage=int(d['stage']),
+            call=TaskRef.from_dict(d['call']),
+            undo=UndoSpec.from_dict(undo) if undo else None,
+            compensate_on_failure=bool(d.get('compensate_on_failure')),
+        )
+
+    def describe(self) -> str:
+        return f'step {self.index} ({self.call.name})'
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered list of stages, each a tuple of steps."""
+
+    stages: tuple[tuple[StepSpec, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.stages or not all(self.stages):
+            raise ValueError('a saga needs at least one step in every stage')
+        expected = 0
+        for k, stage in enumerate(self.stages):
+            for step in stage:
+                if step.index != expected or step.stage != k:
+                    raise ValueError(
+                        f'{step.describe()} is out of order in the plan')
+                expected += 1
+
+    @classmethod
+    def from_stages(
+        cls, stages: Sequence[Sequence[tuple[TaskRef, UndoSpec | None, bool]]],
+    ) -> Plan:
+        """Number the steps of ``stages`` (lists of ``(call, undo, cof)``)."""
+        built: list[tuple[StepSpec, ...]] = []
+        index = 0
+        for k, stage in enumerate(stages):
+            members = []
+            for call, undo, cof in stage:
+                members.append(StepSpec(index, k, call, undo, cof))
+                index += 1
+            built.append(tuple(members))
+        return cls(tuple(built))
+
+    @property
+    def steps(self) -> tuple[StepSpec, ...]:
+        return tuple(step for stage in self.stages for step in stage)
+
+    def __len__(self) -> int:
+        return sum(len(stage) for stage in self.stages)
+
+
+_SAGA_ID = re.compile(r'^[A-Za-z0-9_-]{1,128}$')
+_TASK_ID = re.compile(r'^(?P<saga>[A-Za-z0-9_-]{1,128})\.(?:s(?P<step>\d+)|'
+                      r'u(?P<undo>\d+)\.(?P<attempt>\d+))$')
+
+
+def validate_saga_id(saga_id: str) -> str:
+    """Return ``saga_id`` or raise :exc:`ValueError` naming it.
+
+    Saga ids are embedded in task ids and Redis hash tags, so they may not
+    contain dots, braces or whitespace.
+    """
+    if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
+        raise ValueError(
+            f'invalid saga id {saga_id!r}: use 1-128 letters, digits, "-" or "_"')
+    return saga_id
+
+
+def step_task_id(saga_id: str, index: int) -> str:
+    """Task id of forward step ``index``: ``<saga_id>.s<index>``."""
+    return f'{saga_id}.s{index}'
+
+
+def undo_task_id(saga_id: str, index: int, attempt: int) -> str:
+    """Task id of one attempt of step ``index``'s undo."""
+    return f'{saga_id}.u{index}.{attempt}'
+
+
+@dataclass(frozen=True)
+class TaskIdInfo:
+    """What a task id says about the saga it belongs to."""
+
+    saga_id: str
+    index: int
+    is_undo: bool
+    attempt: int = 0
+
+
+def parse_task_id(task_id: str | None) -> TaskIdInfo | None:
+    """Find the saga a task belongs to from its id alone.
+
+    Notifications sent from a worker's main process (hard time limits, lost
+    pool children, revokes) carry no message headers, only the task id.
+
+    Returns:
+        TaskIdInfo | None: ``None`` when the id is not a saga task id.
+    """
+    if not task_id or '.' not in task_id:
+        return None
+    m = _TASK_ID.match(task_id)
+    if m is None:
+        return None
+    if m.group('step') is not None:
+        return TaskIdInfo(m.group('saga'), int(m.group('step')), False)
+    return TaskIdInfo(m.group('saga'), int(m.group('undo')), True,
+                      int(m.group('attempt')))
+
+
+def idempotency_key(saga_id: str, index: int) -> str:
+    """Stable key for step ``index``'s undo, the same on every attempt."""
+    return f'{saga_id}:{index}'
+
+
+def undo_delay(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait before undo attempt ``attempt + 1``.
+
+    Exponential: ``base``, ``2*base``, ``4*base`` … capped at ``cap``.
+
+    Arguments:
+        attempt: the attempt that just failed, counting from 1.
+    """
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))

@@ -1,0 +1,91 @@
+"""``SagaResult``: the handle of a saga, rebuildable from its id anywhere."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from celery import current_app
+
+from .exceptions import SagaTimeoutError
+from .model import FINAL_STATES, SagaState, validate_saga_id
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .store import SagaRecord, StepRecord
+
+__all__ = ('SagaResult',)
+
+
+class SagaResult:
+    """The state of one saga, read from the saga store.
+
+    Arguments:
+        id: the saga id.
+        app: the app the saga belongs to (default: the current app).
+    """
+
+    def __init__(self, id: str, app: Celery | None = None) -> None:
+        self.id = validate_saga_id(id)
+        self.app = app or current_app
+
+    def __repr__(self) -> str:
+        return f'<SagaResult: {self.id}>'
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SagaResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def _store(self):  # type: ignore[no-untyped-def]
+        from .install import get_state
+        return get_state(self.app).store
+
+    @property
+    def state(self) -> SagaState:
+        """The current state.
+
+        Raises:
+            SagaNotFound: no saga with this id (never started, or expired).
+        """
+        return self._store.get_state(self.id)
+
+    def ready(self) -> bool:
+        """Whether the saga reached a final state."""
+        return self.state in FINAL_STATES
+
+    def info(self) -> SagaRecord:
+        """The whole record: state, failed step, and every step's state,
+        result and undo attempts."""
+        return self._store.read(self.id)
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        """Each step's task, state, result and undo state, in plan order."""
+        return self.info().steps
+
+    def wait(self, timeout: float | None = None,
+             interval: float = 0.05) -> SagaState:
+        """Block until the saga is ``COMPLETED``, ``COMPENSATED`` or
+        ``COMPENSATION_FAILED`` and return that state.
+
+        Arguments:
+            timeout: seconds to wait at most (``None``: forever).
+            interval: seconds between polls (doubling up to 0.5).
+
+        Raises:
+            SagaTimeoutError: (a :exc:`TimeoutError`) time ran out.
+            SagaNotFound: no saga with this id.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.state
+            if state in FINAL_STATES:
+                return state
+            if deadline is not None and time.monotonic() >= deadline:
+                raise SagaTimeoutError(
+                    f'saga {self.id} still {state.value} after {timeout}s')
+            time.sleep(interval)
+            interval = min(interval * 2, 0.5)

@@ -1,0 +1,140 @@
+"""The ``compensate_*`` settings, read once per app into a frozen object.
+
+=================================== ======================= ==========================================
+Setting                             Default                 Meaning
+=================================== ======================= ==========================================
+``compensate_redis_url``            the broker URL, when it Redis holding the saga records
+                                    is a Redis URL
+``compensate_key_prefix``           ``"compensate"``        prefix of every key the store writes
+``compensate_result_expires``       ``86400`` (1 day)       seconds a ``COMPLETED``/``COMPENSATED``
+                                                            saga is kept; failed compensations never
+                                                            expire
+``compensate_undo_queue``           ``None``                queue undo tasks are sent to (``None``:
+                                                            the undo task's normal routing)
+``compensate_undo_max_attempts``    ``6``                   attempts per undo before the saga becomes
+                                                            ``COMPENSATION_FAILED``
+``compensate_undo_retry_backoff``   ``0.5``                 seconds before the 2nd attempt; doubles
+``compensate_undo_retry_backoff_max`` ``30.0``              cap of the delay between attempts
+``compensate_redis_socket_timeout`` ``5.0``                 socket timeout of the store's connection
+=================================== ======================= ==========================================
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from kombu.utils.url import maybe_sanitize_url
+
+from .exceptions import ImproperlyConfigured
+
+__all__ = ('Settings', 'DEFAULTS')
+
+DEFAULTS: dict[str, Any] = {
+    'compensate_redis_url': None,
+    'compensate_key_prefix': 'compensate',
+    'compensate_result_expires': 86400,
+    'compensate_undo_queue': None,
+    'compensate_undo_max_attempts': 6,
+    'compensate_undo_retry_backoff': 0.5,
+    'compensate_undo_retry_backoff_max': 30.0,
+    'compensate_redis_socket_timeout': 5.0,
+}
+
+_REDIS_SCHEMES = ('redis://', 'rediss://', 'redis+socket://', 'unix://')
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated ``compensate_*`` settings of one app."""
+
+    redis_url: str
+    key_prefix: str
+    result_expires: int
+    undo_queue: str | None
+    undo_max_attempts: int
+    undo_retry_backoff: float
+    undo_retry_backoff_max: float
+    redis_socket_timeout: float
+
+    @property
+    def safe_redis_url(self) -> str:
+        """The Redis URL with any password masked, for logs and errors."""
+        return maybe_sanitize_url(self.redis_url)
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
+        """Read and validate the settings from an app's ``conf``.
+
+        Raises:
+            ImproperlyConfigured: naming the setting that is wrong.
+        """
+        def get(key: str) -> Any:
+            value = conf.get(key)
+            return DEFAULTS[key] if value is None else value
+
+        url = get('compensate_redis_url') or _redis_broker_url(conf)
+        if not url:
+            raise ImproperlyConfigured(
+                'compensate_redis_url is not set and the broker URL is not a '
+                'Redis URL: set compensate_redis_url = "redis://host:6379/0"')
+        _require(isinstance(url, str) and url.startswith(_REDIS_SCHEMES),
+                 'compensate_redis_url', 'a redis://, rediss:// or '
+                 'redis+socket:// URL', maybe_sanitize_url(str(url)))
+        prefix = get('compensate_key_prefix')
+        _require(isinstance(prefix, str) and prefix and not
+                 set('{} \t\n') & set(prefix), 'compensate_key_prefix',
+                 'a non-empty string without braces or spaces', prefix)
+        expires = get('compensate_result_expires')
+        if isinstance(expires, datetime.timedelta):
+            expires = expires.total_seconds()
+        _require(_is_number(expires) and expires > 0,
+                 'compensate_result_expires', 'a positive number of seconds '
+                 'or a timedelta', expires)
+        queue = get('compensate_undo_queue')
+        _require(queue is None or (isinstance(queue, str) and queue),
+                 'compensate_undo_queue', 'a queue name or None', queue)
+        attempts = get('compensate_undo_max_attempts')
+        _require(isinstance(attempts, int) and not isinstance(attempts, bool)
+                 and attempts >= 1, 'compensate_undo_max_attempts',
+                 'an integer >= 1', attempts)
+        backoff = get('compensate_undo_retry_backoff')
+        _require(_is_number(backoff) and backoff >= 0,
+                 'compensate_undo_retry_backoff', 'a number of seconds >= 0',
+                 backoff)
+        backoff_max = get('compensate_undo_retry_backoff_max')
+        _require(_is_number(backoff_max) and backoff_max >= backoff,
+                 'compensate_undo_retry_backoff_max',
+                 'a number of seconds >= compensate_undo_retry_backoff',
+                 backoff_max)
+        timeout = get('compensate_redis_socket_timeout')
+        _require(_is_number(timeout) and timeout > 0,
+                 'compensate_redis_socket_timeout', 'a positive number',
+                 timeout)
+        return cls(
+            redis_url=url, key_prefix=prefix,
+            result_expires=max(1, int(expires)), undo_queue=queue,
+            undo_max_attempts=attempts, undo_retry_backoff=float(backoff),
+            undo_retry_backoff_max=float(backoff_max),
+            redis_socket_timeout=float(timeout),
+        )
+
+
+def _redis_broker_url(conf: Mapping[str, Any]) -> str | None:
+    url = conf.get('broker_url')
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    if isinstance(url, str):
+        url = url.split(';')[0].strip()
+        if url.startswith(_REDIS_SCHEMES):
+            return url
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ImproperlyConfigured(f'{key} must be {expected}, got {got!r}')

@@ -1,0 +1,518 @@
+"""The saga store: one Redis hash per saga, advanced only by Lua scripts.
+
+Every saga lives in a single hash, ``<prefix>:{<saga_id>}``, so each script
+touches exactly one key (one Redis Cluster slot) and a finished saga
+expires as a whole.  Fields (``i`` a step index, ``k`` a stage index):
+
+=========== ==============================================================
+``state``   a :class:`~celery_compensate.model.SagaState` value
+``n/ns``    number of steps / stages
+``cur``     highest dispatched stage; during compensation the stage whose
+            undos are running (``-1`` once every stage is settled)
+``g<k>``    comma-separated step indices of stage ``k``
+``w<k>``    forward members of stage ``k`` not yet settled
+``y<k>``    undos of stage ``k`` not yet done
+``late``    undos of late completers run out of order, not yet done
+``p<i>``    the step's spec (JSON)
+``k<i>``    its stage; ``u<i>`` 0 no undo, 1 undo, 2 undo also on failure
+``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``c<i>``
+            ``[args, kwargs]`` it was called with; ``t<i>`` when settled;
+            ``fe<i>`` why it failed
+``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``b<i>``
+            started; ``z<i>`` undone at; ``e<i>`` last undo error;
+            ``l<i>`` ``1`` when it is a late, out-of-order undo
+=========== ==============================================================
+
+Transitions are written once, in Lua; Python only reads their replies.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import redis
+from celery.utils.log import get_logger
+from kombu.utils.json import dumps, loads
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .exceptions import (
+    CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
+)
+from .model import Plan, SagaState, StepSpec
+from .settings import Settings
+
+__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord')
+
+logger = get_logger(__name__)
+
+# Helpers shared by the scripts that change a saga (prepended to each).
+_LIB = r"""
+local h = KEYS[1]
+local function hget(f) return redis.call('HGET', h, f) end
+local function num(f) return tonumber(redis.call('HGET', h, f) or '0') end
+
+-- Make step i's undo due (first attempt) and describe it for the caller.
+local function due(i, out)
+  redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, 1)
+  out[#out + 1] = {tonumber(i), hget('p' .. i), hget('r' .. i) or 'null',
+                   hget('c' .. i) or '', 1}
+end
+
+-- Stage k is being compensated: every member that completed (or failed
+-- and opted in to compensate_on_failure) and has an undo not yet due
+-- gets it now.  Idempotent.
+local function open_stage(k, out)
+  for i in string.gmatch(hget('g' .. k) or '', '%d+') do
+    local u = hget('u' .. i)
+    if u ~= '0' and (hget('x' .. i) or '') == '' then
+      local s = hget('s' .. i)
+      if s == 'D' or (s == 'F' and u == '2') then
+        due(i, out)
+        redis.call('HINCRBY', h, 'y' .. k, 1)
+      end
+    end
+  end
+end
+
+-- Move the cursor down over settled stages, opening each next one; once
+-- every stage is settled the saga is COMPENSATED and starts to expire.
+local function advance(now, ttl, out)
+  local cur = num('cur')
+  while cur >= 0 do
+    if num('w' .. cur) > 0 or num('y' .. cur) > 0 then return end
+    cur = cur - 1
+    redis.call('HSET', h, 'cur', cur)
+    if cur >= 0 then open_stage(cur, out) end
+  end
+  if num('late') > 0 then return end
+  if hget('state') ~= 'COMPENSATED' then
+    redis.call('HSET', h, 'state', 'COMPENSATED', 'ended', now)
+    redis.call('EXPIRE', h, ttl)
+  end
+end
+"""
+
+
+@dataclass(frozen=True)
+class UndoDue:
+    """An undo attempt that must be published now."""
+
+    step: StepSpec
+    result: Any
+    call: tuple[list[Any], dict[str, Any]] | None
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a script did to a saga and what must be published because of it.
+
+    ``status`` names what happened (``recorded``, ``next``, ``completed``,
+    ``late``, ``claimed``, ``settled``, ``duplicate``, ``missing`` ...).
+    """
+
+    status: str
+    old_state: SagaState | None = None
+    new_state: SagaState | None = None
+    results: list[Any] = field(default_factory=list)
+    forward: list[StepSpec] = field(default_factory=list)
+    undos: list[UndoDue] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What the store knows about one step and its undo."""
+
+    index: int
+    stage: int
+    task_name: str
+    undo_name: str | None
+    state: str
+    result: Any
+    settled_at: float | None
+    failure: str | None
+    undo_state: str
+    undo_attempts: int
+    undo_error: str | None
+    undone_at: float | None
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    """A decoded saga hash."""
+
+    saga_id: str
+    state: SagaState
+    created: float
+    ended: float | None
+    failed_step: int | None
+    reason: str | None
+    steps: list[StepRecord]
+
+
+def _state(value: Any) -> SagaState | None:
+    return SagaState(value) if value else None
+
+
+class SagaStore:
+    """Saga records in one Redis (one per app and process).
+
+    Arguments:
+        settings: the app's validated settings.
+    """
+
+    #: KEYS[1] saga hash; ARGV field, value, ... .
+    #: Returns 1 when created, 0 when the saga id already exists.
+    START = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for j = 1, #ARGV, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, #ARGV)))
+end
+return 1
+"""
+
+    #: The per-step hot path: record a completed step and learn what next.
+    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] result JSON,
+    #: ARGV[3] call JSON or '', ARGV[4] now, ARGV[5] ttl of finished sagas.
+    #: Returns {status, old state, new state, results of the finished
+    #: stage, {index, spec} of the next stage, undos due}.
+    STEP_DONE = _LIB + r"""
+local st = hget('state')
+if not st then return {'missing'} end
+local i = ARGV[1]
+local s = hget('s' .. i)
+if not s then return {'unknown-step', st, st} end
+if s == 'D' then return {'duplicate', st, st} end
+local k = hget('k' .. i)
+redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[2], 't' .. i, ARGV[4])
+if ARGV[3] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[3]) end
+local left = num('w' .. k)
+if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
+if st == 'RUNNING' then
+  if left > 0 then return {'recorded', st, st} end
+  local nk = tonumber(k) + 1
+  if nk >= num('ns') then
+    redis.call('HSET', h, 'state', 'COMPLETED', 'ended', ARGV[4])
+    redis.call('EXPIRE', h, ARGV[5])
+    return {'completed', st, 'COMPLETED'}
+  end
+  local results, nxt = {}, {}
+  for j in string.gmatch(hget('g' .. k), '%d+') do
+    results[#results + 1] = hget('r' .. j)
+  end
+  for j in string.gmatch(hget('g' .. nk), '%d+') do
+    redis.call('HSET', h, 's' .. j, 'R')
+    nxt[#nxt + 1] = {tonumber(j), hget('p' .. j)}
+  end
+  redis.call('HSET', h, 'cur', nk, 'w' .. nk, #nxt)
+  return {'next', st, st, results, nxt}
+end
+-- A late completer: compensation began while this step was running.
+local out = {}
+local cur = num('cur')
+if hget('u' .. i) ~= '0' and (hget('x' .. i) or '') == '' then
+  if tonumber(k) == cur then
+    open_stage(cur, out)
+  elseif tonumber(k) > cur then
+    -- its stage was already settled (it had been given up as failed):
+    -- undo it now, out of order, rather than leave it done
+    due(i, out)
+    redis.call('HSET', h, 'l' .. i, 1)
+    redis.call('HINCRBY', h, 'late', 1)
+    if st == 'COMPENSATED' then
+      redis.call('HSET', h, 'state', 'COMPENSATING')
+      redis.call('PERSIST', h)
+    end
+  end
+end
+advance(ARGV[4], ARGV[5], out)
+return {'late', st, hget('state'), {}, {}, out}
+"""
+
+    #: Record that a forward step failed; the first failure of a running
+    #: saga claims its compensation (exactly once, however many
+    #: notifications arrive).
+    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] reason, ARGV[3] call
+    #: JSON or '', ARGV[4] now, ARGV[5] ttl.
+    #: Returns {status, old state, new state, {}, {}, undos due}.
+    STEP_FAILED = _LIB + r"""
+local st = hget('state')
+if not st then return {'missing'} end
+local i = ARGV[1]
+local s = hget('s' .. i)
+if not s then return {'unknown-step', st, st} end
+if s == 'D' then return {'completed-step', st, st} end
+if s == 'F' then return {'duplicate', st, st} end
+local k = hget('k' .. i)
+redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[2], 't' .. i, ARGV[4])
+if ARGV[3] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[3]) end
+if s == 'R' then redis.call('HINCRBY', h, 'w' .. k, -1) end
+local status = 'settled'
+if st == 'RUNNING' then
+  redis.call('HSET', h, 'state', 'COMPENSATING', 'failed', i,
+             'reason', ARGV[2], 'cstart', ARGV[4])
+  status = 'claimed'
+end
+local out = {}
+if tonumber(k) == num('cur') then open_stage(k, out) end
+advance(ARGV[4], ARGV[5], out)
+return {status, st, hget('state'), {}, {}, out}
+"""
+
+    #: An undo attempt is about to run.
+    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] attempt, ARGV[3] now.
+    #: Returns 'run', or why not: 'missing', 'done', 'not-due', 'stale',
+    #: 'failed'.
+    UNDO_BEGIN = r"""
+local h = KEYS[1]
+if redis.call('EXISTS', h) == 0 then return 'missing' end
+local i = ARGV[1]
+local x = redis.call('HGET', h, 'x' .. i) or ''
+if x == 'D' then return 'done' end
+if x == '' then return 'not-due' end
+if tonumber(ARGV[2]) ~= tonumber(redis.call('HGET', h, 'a' .. i)) then
+  return 'stale'
+end
+if x == 'F' then return 'failed' end
+redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, ARGV[3])
+return 'run'
+"""
+
+    #: An undo succeeded: record it and open the stage before when this
+    #: one is settled.
+    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] now, ARGV[3] ttl.
+    #: Returns {status, old state, new state, {}, {}, undos due}.
+    UNDO_DONE = _LIB + r"""
+local st = hget('state')
+if not st then return {'missing'} end
+local i = ARGV[1]
+local x = hget('x' .. i) or ''
+if x == 'D' then return {'duplicate', st, st} end
+if x == '' then return {'not-due', st, st} end
+redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, ARGV[2])
+if hget('l' .. i) == '1' then
+  redis.call('HINCRBY', h, 'late', -1)
+else
+  redis.call('HINCRBY', h, 'y' .. hget('k' .. i), -1)
+end
+local out = {}
+advance(ARGV[2], ARGV[3], out)
+return {'undone', st, hget('state'), {}, {}, out}
+"""
+
+    #: An undo attempt failed: schedule the next attempt, or, when the
+    #: budget is spent, mark the saga COMPENSATION_FAILED (its remaining
+    #: undos wait for an operator).  Each attempt is counted once.
+    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] attempt that failed,
+    #: ARGV[3] error, ARGV[4] max attempts, ARGV[5] now.
+    #: Returns {status, old state, new state, {}, {}, {next attempt}}.
+    UNDO_FAILED = r"""
+local h = KEYS[1]
+local st = redis.call('HGET', h, 'state')
+if not st then return {'missing'} end
+local i = ARGV[1]
+local x = redis.call('HGET', h, 'x' .. i) or ''
+if x == '' or x == 'D' or x == 'F' or x == 'W' then
+  return {'ignored', st, st}
+end
+local a = tonumber(redis.call('HGET', h, 'a' .. i))
+if tonumber(ARGV[2]) ~= a then return {'stale', st, st} end
+redis.call('HSET', h, 'e' .. i, ARGV[3])
+if a >= tonumber(ARGV[4]) then
+  redis.call('HSET', h, 'x' .. i, 'F', 'state', 'COMPENSATION_FAILED',
+             'reason', ARGV[3], 'ended', ARGV[5])
+  return {'failed', st, 'COMPENSATION_FAILED'}
+end
+redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
+return {'retry', st, st, {}, {}, {{tonumber(i), redis.call('HGET', h, 'p' .. i),
+        redis.call('HGET', h, 'r' .. i) or 'null',
+        redis.call('HGET', h, 'c' .. i) or '', a + 1}}}
+"""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = make_client(settings)
+        register = self.client.register_script
+        self._start = register(self.START)
+        self._step_done = register(self.STEP_DONE)
+        self._step_failed = register(self.STEP_FAILED)
+        self._undo_begin = register(self.UNDO_BEGIN)
+        self._undo_done = register(self.UNDO_DONE)
+        self._undo_failed = register(self.UNDO_FAILED)
+
+    def key(self, saga_id: str) -> str:
+        """The saga's hash; its id is the Redis Cluster hash tag."""
+        return f'{self.settings.key_prefix}:{{{saga_id}}}'
+
+    # -- writes ---------------------------------------------------------
+
+    def create(self, saga_id: str, plan: Plan) -> bool:
+        """Store a new saga with its first stage marked dispatched.
+
+        Returns:
+            bool: ``False`` if a saga with this id already exists.
+        Raises:
+            SagaStoreUnavailable: Redis cannot be reached.
+        """
+        now = repr(time.time())
+        fields: list[Any] = [
+            'state', SagaState.RUNNING.value, 'created', now,
+            'n', len(plan), 'ns', len(plan.stages), 'cur', 0,
+            'w0', len(plan.stages[0]),
+        ]
+        for k, stage in enumerate(plan.stages):
+            fields += ['g%d' % k, ','.join(str(s.index) for s in stage)]
+            for step in stage:
+                i = step.index
+                fields += ['p%d' % i, dumps(step.to_dict()), 'k%d' % i, k,
+                           'u%d' % i, step.undo_flag,
+                           's%d' % i, 'R' if k == 0 else 'P']
+        return bool(self._call(self._start, saga_id, fields))
+
+    def step_done(self, saga_id: str, index: int, result_json: str,
+                  call_json: str) -> Outcome:
+        """Record step ``index`` as completed with its result (one round
+        trip) and return what must be dispatched next."""
+        return self._outcome(self._call(
+            self._step_done, saga_id,
+            [index, result_json, call_json, repr(time.time()),
+             self.settings.result_expires]))
+
+    def step_failed(self, saga_id: str, index: int, reason: str,
+                    call_json: str = '') -> Outcome:
+        """Record step ``index`` as failed; claims compensation if the saga
+        was running."""
+        return self._outcome(self._call(
+            self._step_failed, saga_id,
+            [index, reason[:2000], call_json, repr(time.time()),
+             self.settings.result_expires]))
+
+    def undo_begin(self, saga_id: str, index: int, attempt: int) -> str:
+        """Mark an undo attempt running; returns ``'run'`` or why not."""
+        return self._call(self._undo_begin, saga_id,
+                          [index, attempt, repr(time.time())])
+
+    def undo_done(self, saga_id: str, index: int) -> Outcome:
+        """Record step ``index`` as undone."""
+        return self._outcome(self._call(
+            self._undo_done, saga_id,
+            [index, repr(time.time()), self.settings.result_expires]))
+
+    def undo_failed(self, saga_id: str, index: int, attempt: int,
+                    error: str) -> Outcome:
+        """Count a failed undo attempt; the outcome holds the next attempt
+        (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``)."""
+        return self._outcome(self._call(
+            self._undo_failed, saga_id,
+            [index, attempt, error[:2000], self.settings.undo_max_attempts,
+             repr(time.time())]))
+
+    # -- reads ----------------------------------------------------------
+
+    def get_state(self, saga_id: str) -> SagaState:
+        """Raises: SagaNotFound, SagaStoreUnavailable, CorruptSagaRecord."""
+        value = self._run(self.client.hget, self.key(saga_id), 'state')
+        if value is None:
+            raise SagaNotFound(saga_id)
+        try:
+            return SagaState(value)
+        except ValueError:
+            raise CorruptSagaRecord(
+                f'saga {saga_id!r} has an unknown state {value!r}') from None
+
+    def read(self, saga_id: str) -> SagaRecord:
+        """Decode the whole saga record.
+
+        Raises:
+            SagaNotFound: no such saga.
+            CorruptSagaRecord: the record cannot be decoded.
+        """
+        raw = self._run(self.client.hgetall, self.key(saga_id))
+        if not raw:
+            raise SagaNotFound(saga_id)
+        try:
+            return _decode_record(saga_id, raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptSagaRecord(
+                f'saga {saga_id!r} has a corrupt record: {exc!r}') from exc
+
+    # -- plumbing -------------------------------------------------------
+
+    def _call(self, script: Any, saga_id: str, args: Sequence[Any]) -> Any:
+        return self._run(script, keys=[self.key(saga_id)], args=args)
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise SagaStoreUnavailable(
+                f'saga store at {self.settings.safe_redis_url} is '
+                f'unreachable: {exc}') from exc
+        except redis.RedisError as exc:
+            raise SagaStoreError(
+                f'saga store at {self.settings.safe_redis_url} failed: '
+                f'{exc}') from exc
+
+    @staticmethod
+    def _outcome(reply: list[Any]) -> Outcome:
+        status = reply[0]
+        if len(reply) < 3:
+            return Outcome(status)
+        results = [loads(r) for r in reply[3]] if len(reply) > 3 else []
+        forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
+                   if len(reply) > 4 else [])
+        undos = []
+        for _, spec, result, call, attempt in (reply[5] if len(reply) > 5
+                                               else ()):
+            undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
+                                 loads(result),
+                                 tuple(loads(call)) if call else None,
+                                 int(attempt)))
+        return Outcome(status, _state(reply[1]), _state(reply[2]), results,
+                       forward, undos)
+
+
+def make_client(settings: Settings) -> redis.Redis:
+    """A client for the saga store, retrying briefly on connection errors."""
+    url = settings.redis_url
+    if url.startswith('redis+socket://'):
+        url = 'unix://' + url[len('redis+socket://'):]
+    return redis.Redis.from_url(
+        url, decode_responses=True,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_socket_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+    )
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
+    steps = []
+    for i in range(int(raw['n'])):
+        spec = StepSpec.from_dict(loads(raw['p%d' % i]))
+        steps.append(StepRecord(
+            index=i, stage=spec.stage, task_name=spec.call.name,
+            undo_name=spec.undo.name if spec.undo else None,
+            state=raw.get('s%d' % i, ''),
+            result=loads(raw['r%d' % i]) if 'r%d' % i in raw else None,
+            settled_at=_float(raw.get('t%d' % i)),
+            failure=raw.get('fe%d' % i),
+            undo_state=raw.get('x%d' % i, ''),
+            undo_attempts=int(raw.get('a%d' % i, 0)),
+            undo_error=raw.get('e%d' % i),
+            undone_at=_float(raw.get('z%d' % i)),
+        ))
+    failed = raw.get('failed')
+    return SagaRecord(
+        saga_id=saga_id, state=SagaState(raw['state']),
+        created=float(raw['created']), ended=_float(raw.get('ended')),
+        failed_step=int(failed) if failed else None,
+        reason=raw.get('reason'), steps=steps,
+    )

@@ -1,0 +1,159 @@
+"""Tasks the tests run through real workers.
+
+Each writes what it did to a ledger list in Redis (``<prefix>:ledger:<saga>``)
+so tests can count effects and check their order.  Behaviour is steered by
+arguments and by Redis counters, never by process state.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import redis
+from celery import Task, shared_task
+from celery.exceptions import Reject
+
+from celery_compensate.install import get_state
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def client_for(app: Any) -> redis.Redis:
+    url = get_state(app).settings.redis_url
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url, decode_responses=True)
+    return _clients[url]
+
+
+def ledger_key(app: Any, saga_id: str) -> str:
+    return f'{get_state(app).settings.key_prefix}:ledger:{saga_id}'
+
+
+def note(task: Task, entry: str) -> None:
+    saga_id = getattr(task.request, 'compensate_saga_id', None) or 'none'
+    client_for(task.app).rpush(ledger_key(task.app, saga_id), entry)
+
+
+def countdown_key(app: Any, saga_id: str, name: str) -> str:
+    return f'{get_state(app).settings.key_prefix}:failures:{saga_id}:{name}'
+
+
+@shared_task(bind=True, name='t.undo')
+def undo(self: Task, result: Any, name: str, *args: Any, **kwargs: Any) -> str:
+    """Undo of ``t.do``: fails as often as its failure counter says."""
+    r = client_for(self.app)
+    saga_id = self.request.compensate_saga_id
+    note(self, f'undo-start:{name}')
+    r.hset(f'{get_state(self.app).settings.key_prefix}:idem:{saga_id}', name,
+           str(getattr(self.request, 'compensate_idempotency_key', None)))
+    if kwargs.get('undo_sleep'):
+        time.sleep(kwargs['undo_sleep'])
+    if r.decr(countdown_key(self.app, saga_id, name)) >= 0:
+        note(self, f'undo-fail:{name}')
+        raise RuntimeError(f'undo of {name} failed on purpose')
+    note(self, f'undo:{name}:{result!r}')
+    return f'undone {name}'
+
+
+@shared_task(bind=True, name='t.do', compensate_with='t.undo')
+def do(self: Task, name: str, fail: bool = False, sleep: float = 0.0,
+       **kwargs: Any) -> str:
+    """A step with an undo; may sleep, fail, or kill its own process."""
+    note(self, f'start:{name}')
+    if sleep:
+        time.sleep(sleep)
+    if kwargs.get('kill'):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kwargs.get('reject'):
+        raise Reject('rejected on purpose', requeue=False)
+    if fail:
+        note(self, f'fail:{name}')
+        raise ValueError(f'{name} failed on purpose')
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.chained', compensate_with='t.undo')
+def chained(self: Task, prev: Any, name: str, fail: bool = False) -> Any:
+    """A step that takes the previous step's result first, like a chain."""
+    note(self, f'do:{name}:{prev!r}')
+    if fail:
+        raise ValueError(f'{name} failed on purpose')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.plain')
+def plain(self: Task, name: str, fail: bool = False) -> str:
+    """A step without an undo."""
+    note(self, f'do:{name}')
+    if fail:
+        raise ValueError(f'{name} failed on purpose')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.self_undo', compensate_with='t.undo',
+             compensate_on_failure=True)
+def self_undo(self: Task, name: str, fail: bool = True) -> str:
+    """A step whose undo also runs when it fails itself."""
+    note(self, f'start:{name}')
+    if fail:
+        raise ValueError(f'{name} failed on purpose')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.flaky', compensate_with='t.undo',
+             max_retries=2, default_retry_delay=0)
+def flaky(self: Task, name: str, times: int) -> str:
+    """Fails ``times`` times, retrying through Celery, then succeeds."""
+    note(self, f'try:{name}:{self.request.retries}')
+    if self.request.retries < times:
+        raise self.retry(countdown=0)
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.unserializable', compensate_with='t.undo')
+def unserializable(self: Task, name: str) -> object:
+    note(self, f'do:{name}')
+    return object()
+
+
+class KillAfterReturn(Task):
+    """Dies after the body returned and the step was recorded: Celery logs
+    "succeeded before the worker was lost" and signals nothing."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any,
+                   kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@shared_task(bind=True, name='t.dies_after', base=KillAfterReturn,
+             compensate_with='t.undo')
+def dies_after(self: Task, name: str) -> str:
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
+class AuditedTask(Task):
+    """A user base class with its own ``__call__``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        note(self, 'audit')
+        return super().__call__(*args, **kwargs)
+
+
+@shared_task(bind=True, name='t.audited', base=AuditedTask,
+             compensate_with='t.undo')
+def audited(self: Task, name: str, fail: bool = False) -> str:
+    note(self, f'do:{name}')
+    if fail:
+        raise ValueError(f'{name} failed on purpose')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.release', )
+def release(self: Task, *args: Any, **kwargs: Any) -> None:
+    """An undo used as an immutable signature: records its exact args."""
+    note(self, f'release:{list(args)!r}:{kwargs!r}')
