@@ -6,7 +6,6 @@ from typing import Iterator
 import pytest
 import redis
 
-import celery.contrib.testing.tasks  # noqa: F401  (the ping task)
 from celery_compensate import install
 
 from . import tasks  # noqa: F401  (shared tasks for every test app)
@@ -25,7 +24,6 @@ def redis_url() -> Iterator[str]:
 def celery_config(redis_url: str) -> dict:
     return {
         'broker_url': redis_url,
-        'result_backend': redis_url,
         'broker_connection_retry_on_startup': True,
         'worker_hijack_root_logger': False,
         'compensate_undo_retry_backoff': 0.05,
@@ -40,7 +38,9 @@ def celery_worker_pool() -> str:
 
 @pytest.fixture(scope='session')
 def celery_worker_parameters() -> dict:
-    return {'concurrency': 4, 'shutdown_timeout': 20}
+    # the worker thread is ready once its consumer is; no ping round trip
+    return {'concurrency': 4, 'shutdown_timeout': 20,
+            'perform_ping_check': False}
 
 
 @pytest.fixture
@@ -49,12 +49,35 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def celery_app(celery_app, prefix: str, redis_url: str):  # noqa: F811
-    """The plugin's app with its own key prefix and queue, installed."""
+def celery_app(celery_app, prefix: str, request):  # noqa: F811
+    """The plugin's app with its own key prefix and queue, installed.
+
+    ``@pytest.mark.compensate_conf(key=value)`` adds settings first.
+    """
+    marker = request.node.get_closest_marker('compensate_conf')
     celery_app.conf.update(compensate_key_prefix=prefix,
-                           task_default_queue=f'{prefix}-q')
+                           task_default_queue=f'{prefix}-q',
+                           **(marker.kwargs if marker else {}))
     install(celery_app)
     yield celery_app
+
+
+def ledger(rds: redis.Redis, app, saga_id: str) -> list[str]:
+    return rds.lrange(tasks.ledger_key(app, saga_id), 0, -1)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy; fail at the
+    deadline with what it last returned."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f'condition not met in {timeout}s: {value!r}')
+        time.sleep(interval)
 
 
 @pytest.fixture

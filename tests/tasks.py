@@ -28,7 +28,7 @@ def client_for(app: Any) -> redis.Redis:
 
 
 def ledger_key(app: Any, saga_id: str) -> str:
-    return f'{get_state(app).settings.key_prefix}:ledger:{saga_id}'
+    return f'{get_state(app).settings.key_prefix}-t:ledger:{saga_id}'
 
 
 def note(task: Task, entry: str) -> None:
@@ -37,7 +37,7 @@ def note(task: Task, entry: str) -> None:
 
 
 def countdown_key(app: Any, saga_id: str, name: str) -> str:
-    return f'{get_state(app).settings.key_prefix}:failures:{saga_id}:{name}'
+    return f'{get_state(app).settings.key_prefix}-t:failures:{saga_id}:{name}'
 
 
 @shared_task(bind=True, name='t.undo')
@@ -46,7 +46,7 @@ def undo(self: Task, result: Any, name: str, *args: Any, **kwargs: Any) -> str:
     r = client_for(self.app)
     saga_id = self.request.compensate_saga_id
     note(self, f'undo-start:{name}')
-    r.hset(f'{get_state(self.app).settings.key_prefix}:idem:{saga_id}', name,
+    r.hset(f'{get_state(self.app).settings.key_prefix}-t:idem:{saga_id}', name,
            str(getattr(self.request, 'compensate_idempotency_key', None)))
     if kwargs.get('undo_sleep'):
         time.sleep(kwargs['undo_sleep'])
@@ -157,3 +157,31 @@ def audited(self: Task, name: str, fail: bool = False) -> str:
 def release(self: Task, *args: Any, **kwargs: Any) -> None:
     """An undo used as an immutable signature: records its exact args."""
     note(self, f'release:{list(args)!r}:{kwargs!r}')
+
+
+class SlowSuccess(Task):
+    """Keeps ``on_success`` busy, as any slow result backend or hook would."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any,
+                   kwargs: Any) -> None:
+        time.sleep(0.5)
+
+
+@shared_task(bind=True, name='t.slow_success', base=SlowSuccess,
+             compensate_with='t.undo')
+def slow_success(self: Task, name: str) -> str:
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.check_prev', compensate_with='t.undo')
+def check_prev(self: Task, name: str, prev_index: int, fail: bool = True) -> str:
+    """Notes how the previous step is recorded at the moment this one runs."""
+    saga_id = self.request.compensate_saga_id
+    state = client_for(self.app).hget(
+        f'{get_state(self.app).settings.key_prefix}:{{{saga_id}}}',
+        f's{prev_index}')
+    note(self, f'prev-recorded:{state}')
+    if fail:
+        raise ValueError(f'{name} failed on purpose')
+    return f'res-{name}'

@@ -1,0 +1,289 @@
+"""The saga invariants, each with a test that fails without it."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from celery import group
+from celery import signals as celery_signals
+
+from celery_compensate import SagaState, saga, signals
+from celery_compensate.install import get_state
+from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
+from celery_compensate.store import SagaStore
+
+from . import tasks
+from .conftest import ledger, wait_for
+from .test_compensation import undone
+
+
+def test_step_is_recorded_before_the_next_link_is_published(
+        celery_app, celery_worker, rds):
+    """Invariant 1: step a's on_success is still sleeping when step b runs
+    and fails; a must already be recorded (and so undone)."""
+    res = saga(tasks.slow_success.si('a'),
+               tasks.check_prev.si('b', 0)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, res.id)
+    assert 'prev-recorded:D' in entries
+    assert undone(entries) == ['a']
+
+
+def _plan(stages):
+    return Plan.from_stages([[(TaskRef(n), UndoSpec('t.undo'), False)
+                              for n in stage] for stage in stages])
+
+
+def test_compensation_is_claimed_exactly_once_under_concurrency(
+        celery_app, rds):
+    """Invariant 2: 32 concurrent failure notifications for the members of
+    a parallel stage: one claim, each undo made due exactly once."""
+    store = get_state(celery_app).store
+    plan = _plan([['a'], [f'b{i}' for i in range(8)]])
+    sid = 'claim-test'
+    assert store.create(sid, plan)
+    assert store.step_done(sid, 0, '"ra"', '').status == 'next'
+    for i in (1, 2):      # two members completed before anything failed
+        assert store.step_done(sid, i, f'"r{i}"', '').status == 'recorded'
+    rds.script_flush()    # as after a Redis restart: scripts must reload
+    outcomes, barrier = [], threading.Barrier(32)
+
+    def notify(n):
+        barrier.wait()
+        outcomes.append(store.step_failed(sid, 3 + n % 6, 'boom'))
+
+    threads = [threading.Thread(target=notify, args=(n,)) for n in range(32)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert [o.status for o in outcomes].count('claimed') == 1
+    assert sorted(d.step.index for o in outcomes for d in o.undos) == [1, 2]
+    assert store.get_state(sid) is SagaState.COMPENSATING
+    # the stage before opens only when both undos are done
+    assert store.undo_done(sid, 1).undos == []
+    assert [d.step.index for d in store.undo_done(sid, 2).undos] == [0]
+    assert store.undo_done(sid, 0).new_state is SagaState.COMPENSATED
+    rds.delete(store.key(sid))
+
+
+def test_late_completer_is_undone_before_the_stage_before(
+        celery_app, celery_worker, rds):
+    """Invariant 4: 'slow' finishes after compensation started."""
+    res = saga(tasks.do.si('a'),
+               group(tasks.do.si('fast', fail=True),
+                     tasks.do.si('slow', sleep=0.8))).apply_async()
+    wait_for(lambda: res.state is SagaState.COMPENSATING)
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, res.id)
+    assert entries.index('fail:fast') < entries.index('do:slow')
+    assert undone(entries) == ['slow', 'a']
+
+
+def test_members_queued_when_compensation_begins_run_and_are_undone(
+        celery_app, celery_worker, rds):
+    """7 members on 4 worker threads: some start after the failure claimed
+    compensation; each completed member is undone exactly once, 'a' last."""
+    members = [tasks.do.si(f'm{i}', sleep=0.3) for i in range(6)]
+    res = saga(tasks.do.si('a'),
+               group(tasks.do.si('bad', fail=True), *members)).apply_async()
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    got = undone(ledger(rds, celery_app, res.id))
+    assert sorted(got[:-1]) == [f'm{i}' for i in range(6)] and got[-1] == 'a'
+
+
+def test_duplicate_messages_do_nothing(celery_app, celery_worker, rds):
+    """Invariant 6, and redelivered forward steps: a duplicated undo message
+    whose undo is done does not run; a redelivered step does not dispatch
+    its next stage twice.  Undos carry a stable idempotency key."""
+    res = saga(tasks.do.si('a'), tasks.do.si('b'),
+               tasks.do.si('c', fail=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    seen = []
+    celery_signals.task_postrun.connect(
+        lambda task_id=None, **_: seen.append(task_id), weak=False,
+        dispatch_uid='dup-test')
+    try:
+        undo_id = undo_task_id(res.id, 0, 1)
+        tasks.undo.apply_async(('res-a', 'a'), task_id=undo_id,
+                               headers={'compensate_saga_id': res.id})
+        tasks.do.apply_async(('a',), task_id=f'{res.id}.s0',
+                             headers={'compensate_saga_id': res.id})
+        wait_for(lambda: undo_id in seen and f'{res.id}.s0' in seen)
+    finally:
+        celery_signals.task_postrun.disconnect(dispatch_uid='dup-test')
+    entries = ledger(rds, celery_app, res.id)
+    assert undone(entries) == ['b', 'a']
+    assert entries.count('start:b') == 1
+    idem = rds.hgetall(f'{celery_app.conf.compensate_key_prefix}-t:idem:{res.id}')
+    assert idem == {'a': f'{res.id}:0', 'b': f'{res.id}:1'}
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=5)
+def test_undo_that_fails_then_recovers_is_retried(celery_app, celery_worker, rds):
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True))
+    # the undo of 'a' fails twice, then succeeds
+    sid = 'retry-' + celery_app.conf.compensate_key_prefix
+    rds.set(tasks.countdown_key(celery_app, sid, 'a'), 2)
+    res = res.apply_async(saga_id=sid)
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, sid)
+    assert entries.count('undo-fail:a') == 2 and undone(entries) == ['a']
+    assert res.steps[0].undo_attempts == 3
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=3)
+def test_undo_budget_spent_is_compensation_failed(
+        celery_app, celery_worker, rds, caplog):
+    fired = []
+    signals.compensation_failed.connect(
+        lambda **kw: fired.append(kw), weak=False, dispatch_uid='cf-test')
+    sid = 'fail-' + celery_app.conf.compensate_key_prefix
+    rds.set(tasks.countdown_key(celery_app, sid, 'b'), 100)
+    try:
+        res = saga(tasks.do.si('a'), tasks.do.si('b'),
+                   tasks.do.si('c', fail=True)).apply_async(saga_id=sid)
+        with caplog.at_level(logging.ERROR, logger='celery_compensate'):
+            assert res.wait(timeout=15) is SagaState.COMPENSATION_FAILED
+            wait_for(lambda: fired)
+    finally:
+        signals.compensation_failed.disconnect(dispatch_uid='cf-test')
+    entries = ledger(rds, celery_app, sid)
+    assert entries.count('undo-fail:b') == 3       # the budget, not forever
+    assert 'undo-start:a' not in entries           # remaining undos wait
+    assert fired[0]['saga_id'] == sid and fired[0]['step'] == 1
+    assert any(sid in r.getMessage() and 'COMPENSATION_FAILED' in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)
+    info = res.info()
+    assert info.steps[1].undo_state == 'F' and 'on purpose' in info.steps[1].undo_error
+    assert rds.ttl(get_state(celery_app).store.key(sid)) == -1  # never expires
+
+
+def test_forward_retries_are_not_failures(celery_app, celery_worker, rds):
+    started = []
+    signals.compensation_started.connect(
+        lambda **kw: started.append(kw['saga_id']), weak=False,
+        dispatch_uid='retry-test')
+    try:
+        ok = saga(tasks.flaky.si('f', 2), tasks.do.si('b')).apply_async()
+        assert ok.wait(timeout=15) is SagaState.COMPLETED
+        bad = saga(tasks.do.si('a'), tasks.flaky.si('f', 9)).apply_async()
+        assert bad.wait(timeout=15) is SagaState.COMPENSATED
+    finally:
+        signals.compensation_started.disconnect(dispatch_uid='retry-test')
+    assert started == [bad.id]  # once, after the last retry
+    assert ledger(rds, celery_app, bad.id).count('try:f:2') == 1
+    assert undone(ledger(rds, celery_app, bad.id)) == ['a']
+
+
+def test_reject_without_requeue_compensates(celery_app, celery_worker, rds):
+    res = saga(tasks.do.si('a'), tasks.do.si('b', reject=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+
+
+def test_revoke_of_a_queued_step_compensates(celery_app, celery_worker, rds):
+    """Step ids are known in advance, so the next step can be revoked while
+    the first still runs; Celery then only sends task_revoked."""
+    sid = 'revoke-' + celery_app.conf.compensate_key_prefix
+    s = saga(tasks.do.si('a', sleep=0.5), tasks.do.si('b'), tasks.do.si('c'))
+    res = s.apply_async(saga_id=sid)
+    celery_app.control.revoke(f'{sid}.s1')
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, sid)
+    assert 'start:b' not in entries and undone(entries) == ['a']
+    assert 'revoked' in res.info().reason
+
+
+def test_unknown_task_in_the_worker_compensates(celery_app, celery_worker, rds):
+    res = saga(tasks.do.si('a'),
+               celery_app.signature('t.not_registered_anywhere')).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+
+
+def test_unserializable_result_fails_the_step(celery_app, celery_worker, rds):
+    res = saga(tasks.do.si('a'), tasks.unserializable.si('u'),
+               tasks.do.si('c')).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    assert 'cannot be stored as JSON' in res.info().reason
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+
+
+@pytest.mark.compensate_conf(compensate_result_expires=1)
+def test_finished_sagas_expire_to_baseline(celery_app, celery_worker, rds):
+    """Invariant 9: one hash per saga, tagged {saga_id}; finished sagas
+    expire, so the key count returns to baseline."""
+    prefix = celery_app.conf.compensate_key_prefix
+    ok = saga(tasks.do.si('a'), group(tasks.do.si('b'), tasks.do.si('c')))
+    bad = saga(tasks.do.si('a'), tasks.do.si('b', fail=True))
+    results = [ok.apply_async(), bad.apply_async()]
+    assert [r.wait(timeout=15) for r in results] == [
+        SagaState.COMPLETED, SagaState.COMPENSATED]
+    keys = {k for k in rds.scan_iter(f'{prefix}:*')}
+    assert keys == {f'{prefix}:{{{r.id}}}' for r in results}
+    wait_for(lambda: not list(rds.scan_iter(f'{prefix}:*')), timeout=5)
+
+
+def test_every_script_touches_one_key():
+    for name in ('START', 'STEP_DONE', 'STEP_FAILED', 'UNDO_BEGIN',
+                 'UNDO_DONE', 'UNDO_FAILED'):
+        script = getattr(SagaStore, name)
+        assert 'KEYS[2]' not in script and 'KEYS[1]' in script, name
+
+
+def test_one_round_trip_per_successful_step(celery_app, celery_worker, rds):
+    """Invariant 10: a saga costs 1 store round trip to start and 1 per
+    successful step, however many steps it has."""
+    store = get_state(celery_app).store
+    calls = []
+    original = store.client.execute_command
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    saga(tasks.do.si('warm')).apply_async().wait(timeout=10)  # loads scripts
+    store.client.execute_command = counting
+    try:
+        for n in (3, 10):
+            calls.clear()
+            res = saga(*[tasks.do.si(f's{i}') for i in range(n)]).apply_async()
+            wait_for(lambda: len(calls) >= n + 1)
+            time.sleep(0.1)  # settle: a stray extra call would show up here
+            assert calls == ['EVALSHA'] * (n + 1), calls
+            store.client.execute_command = original
+            assert res.wait(timeout=10) is SagaState.COMPLETED
+            store.client.execute_command = counting
+    finally:
+        store.client.execute_command = original
+
+
+def test_signals_fire_once_per_transition(celery_app, celery_worker, rds):
+    got: dict[str, list] = {}
+    names = ('saga_started', 'saga_completed', 'compensation_started',
+             'step_compensated', 'saga_compensated')
+    for name in names:
+        getattr(signals, name).connect(
+            lambda name=name, **kw: got.setdefault(name, []).append(
+                (kw['saga_id'], kw.get('step'))),
+            weak=False, dispatch_uid=f'sig-{name}')
+    # a raising receiver is logged, never propagated into Celery
+    signals.saga_completed.connect(lambda **kw: 1 / 0, weak=False,
+                                   dispatch_uid='sig-raise')
+    try:
+        ok = saga(tasks.do.si('a')).apply_async()
+        bad = saga(tasks.do.si('a'), tasks.do.si('b'),
+                   tasks.do.si('c', fail=True)).apply_async()
+        assert ok.wait(timeout=15) is SagaState.COMPLETED
+        assert bad.wait(timeout=15) is SagaState.COMPENSATED
+        wait_for(lambda: len(got.get('saga_compensated', [])) == 1)
+    finally:
+        for name in names:
+            getattr(signals, name).disconnect(dispatch_uid=f'sig-{name}')
+        signals.saga_completed.disconnect(dispatch_uid='sig-raise')
+    assert sorted(got['saga_started']) == sorted([(ok.id, None), (bad.id, None)])
+    assert got['saga_completed'] == [(ok.id, None)]
+    assert got['compensation_started'] == [(bad.id, 2)]
+    assert got['step_compensated'] == [(bad.id, 1), (bad.id, 0)]
+    assert got['saga_compensated'] == [(bad.id, None)]
