@@ -59,6 +59,7 @@ def celery_app(celery_app, prefix: str, request):  # noqa: F811
                            task_default_queue=f'{prefix}-q',
                            **(marker.kwargs if marker else {}))
     install(celery_app)
+    celery_app.set_current()  # signatures of shared tasks bind to it
     yield celery_app
 
 

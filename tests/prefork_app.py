@@ -1,0 +1,20 @@
+"""The app of the prefork worker subprocess started by test_prefork.py."""
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from celery_compensate import install
+
+app = Celery('prefork_tests', broker=os.environ['COMPENSATE_TEST_BROKER'])
+app.conf.update(
+    compensate_key_prefix=os.environ['COMPENSATE_TEST_PREFIX'],
+    task_default_queue=os.environ['COMPENSATE_TEST_QUEUE'],
+    compensate_undo_retry_backoff=0.05,
+    compensate_undo_retry_backoff_max=0.2,
+    broker_connection_retry_on_startup=True,
+)
+install(app)
+
+from tests import tasks  # noqa: E402,F401  (registers the shared tasks)

@@ -1,0 +1,103 @@
+"""Failures only a prefork pool produces: time limits, killed pool
+children, revoke with terminate, a child dying after the next link was
+published.  Several of these reach us only from the worker's main process,
+with the task id and no headers."""
+from __future__ import annotations
+
+import uuid
+from typing import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_compensate import SagaState, install, saga
+
+from . import tasks
+from .conftest import wait_for
+from .test_compensation import undone
+from .worker_process import WorkerProcess
+
+pytestmark = pytest.mark.prefork
+
+
+@pytest.fixture(scope='module')
+def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
+    """A producer app and one prefork worker subprocess (concurrency 2)."""
+    prefix = f'cctest-pf-{uuid.uuid4().hex[:8]}'
+    app = Celery('pf-producer', broker=redis_url, set_as_current=False)
+    app.conf.update(compensate_key_prefix=prefix,
+                    task_default_queue=f'{prefix}-q')
+    install(app)
+    worker = WorkerProcess('tests.prefork_app', {
+        'COMPENSATE_TEST_BROKER': redis_url,
+        'COMPENSATE_TEST_PREFIX': prefix,
+        'COMPENSATE_TEST_QUEUE': f'{prefix}-q',
+    }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q').start()
+    rds = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield app, rds
+    finally:
+        worker.stop()
+        keys = list(rds.scan_iter(f'{prefix}*'))
+        if keys:
+            rds.delete(*keys)
+        rds.close()
+        app.close()
+
+
+def run(pf, *steps, timeout=30) -> tuple[SagaState, list[str], str]:
+    app, rds = pf
+    res = saga(*steps, app=app).apply_async()
+    state = res.wait(timeout=timeout)
+    return state, rds.lrange(tasks.ledger_key(app, res.id), 0, -1), res.id
+
+
+def test_soft_time_limit_compensates(pf):
+    state, entries, _ = run(pf, tasks.do.si('a'), tasks.do.si(
+        'b', sleep=5).set(soft_time_limit=0.5))
+    assert state is SagaState.COMPENSATED and undone(entries) == ['a']
+
+
+def test_hard_time_limit_compensates_once(pf):
+    """Celery sends task_failure twice here; the undo runs once."""
+    state, entries, _ = run(pf, tasks.do.si('a'), tasks.do.si(
+        'b', sleep=5).set(time_limit=1))
+    assert state is SagaState.COMPENSATED
+    assert entries.count('undo-start:a') == 1 and undone(entries) == ['a']
+
+
+def test_killed_pool_child_compensates(pf):
+    state, entries, _ = run(pf, tasks.do.si('a'), tasks.do.si('b', kill=True),
+                            tasks.do.si('c'))
+    assert state is SagaState.COMPENSATED and undone(entries) == ['a']
+    assert 'start:c' not in entries
+
+
+def test_revoke_of_a_running_step_compensates(pf):
+    app, rds = pf
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=20), app=app).apply_async()
+    key = tasks.ledger_key(app, res.id)
+    wait_for(lambda: 'start:b' in rds.lrange(key, 0, -1), timeout=15)
+    app.control.revoke(f'{res.id}.s1', terminate=True, signal='SIGKILL')
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = rds.lrange(key, 0, -1)
+    assert 'do:b' not in entries and undone(entries) == ['a']
+
+
+def test_child_dying_after_the_step_was_recorded_counts_as_completed(pf):
+    state, entries, _ = run(pf, tasks.dies_after.si('a'), tasks.do.si('b'))
+    assert state is SagaState.COMPLETED and undone(entries) == []
+    state, entries, _ = run(pf, tasks.dies_after.si('a'),
+                            tasks.do.si('b', fail=True))
+    assert state is SagaState.COMPENSATED and undone(entries) == ['a']
+
+
+def test_undo_killed_mid_way_is_retried(pf):
+    app, _ = pf
+    state, entries, sid = run(pf, tasks.do.si('a', undo_kill_once=True),
+                              tasks.do.si('b', fail=True))
+    assert state is SagaState.COMPENSATED
+    assert entries.count('undo-start:a') == 2 and undone(entries) == ['a']
+    from celery_compensate import SagaResult
+    assert SagaResult(sid, app=app).steps[0].undo_attempts == 2
