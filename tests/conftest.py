@@ -9,7 +9,7 @@ import redis
 from celery_compensate import install
 
 from . import tasks  # noqa: F401  (shared tasks for every test app)
-from .redis_server import redis_server
+from celery_compensate.testing import redis_server
 
 pytest_plugins = ('celery.contrib.pytest',)
 

