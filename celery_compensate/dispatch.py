@@ -127,9 +127,6 @@ class Coordinator:
         outcome = self.store.step_failed(
             info.saga_id, info.index, reason,
             _call_json(args, kwargs) if args is not None else '')
-        if outcome.status == 'claimed':
-            logger.warning('saga %s: step %d failed (%s), compensating',
-                           info.saga_id, info.index, reason)
         self.apply(info.saga_id, outcome, step=info.index, reason=reason)
         return outcome
 
@@ -199,6 +196,7 @@ class Coordinator:
     def _transition(self, saga_id: str, old: SagaState | None,
                     new: SagaState | None, step: int | None,
                     reason: str | None) -> None:
+        """Log the transition (one line) and send its signals."""
         send = {'sender': self.app, 'saga_id': saga_id}
         if new is SagaState.COMPLETED:
             logger.info('saga %s: COMPLETED', saga_id)
@@ -207,9 +205,14 @@ class Coordinator:
         if old is SagaState.RUNNING:
             signals.compensation_started.send(step=step, reason=reason, **send)
         if new is SagaState.COMPENSATING and old is SagaState.RUNNING:
-            logger.warning('saga %s: COMPENSATING', saga_id)
+            logger.warning('saga %s: COMPENSATING: step %s failed: %s',
+                           saga_id, step, reason)
         elif new is SagaState.COMPENSATED:
-            logger.warning('saga %s: COMPENSATED', saga_id)
+            if old is SagaState.RUNNING:
+                logger.warning('saga %s: COMPENSATED: step %s failed: %s; '
+                               'nothing to undo', saga_id, step, reason)
+            else:
+                logger.warning('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
 
 

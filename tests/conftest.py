@@ -55,9 +55,10 @@ def celery_app(celery_app, prefix: str, request):  # noqa: F811
     ``@pytest.mark.compensate_conf(key=value)`` adds settings first.
     """
     marker = request.node.get_closest_marker('compensate_conf')
+    extra = {k: v.replace('UNDO_QUEUE', f'{prefix}-undo') if isinstance(v, str)
+             else v for k, v in (marker.kwargs if marker else {}).items()}
     celery_app.conf.update(compensate_key_prefix=prefix,
-                           task_default_queue=f'{prefix}-q',
-                           **(marker.kwargs if marker else {}))
+                           task_default_queue=f'{prefix}-q', **extra)
     install(celery_app)
     celery_app.set_current()  # signatures of shared tasks bind to it
     yield celery_app
