@@ -63,6 +63,8 @@ class Saga:
         self.steps = tuple(steps)
         self.app = app or _app_of(self.steps) or current_app
         self.stages = _stages(self.steps)
+        if not self.stages:
+            raise InvalidSaga('a saga needs at least one step')
         # validate now: bad input must fail before anything is stored
         self.plan_for(())
 
@@ -179,6 +181,11 @@ class Saga:
                 published.
         """
         state = get_state(self.app)
+        refused = (_MANAGED | _REFUSED) & set(options)
+        if refused:
+            raise InvalidSaga(
+                f'saga options {", ".join(sorted(refused))} are set by the '
+                'saga itself or not supported')
         saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
         plan = self.plan_for(tuple(args or ()), options)
         if kwargs:

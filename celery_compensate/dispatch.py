@@ -158,16 +158,24 @@ class Coordinator:
             signals.undo_retry.send(
                 sender=self.app, saga_id=info.saga_id, step=info.index,
                 attempt=info.attempt, countdown=countdown, error=text)
-            self.publish_undo(info.saga_id, due, countdown=countdown)
+            try:
+                self.publish_undo(info.saga_id, due, countdown=countdown)
+            except Exception as exc:  # noqa: BLE001 - spends an attempt
+                logger.exception('saga %s: could not publish attempt %d of '
+                                 'the undo of step %d', info.saga_id,
+                                 due.attempt, info.index)
+                self.undo_failed(TaskIdInfo(info.saga_id, info.index, True,
+                                            due.attempt),
+                                 f'publish failed: {exc!r}')
         elif outcome.status == 'failed':
             logger.error(
                 'saga %s: COMPENSATION_FAILED: undo of step %d failed %d '
-                'times, last error: %s; remaining undos wait for '
-                '`celery compensate retry %s`', info.saga_id, info.index,
-                info.attempt, text, info.saga_id)
-            signals.compensation_failed.send(
-                sender=self.app, saga_id=info.saga_id, step=info.index,
-                error=text)
+                'times, last error: %s; the remaining undos wait for an '
+                'operator', info.saga_id, info.index, info.attempt, text)
+            if outcome.old_state is not SagaState.COMPENSATION_FAILED:
+                signals.compensation_failed.send(
+                    sender=self.app, saga_id=info.saga_id, step=info.index,
+                    error=text)
 
     # -- outcome ----------------------------------------------------------
 

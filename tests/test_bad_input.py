@@ -20,6 +20,8 @@ def test_no_steps(celery_app):
         saga(app=celery_app)
     with pytest.raises(InvalidSaga, match='at least one task'):
         saga(group([]), app=celery_app)
+    with pytest.raises(InvalidSaga, match='at least one step'):
+        saga(chain(), app=celery_app)
 
 
 def test_unregistered_undo_names_undo_and_step(celery_app):
@@ -72,6 +74,14 @@ def test_redis_unreachable_at_start_publishes_nothing(redis_url, rds, prefix):
         s.apply_async()
     assert 's3cret' not in str(exc.value)
     assert rds.llen(f'{prefix}-q') == 0
+
+
+def test_options_the_saga_sets_itself_are_refused(celery_app, rds):
+    s = saga(tasks.plain.si('a'))
+    for option in ('task_id', 'link_error', 'chain'):
+        with pytest.raises(InvalidSaga, match=option):
+            s.apply_async(**{option: 'x'})
+    assert rds.llen(celery_app.conf.task_default_queue) == 0
 
 
 def test_duplicate_and_invalid_saga_ids(celery_app, rds):

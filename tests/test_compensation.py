@@ -28,6 +28,12 @@ def assert_stage_order(entries: list[str], later: set[str], earlier: set[str]):
         assert max(ends) < min(starts), entries
 
 
+def assert_one_after_another(entries: list[str], names: list[str]):
+    """Each undo in ``names`` began only after the one before it finished."""
+    for later, earlier in zip(names, names[1:]):
+        assert_stage_order(entries, {later}, {earlier})
+
+
 @pytest.mark.parametrize('fail_at', [None, 0, 1, 2])
 def test_three_step_chain_every_failure_position(
         celery_app, celery_worker, rds, fail_at):
@@ -43,6 +49,7 @@ def test_three_step_chain_every_failure_position(
     assert state is SagaState.COMPENSATED
     # exactly the completed steps, once each, in reverse order
     assert undone(entries) == list(reversed(names[:fail_at]))
+    assert_one_after_another(entries, list(reversed(names[:fail_at])))
     # nothing ran after the failing step
     assert not any(e == f'start:{n}' for n in names[fail_at + 1:] for e in entries)
 
@@ -92,8 +99,9 @@ def test_nested_chains(celery_app, celery_worker, rds, fail_at):
     s = [tasks.do.si(n, fail=(i == fail_at)) for i, n in enumerate(names)]
     res = saga(chain(s[0], chain(s[1], chain(s[2]))), s[3]).apply_async()
     assert res.wait(timeout=15) is SagaState.COMPENSATED
-    assert undone(ledger(rds, celery_app, res.id)) == list(
-        reversed(names[:fail_at]))
+    entries = ledger(rds, celery_app, res.id)
+    assert undone(entries) == list(reversed(names[:fail_at]))
+    assert_one_after_another(entries, list(reversed(names[:fail_at])))
 
 
 def test_chord_is_a_parallel_stage_then_its_body(celery_app, celery_worker, rds):

@@ -124,11 +124,18 @@ def test_undo_that_fails_then_recovers_is_retried(celery_app, celery_worker, rds
     # the undo of 'a' fails twice, then succeeds
     sid = 'retry-' + celery_app.conf.compensate_key_prefix
     rds.set(tasks.countdown_key(celery_app, sid, 'a'), 2)
-    res = res.apply_async(saga_id=sid)
-    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    delays = []
+    signals.undo_retry.connect(lambda **kw: delays.append(kw['countdown']),
+                               weak=False, dispatch_uid='retry-delays')
+    try:
+        res = res.apply_async(saga_id=sid)
+        assert res.wait(timeout=15) is SagaState.COMPENSATED
+    finally:
+        signals.undo_retry.disconnect(dispatch_uid='retry-delays')
     entries = ledger(rds, celery_app, sid)
     assert entries.count('undo-fail:a') == 2 and undone(entries) == ['a']
     assert res.steps[0].undo_attempts == 3
+    assert delays == [0.05, 0.1]   # exponential backoff (tests use 0.05 s)
 
 
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=3)

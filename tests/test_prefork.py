@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope='module')
-def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
+def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis, WorkerProcess]]:
     """A producer app and one prefork worker subprocess (concurrency 2)."""
     prefix = f'cctest-pf-{uuid.uuid4().hex[:8]}'
     app = Celery('pf-producer', broker=redis_url, set_as_current=False)
@@ -39,7 +39,7 @@ def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
         cwd=ROOT).start()
     rds = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        yield app, rds
+        yield app, rds, worker
     finally:
         worker.stop()
         keys = list(rds.scan_iter(f'{prefix}*'))
@@ -50,7 +50,7 @@ def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis]]:
 
 
 def run(pf, *steps, timeout=30) -> tuple[SagaState, list[str], str]:
-    app, rds = pf
+    app, rds, _ = pf
     res = saga(*steps, app=app).apply_async()
     state = res.wait(timeout=timeout)
     return state, rds.lrange(tasks.ledger_key(app, res.id), 0, -1), res.id
@@ -63,11 +63,12 @@ def test_soft_time_limit_compensates(pf):
 
 
 def test_hard_time_limit_compensates_once(pf):
-    """Celery sends task_failure twice here; the undo runs once."""
-    state, entries, _ = run(pf, tasks.do.si('a'), tasks.do.si(
+    """Celery sends task_failure twice here; compensation starts once."""
+    state, entries, sid = run(pf, tasks.do.si('a'), tasks.do.si(
         'b', sleep=5).set(time_limit=1))
     assert state is SagaState.COMPENSATED
     assert entries.count('undo-start:a') == 1 and undone(entries) == ['a']
+    assert pf[2].output().count(f'saga {sid}: COMPENSATING') == 1
 
 
 def test_killed_pool_child_compensates(pf):
@@ -78,7 +79,7 @@ def test_killed_pool_child_compensates(pf):
 
 
 def test_revoke_of_a_running_step_compensates(pf):
-    app, rds = pf
+    app, rds, _ = pf
     res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=20), app=app).apply_async()
     key = tasks.ledger_key(app, res.id)
     wait_for(lambda: 'start:b' in rds.lrange(key, 0, -1), timeout=15)
@@ -89,15 +90,19 @@ def test_revoke_of_a_running_step_compensates(pf):
 
 
 def test_child_dying_after_the_step_was_recorded_counts_as_completed(pf):
-    state, entries, _ = run(pf, tasks.dies_after.si('a'), tasks.do.si('b'))
+    """Celery logs "succeeded before the worker was lost" and signals
+    nothing; the step was recorded inside the call, so it counts."""
+    state, entries, sid = run(pf, tasks.dies_after.si('a'), tasks.do.si('b'))
     assert state is SagaState.COMPLETED and undone(entries) == []
+    wait_for(lambda: f'{sid}.s0] succeeded before the worker was lost'
+             in pf[2].output())
     state, entries, _ = run(pf, tasks.dies_after.si('a'),
                             tasks.do.si('b', fail=True))
     assert state is SagaState.COMPENSATED and undone(entries) == ['a']
 
 
 def test_undo_killed_mid_way_is_retried(pf):
-    app, _ = pf
+    app, _, _ = pf
     state, entries, sid = run(pf, tasks.do.si('a', undo_kill_once=True),
                               tasks.do.si('b', fail=True))
     assert state is SagaState.COMPENSATED

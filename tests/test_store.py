@@ -1,0 +1,112 @@
+"""The store's Lua scripts against a real Redis, event by event: the
+sequences that are hard to force through a worker (lost replies, attempts
+lost before they start, a second copy of an attempt, budgets spent in
+parallel)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from celery_compensate import SagaState
+from celery_compensate.install import get_state
+from celery_compensate.model import Plan, TaskRef, UndoSpec
+from celery_compensate.store import SagaStore
+
+
+def make(celery_app, stages, sid='s') -> SagaStore:
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef(n), UndoSpec('t.undo'), False)
+                              for n in stage] for stage in stages])
+    assert store.create(sid, plan)
+    return store
+
+
+def again(store: SagaStore, script, sid: str, token: str, *args):
+    """Run a script as redis-py does when it resends a command whose reply
+    was lost: same arguments, same token."""
+    return store._outcome(script(keys=[store.key(sid)], args=[
+        token, repr(time.time()), 60, *args]))
+
+
+def test_a_resent_step_record_answers_again(celery_app, rds):
+    store = make(celery_app, [['a'], ['b1', 'b2']])
+    first = again(store, store._step_done, 's', 'tok-1', 0, '"ra"', '')
+    lost_reply = again(store, store._step_done, 's', 'tok-1', 0, '"ra"', '')
+    assert first.status == lost_reply.status == 'next'
+    assert [s.index for s in lost_reply.forward] == [1, 2]
+    # a redelivered message (another call) does not dispatch again
+    assert store.step_done('s', 0, '"ra"', '').status == 'duplicate'
+    store.step_done('s', 1, '"r1"', '')
+    done = again(store, store._step_done, 's', 'tok-2', 2, '"r2"', '')
+    resent = again(store, store._step_done, 's', 'tok-2', 2, '"r2"', '')
+    assert (done.status, resent.status) == ('completed', 'completed')
+    assert resent.old_state is SagaState.RUNNING  # so its signal still fires
+
+
+def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"', '')
+    claim = again(store, store._step_failed, 's', 'tok', 1, 'boom', '')
+    resent = again(store, store._step_failed, 's', 'tok', 1, 'boom', '')
+    assert claim.status == 'claimed' and resent.old_state is SagaState.RUNNING
+    assert [d.step.index for d in resent.undos] == [0]
+    assert store.step_failed('s', 1, 'boom').status == 'duplicate'
+
+
+def test_a_resent_start_is_not_a_duplicate_saga(celery_app, rds):
+    store = get_state(celery_app).store
+    args = ['tok', 'state', 'RUNNING', 'n', 0]
+    assert store._start(keys=[store.key('x')], args=args) == 1
+    assert store._start(keys=[store.key('x')], args=args) == 1
+    assert store._start(keys=[store.key('x')], args=['other', *args[1:]]) == 0
+
+
+def test_an_attempt_lost_before_it_started_is_counted(celery_app, rds):
+    """Attempt 2 is revoked (or unknown) while scheduled: it still counts,
+    so the saga cannot hang between attempts."""
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"', '')
+    store.step_failed('s', 1, 'boom')
+    assert store.undo_begin('s', 0, 1) == 'run'
+    assert store.undo_failed('s', 0, 1, 'e1').status == 'retry'
+    assert store.undo_failed('s', 0, 1, 'e1 again').status == 'stale'
+    retry = store.undo_failed('s', 0, 2, 'revoked')
+    assert retry.status == 'retry' and retry.undos[0].attempt == 3
+
+
+def test_only_one_copy_of_an_attempt_runs(celery_app, rds):
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"', '')
+    store.step_failed('s', 1, 'boom')
+    assert store.undo_begin('s', 0, 1) == 'run'
+    assert store.undo_begin('s', 0, 1) == 'running'
+    store.undo_done('s', 0)
+    assert store.undo_begin('s', 0, 1) == 'done'
+    assert store.get_state('s') is SagaState.COMPENSATED
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=1)
+def test_budgets_spent_in_parallel_fail_the_saga_once_and_stop_it(
+        celery_app, rds):
+    store = make(celery_app, [['a'], ['b1', 'b2'], ['c']])
+    for i, r in ((0, '"ra"'), (1, '"r1"'), (2, '"r2"')):
+        store.step_done('s', i, r, '')
+    store.step_failed('s', 3, 'boom')
+    first = store.undo_failed('s', 1, 1, 'e')
+    second = store.undo_failed('s', 2, 1, 'e')
+    assert (first.old_state, first.new_state) == (
+        SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED)
+    assert second.old_state is SagaState.COMPENSATION_FAILED  # no new transition
+    assert rds.hget(store.key('s'), 'x0') is None    # 'a' waits, not undone
+
+
+def test_corrupt_record_is_a_clear_error(celery_app, rds):
+    from celery_compensate import CorruptSagaRecord
+    store = make(celery_app, [['a']])
+    rds.hset(store.key('s'), 'p0', '{not json')
+    with pytest.raises(CorruptSagaRecord, match="'s'"):
+        store.read('s')
+    rds.hset(store.key('s'), 'state', 'BOGUS')
+    with pytest.raises(CorruptSagaRecord, match='BOGUS'):
+        store.get_state('s')
