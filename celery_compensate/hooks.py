@@ -79,6 +79,16 @@ class CallAnnotation:
 
 def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
+    if (task.request.delivery_info or {}).get('redelivered'):
+        # kombu restored this message after a worker died: run the body
+        # only if the saga has no record of how the step ended (a round
+        # trip paid by redeliveries only)
+        code, result = state.store.step_status(info.saga_id, info.index)
+        if code in ('D', 'F'):
+            logger.info('saga %s: step %d redelivered but already %s; '
+                        'not run again', info.saga_id, info.index,
+                        'done' if code == 'D' else 'failed')
+            return result
     try:
         retval = orig(task, *args, **kwargs)
     except (Retry, Ignore):
@@ -91,7 +101,7 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         raise
     except Exception as exc:
         _guarded(state, 'step_failed', info, _describe(exc), args, kwargs)
-        state.handled.add(task.request.id)
+        _mark_handled(exc)
         raise
     state.coordinator.step_done(info, retval, args, kwargs)
     return retval
@@ -110,7 +120,7 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
         raise
     except Exception as exc:
         _guarded(state, 'undo_failed', info, exc)
-        state.handled.add(task.request.id)
+        _mark_handled(exc)
         raise
     state.coordinator.undo_done(info, task.name)
     return retval
@@ -123,6 +133,16 @@ def _guarded(state: AppState, method: str, *args: Any) -> None:
         getattr(state.coordinator, method)(*args)
     except Exception:  # noqa: BLE001
         logger.exception('celery_compensate: %s%r failed', method, args[:2])
+
+
+def _mark_handled(exc: BaseException) -> None:
+    """Tell the ``task_failure`` handler that follows in this process that
+    the failure is already recorded (it would only cost a round trip: the
+    scripts ignore duplicates)."""
+    try:
+        exc._compensate_handled = True  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
 
 
 def _describe(exc: BaseException) -> str:
@@ -143,11 +163,7 @@ def connect_signals(app: Celery) -> None:
                    args: Any = None, kwargs: Any = None, **_: Any) -> None:
         info = parse_task_id(task_id)
         state = _state_for(sender) if info else None
-        if state is None:
-            return
-        if task_id in state.handled:
-            # already handled in this process by the call wrapper
-            state.handled.discard(task_id)
+        if state is None or getattr(exception, '_compensate_handled', False):
             return
         reason = _describe(exception) if exception else 'failed'
         if info.is_undo:

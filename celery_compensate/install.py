@@ -5,7 +5,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
-from celery.utils.collections import LimitedSet
 
 from .dispatch import Coordinator
 from .exceptions import ImproperlyConfigured
@@ -33,9 +32,6 @@ class AppState:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        #: task ids whose failure this process already handled, so the
-        #: ``task_failure`` signal that follows does not count it twice.
-        self.handled: LimitedSet = LimitedSet(maxlen=10_000)
         self._lock = threading.Lock()
         self._store: SagaStore | None = None
         self._coordinator: Coordinator | None = None

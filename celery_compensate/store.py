@@ -483,6 +483,13 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
             raise CorruptSagaRecord(
                 f'saga {saga_id!r} has an unknown state {value!r}') from None
 
+    def step_status(self, saga_id: str, index: int) -> tuple[str | None, Any]:
+        """Forward state code of step ``index`` and its recorded result
+        (``(None, None)`` when the saga does not exist)."""
+        step, result = self._run(self.client.hmget, self.key(saga_id),
+                                 ['s%d' % index, 'r%d' % index])
+        return step, loads(result) if result else None
+
     def read(self, saga_id: str) -> SagaRecord:
         """Decode the whole saga record.
 

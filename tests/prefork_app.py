@@ -18,6 +18,9 @@ app.conf.update(
     compensate_undo_retry_backoff_max=0.2,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get('COMPENSATE_TEST_VISIBILITY'):
+    app.conf.broker_transport_options = {
+        'visibility_timeout': float(os.environ['COMPENSATE_TEST_VISIBILITY'])}
 install(app)
 
 from tests import tasks  # noqa: E402,F401  (registers the shared tasks)

@@ -188,3 +188,21 @@ def check_prev(self: Task, name: str, prev_index: int, fail: bool = True) -> str
     if fail:
         raise ValueError(f'{name} failed on purpose')
     return f'res-{name}'
+
+
+class KillWholeWorker(Task):
+    """Kills the whole worker (main process and pool) once, after the step
+    was recorded but before its message was acknowledged (``acks_late``)."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any,
+                   kwargs: Any) -> None:
+        if client_for(self.app).set(
+                countdown_key(self.app, task_id, 'worker-killed'), 1, nx=True):
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+@shared_task(bind=True, name='t.kills_worker', base=KillWholeWorker,
+             compensate_with='t.undo', acks_late=True)
+def kills_worker(self: Task, name: str) -> str:
+    note(self, f'do:{name}')
+    return f'res-{name}'

@@ -4,6 +4,7 @@ published.  Several of these reach us only from the worker's main process,
 with the task id and no headers."""
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -109,3 +110,33 @@ def test_undo_killed_mid_way_is_retried(pf):
     assert entries.count('undo-start:a') == 2 and undone(entries) == ['a']
     from celery_compensate import SagaResult
     assert SagaResult(sid, app=app).steps[0].undo_attempts == 2
+
+
+def test_step_redelivered_after_its_worker_died_is_not_run_again(pf, redis_url):
+    """The whole worker dies after step a was recorded but before its
+    message was acknowledged (acks_late); kombu redelivers it to the next
+    worker, which must not run the body again."""
+    app, rds, _ = pf
+    queue = f'{app.conf.compensate_key_prefix}-redeliver'
+    worker = WorkerProcess('tests.prefork_app', {
+        'COMPENSATE_TEST_BROKER': redis_url,
+        'COMPENSATE_TEST_PREFIX': app.conf.compensate_key_prefix,
+        'COMPENSATE_TEST_QUEUE': queue, 'COMPENSATE_TEST_VISIBILITY': '1',
+    }, '-P', 'prefork', '-c', '1', '-Q', queue, name='redeliver', cwd=ROOT)
+    try:
+        worker.start()
+        res = saga(tasks.kills_worker.si('a'), tasks.do.si('b'),
+                   app=app).apply_async(queue=queue)
+        wait_for(lambda: worker.proc.poll() is not None, timeout=15)
+        # kombu restores only messages unacked for longer than the
+        # visibility timeout (1 s here): let that much time pass
+        time.sleep(1.2)
+        worker.start()
+        assert res.wait(timeout=20) is SagaState.COMPLETED
+        # the redelivered copy of step a has been processed
+        wait_for(lambda: f'{res.id}.s0] succeeded' in worker.output())
+        entries = rds.lrange(tasks.ledger_key(app, res.id), 0, -1)
+        assert entries.count('do:a') == 1 and entries.count('do:b') == 1
+        assert 'redelivered but already done' in worker.output()
+    finally:
+        worker.stop()
