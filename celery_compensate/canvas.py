@@ -75,7 +75,7 @@ class Saga:
                  ) -> Plan:
         """Freeze the steps into a plan, prepending ``args`` to the first
         stage's (mutable) steps like ``chain.apply_async(args)`` does."""
-        built = []
+        built: list[list[tuple[TaskRef, UndoSpec | None, bool]]] = []
         for k, stage in enumerate(self.stages):
             members = []
             for sig in stage:

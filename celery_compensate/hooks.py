@@ -162,8 +162,9 @@ def connect_signals(app: Celery) -> None:
                    exception: BaseException | None = None,
                    args: Any = None, kwargs: Any = None, **_: Any) -> None:
         info = parse_task_id(task_id)
-        state = _state_for(sender) if info else None
-        if state is None or getattr(exception, '_compensate_handled', False):
+        state = _state_for(sender)
+        if (info is None or state is None
+                or getattr(exception, '_compensate_handled', False)):
             return
         reason = _describe(exception) if exception else 'failed'
         if info.is_undo:
@@ -175,8 +176,8 @@ def connect_signals(app: Celery) -> None:
                    terminated: bool = False, expired: bool = False,
                    signum: Any = None, **_: Any) -> None:
         info = parse_task_id(getattr(request, 'id', None))
-        state = _state_for(sender) if info else None
-        if state is None:
+        state = _state_for(sender)
+        if info is None or state is None:
             return
         reason = ('expired' if expired else
                   f'revoked (terminated by {signum})' if terminated else
@@ -191,8 +192,8 @@ def connect_signals(app: Celery) -> None:
     def on_unknown(sender: Any = None, name: str | None = None,
                    id: str | None = None, **_: Any) -> None:
         info = parse_task_id(id)
-        state = _state_for(sender) if info else None
-        if state is None:
+        state = _state_for(sender)
+        if info is None or state is None:
             return
         reason = f'task {name!r} is not registered in the worker'
         if info.is_undo:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 __all__ = (
     'SagaState', 'StepState', 'UndoState', 'UndoSpec', 'StepSpec', 'Plan',
@@ -69,6 +69,9 @@ class UndoState(str, enum.Enum):
     FAILED = 'F'       #: retry budget spent; waits for an operator
 
 
+_Ref = TypeVar('_Ref', bound='TaskRef')
+
+
 @dataclass(frozen=True)
 class TaskRef:
     """A task call frozen into a plan: name, arguments and options."""
@@ -87,7 +90,7 @@ class TaskRef:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TaskRef:
+    def from_dict(cls: type[_Ref], d: Mapping[str, Any]) -> _Ref:
         return cls(
             name=d['task'], args=tuple(d.get('args') or ()),
             kwargs=dict(d.get('kwargs') or {}),

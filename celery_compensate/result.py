@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 from celery import current_app
 
 from .exceptions import SagaTimeoutError
+from .install import get_state
 from .model import FINAL_STATES, SagaState, validate_saga_id
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .store import SagaRecord, StepRecord
+    from .store import SagaRecord, SagaStore, StepRecord
 
 __all__ = ('SagaResult',)
 
@@ -39,8 +40,7 @@ class SagaResult:
         return hash(self.id)
 
     @property
-    def _store(self):  # type: ignore[no-untyped-def]
-        from .install import get_state
+    def _store(self) -> SagaStore:
         return get_state(self.app).store
 
     @property

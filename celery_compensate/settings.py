@@ -82,7 +82,7 @@ class Settings:
                  'compensate_redis_url', 'a redis://, rediss:// or '
                  'redis+socket:// URL', maybe_sanitize_url(str(url)))
         prefix = get('compensate_key_prefix')
-        _require(isinstance(prefix, str) and prefix and not
+        _require(isinstance(prefix, str) and bool(prefix) and not
                  set('{} \t\n') & set(prefix), 'compensate_key_prefix',
                  'a non-empty string without braces or spaces', prefix)
         expires = get('compensate_result_expires')
@@ -92,7 +92,7 @@ class Settings:
                  'compensate_result_expires', 'a positive number of seconds '
                  'or a timedelta', expires)
         queue = get('compensate_undo_queue')
-        _require(queue is None or (isinstance(queue, str) and queue),
+        _require(queue is None or (isinstance(queue, str) and bool(queue)),
                  'compensate_undo_queue', 'a queue name or None', queue)
         attempts = get('compensate_undo_max_attempts')
         _require(isinstance(attempts, int) and not isinstance(attempts, bool)

@@ -57,7 +57,7 @@ def run_orders(shop, db, SagaState) -> int:
               f'({expect}) -> saga {res.id}', flush=True)
         started.append((order_id, res, qty, amount, customer))
     ok = True
-    for order_id, res, qty, amount, customer in started:
+    for order_id, res, *_ in started:
         state = res.wait(timeout=60)
         print(f'\norder {order_id}: {state.value}')
         for line in db.lrange(f'shop:trail:{order_id}', 0, -1):

@@ -96,9 +96,9 @@ def test_duplicate_and_invalid_saga_ids(celery_app, rds):
 def test_unknown_saga_id_names_it(celery_app):
     res = SagaResult('no-such-saga', app=celery_app)
     with pytest.raises(SagaNotFound, match="'no-such-saga'"):
-        res.state
+        _ = res.state
     with pytest.raises(SagaNotFound):
-        res.steps
+        _ = res.steps
 
 
 def test_wait_times_out_with_a_timeout_error(celery_app, rds):

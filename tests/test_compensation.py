@@ -30,7 +30,7 @@ def assert_stage_order(entries: list[str], later: set[str], earlier: set[str]):
 
 def assert_one_after_another(entries: list[str], names: list[str]):
     """Each undo in ``names`` began only after the one before it finished."""
-    for later, earlier in zip(names, names[1:]):
+    for later, earlier in zip(names, names[1:], strict=False):
         assert_stage_order(entries, {later}, {earlier})
 
 

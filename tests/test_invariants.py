@@ -255,7 +255,8 @@ def test_one_round_trip_per_successful_step(celery_app, celery_worker, rds):
         for n in (3, 10):
             calls.clear()
             res = saga(*[tasks.do.si(f's{i}') for i in range(n)]).apply_async()
-            wait_for(lambda: rds.hget(store.key(res.id), 'state') == 'COMPLETED')
+            wait_for(lambda res=res: rds.hget(store.key(res.id), 'state')
+                     == 'COMPLETED')
             assert calls == ['EVALSHA'] * (n + 1), calls
     finally:
         store.client.execute_command = original
