@@ -5,6 +5,7 @@ stage; a chord is its header (a parallel stage) followed by its body.
 """
 from __future__ import annotations
 
+import datetime
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -34,6 +35,25 @@ _MANAGED = frozenset({
     'compensate_with', 'compensate_on_failure',
 })
 _REFUSED = frozenset({'link', 'link_error'})
+
+_NUMBER = (int, float)
+#: Publishing options checked when the saga is built, so a bad value fails
+#: at ``saga(...)`` instead of when its stage is published.
+_OPTION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    'headers': ((dict,), 'a dict'),
+    'countdown': (_NUMBER, 'a number of seconds'),
+    'expires': ((*_NUMBER, datetime.datetime), 'seconds or a datetime'),
+    'eta': ((datetime.datetime,), 'a datetime'),
+    'priority': ((int,), 'an integer 0-255'),
+    'time_limit': (_NUMBER, 'a number of seconds'),
+    'soft_time_limit': (_NUMBER, 'a number of seconds'),
+    'queue': ((str,), 'a queue name'),
+    'routing_key': ((str,), 'a string'),
+    'exchange': ((str,), 'an exchange name'),
+    'ignore_result': ((bool,), 'a bool'),
+    'retry': ((bool,), 'a bool'),
+    'retry_policy': ((dict,), 'a dict'),
+}
 
 
 def saga(*steps: Any, app: Celery | None = None) -> Saga:
@@ -114,6 +134,7 @@ class Saga:
                                     if k not in _MANAGED}},
             immutable=bool(sig.immutable),
         )
+        _check_options(call.options, where)
         undo = self._undo(undo_value, where)
         if cof and undo is None:
             raise InvalidSaga(
@@ -145,6 +166,7 @@ class Saga:
         if name not in self.app.tasks:
             raise InvalidSaga(
                 f'{where}: undo task {name!r} is not a registered task')
+        _check_options(spec.options, f'{where}, undo {name!r}')
         return spec
 
     def _check_encodable(self, ref: TaskRef, where: str) -> None:
@@ -186,7 +208,10 @@ class Saga:
             raise InvalidSaga(
                 f'saga options {", ".join(sorted(refused))} are set by the '
                 'saga itself or not supported')
-        saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
+        try:
+            saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
+        except ValueError as exc:
+            raise InvalidSaga(str(exc)) from None
         plan = self.plan_for(tuple(args or ()), options)
         if kwargs:
             plan = _with_first_kwargs(plan, kwargs)
@@ -217,6 +242,20 @@ class Saga:
     def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
         """Shortcut for ``apply_async(args, kwargs)``."""
         return self.apply_async(args, kwargs)
+
+
+def _check_options(options: Mapping[str, Any], where: str) -> None:
+    for key, value in options.items():
+        expected = _OPTION_TYPES.get(key)
+        if expected is None or value is None:
+            continue
+        types, text = expected
+        ok = isinstance(value, types) and not (
+            isinstance(value, bool) and bool not in types)
+        if ok and key == 'priority':
+            ok = 0 <= value <= 255
+        if not ok:
+            raise InvalidSaga(f'{where}: option {key}={value!r} must be {text}')
 
 
 def _app_of(steps: Iterable[Any]) -> Celery | None:

@@ -6,18 +6,19 @@ every undo carries the same headers and task ids.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
-from .exceptions import ResultNotSerializable
+from .exceptions import ResultNotSerializable, SagaStoreUnavailable
 from .model import (
     SagaState, StepSpec, TaskIdInfo, idempotency_key, step_task_id,
     undo_delay, undo_task_id,
 )
-from .store import Outcome, SagaStore, UndoDue
+from .store import Outcome, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = ('Coordinator',)
 
 logger = get_logger(__name__)
+
+_T = TypeVar('_T')
 
 
 class Coordinator:
@@ -116,8 +119,11 @@ class Coordinator:
                 f'{type(retval).__name__} which cannot be stored as JSON: {exc}')
             self.step_failed(info, repr(err), args, kwargs)
             raise err from exc
-        outcome = self.store.step_done(info.saga_id, info.index, result_json,
-                                       _call_json(args, kwargs))
+        call_json, token = _call_json(args, kwargs), new_token()
+        outcome = self.persist(
+            lambda: self.store.step_done(info.saga_id, info.index,
+                                         result_json, call_json, token),
+            info, 'the completion of step')
         self.apply(info.saga_id, outcome, step=info.index)
 
     def step_failed(self, info: TaskIdInfo, reason: str,
@@ -132,7 +138,10 @@ class Coordinator:
 
     def undo_done(self, info: TaskIdInfo, task_name: str) -> None:
         """An undo attempt succeeded."""
-        outcome = self.store.undo_done(info.saga_id, info.index)
+        token = new_token()
+        outcome = self.persist(
+            lambda: self.store.undo_done(info.saga_id, info.index, token),
+            info, 'the undo of step')
         if outcome.status == 'undone':
             logger.info('saga %s: step %d compensated by %s',
                         info.saga_id, info.index, task_name)
@@ -141,11 +150,17 @@ class Coordinator:
                 task_name=task_name)
         self.apply(info.saga_id, outcome, step=info.index)
 
-    def undo_failed(self, info: TaskIdInfo, error: BaseException | str) -> None:
-        """An undo attempt failed: schedule the next one or give up."""
+    def undo_failed(self, info: TaskIdInfo, error: BaseException | str,
+                    started: bool = True) -> None:
+        """An undo attempt failed: schedule the next one or give up.
+
+        Arguments:
+            started: whether the failing copy had begun running (a revoked
+                or unknown copy had not).
+        """
         text = error if isinstance(error, str) else _describe(error)
         outcome = self.store.undo_failed(info.saga_id, info.index,
-                                         info.attempt, text)
+                                         info.attempt, text, started)
         if outcome.status == 'retry':
             due = outcome.undos[0]
             countdown = undo_delay(info.attempt,
@@ -158,15 +173,7 @@ class Coordinator:
             signals.undo_retry.send(
                 sender=self.app, saga_id=info.saga_id, step=info.index,
                 attempt=info.attempt, countdown=countdown, error=text)
-            try:
-                self.publish_undo(info.saga_id, due, countdown=countdown)
-            except Exception as exc:  # noqa: BLE001 - spends an attempt
-                logger.exception('saga %s: could not publish attempt %d of '
-                                 'the undo of step %d', info.saga_id,
-                                 due.attempt, info.index)
-                self.undo_failed(TaskIdInfo(info.saga_id, info.index, True,
-                                            due.attempt),
-                                 f'publish failed: {exc!r}')
+            self._publish_undo_or_log(info.saga_id, due, countdown)
         elif outcome.status == 'failed':
             logger.error(
                 'saga %s: COMPENSATION_FAILED: undo of step %d failed %d '
@@ -192,14 +199,46 @@ class Coordinator:
         if new is not old:
             self._transition(saga_id, old, new, step, reason)
         for due in outcome.undos:
+            self._publish_undo_or_log(saga_id, due)
+
+    def _publish_undo_or_log(self, saga_id: str, due: UndoDue,
+                             countdown: float | None = None) -> None:
+        # Celery already retried the publish (task_publish_retry): the
+        # broker is down.  Spending attempts now would burn the whole
+        # budget in milliseconds, so the undo stays queued in the record.
+        try:
+            self.publish_undo(saga_id, due, countdown=countdown)
+        except Exception:  # noqa: BLE001
+            logger.exception(
+                'saga %s: could not publish attempt %d of the undo of step '
+                '%d; it stays queued in the saga record', saga_id,
+                due.attempt, due.step.index)
+
+    def persist(self, record: Callable[[], _T], info: TaskIdInfo,
+                what: str) -> _T:
+        """Run ``record`` (a store call made safe to resend by its token)
+        until it succeeds or ``compensate_record_retry_timeout`` passes.
+
+        A completed step or undo must not be lost to a brief Redis outage:
+        giving up would let the task's failure be recorded instead.
+
+        Raises:
+            SagaStoreUnavailable: still unreachable at the deadline.
+        """
+        deadline = time.monotonic() + self.settings.record_retry_timeout
+        delay = 0.1
+        while True:
             try:
-                self.publish_undo(saga_id, due)
-            except Exception as exc:  # noqa: BLE001 - counts as an attempt
-                logger.exception('saga %s: could not publish the undo of '
-                                 'step %d', saga_id, due.step.index)
-                self.undo_failed(TaskIdInfo(saga_id, due.step.index, True,
-                                            due.attempt),
-                                 f'publish failed: {exc!r}')
+                return record()
+            except SagaStoreUnavailable:
+                if time.monotonic() + delay > deadline:
+                    logger.error(
+                        'saga %s: could not record %s %d: the saga store is '
+                        'unreachable; it stays in doubt', info.saga_id, what,
+                        info.index)
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _transition(self, saga_id: str, old: SagaState | None,
                     new: SagaState | None, step: int | None,

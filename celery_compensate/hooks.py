@@ -22,7 +22,9 @@ from celery import signals as celery_signals
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 
+from .exceptions import SagaStoreUnavailable
 from .model import TaskIdInfo, parse_task_id
+from .store import new_token
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -96,20 +98,28 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         raise
     except Reject as exc:
         if not exc.requeue:
-            _guarded(state, 'step_failed', info, f'rejected: {exc.reason!r}',
-                     args, kwargs)
+            _guarded(state.coordinator.step_failed, info,
+                     f'rejected: {exc.reason!r}', args, kwargs)
         raise
     except Exception as exc:
-        _guarded(state, 'step_failed', info, _describe(exc), args, kwargs)
+        _guarded(state.coordinator.step_failed, info, _describe(exc), args,
+                 kwargs)
         _mark_handled(exc)
         raise
-    state.coordinator.step_done(info, retval, args, kwargs)
+    try:
+        state.coordinator.step_done(info, retval, args, kwargs)
+    except SagaStoreUnavailable as exc:
+        # the step completed: its failure must not be recorded instead
+        _mark_handled(exc)
+        raise
     return retval
 
 
 def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
-    verdict = state.store.undo_begin(info.saga_id, info.index, info.attempt)
+    token = new_token()
+    verdict = state.store.undo_begin(info.saga_id, info.index, info.attempt,
+                                     token)
     if verdict != 'run':
         logger.info('saga %s: undo of step %d attempt %d not run: %s',
                     info.saga_id, info.index, info.attempt, verdict)
@@ -117,22 +127,30 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
     try:
         retval = orig(task, *args, **kwargs)
     except Retry:
+        # the undo task's own retry: Celery sends this attempt again
+        _guarded(state.store.undo_release, info.saga_id, info.index, token)
         raise
     except Exception as exc:
-        _guarded(state, 'undo_failed', info, exc)
+        _guarded(state.coordinator.undo_failed, info, exc)
         _mark_handled(exc)
         raise
-    state.coordinator.undo_done(info, task.name)
+    try:
+        state.coordinator.undo_done(info, task.name)
+    except SagaStoreUnavailable as exc:
+        # the undo succeeded: it must not be counted as a failed attempt
+        _mark_handled(exc)
+        raise
     return retval
 
 
-def _guarded(state: AppState, method: str, *args: Any) -> None:
-    """Call a coordinator method, logging instead of raising: the task's
-    own exception is what Celery must see."""
+def _guarded(fn: Callable[..., Any], *args: Any) -> None:
+    """Call ``fn``, logging instead of raising: the task's own exception is
+    what Celery must see, and signal handlers must not raise into Celery."""
     try:
-        getattr(state.coordinator, method)(*args)
+        fn(*args)
     except Exception:  # noqa: BLE001
-        logger.exception('celery_compensate: %s%r failed', method, args[:2])
+        logger.exception('celery_compensate: %s%r failed',
+                         getattr(fn, '__name__', fn), args[:2])
 
 
 def _mark_handled(exc: BaseException) -> None:
@@ -153,53 +171,48 @@ def connect_signals(app: Celery) -> None:
     """Connect the failure handlers for ``app`` (idempotent)."""
     uid = f'celery_compensate.{id(app)}'
 
-    def _state_for(sender: Any) -> AppState | None:
-        if getattr(sender, 'app', None) is not app:
-            return None
-        return getattr(app, '_compensate_state', None)
+    def failed(info: TaskIdInfo, reason: str, started: bool,
+               args: Any = None, kwargs: Any = None) -> None:
+        state = getattr(app, '_compensate_state', None)
+        if state is None:
+            return
+        if info.is_undo:
+            state.coordinator.undo_failed(info, reason, started)
+        else:
+            state.coordinator.step_failed(info, reason, args, kwargs)
 
     def on_failure(sender: Any = None, task_id: str | None = None,
                    exception: BaseException | None = None,
                    args: Any = None, kwargs: Any = None, **_: Any) -> None:
         info = parse_task_id(task_id)
-        state = _state_for(sender)
-        if (info is None or state is None
+        if (info is None or getattr(sender, 'app', None) is not app
                 or getattr(exception, '_compensate_handled', False)):
             return
-        reason = _describe(exception) if exception else 'failed'
-        if info.is_undo:
-            _guarded(state, 'undo_failed', info, reason)
-        else:
-            _guarded(state, 'step_failed', info, reason, args, kwargs)
+        # here the task ran: a hard time limit or a lost pool child
+        _guarded(lambda: failed(info, _describe(exception) if exception
+                                else 'failed', True, args, kwargs))
 
     def on_revoked(sender: Any = None, request: Any = None,
                    terminated: bool = False, expired: bool = False,
                    signum: Any = None, **_: Any) -> None:
         info = parse_task_id(getattr(request, 'id', None))
-        state = _state_for(sender)
-        if info is None or state is None:
+        if info is None or getattr(sender, 'app', None) is not app:
             return
         reason = ('expired' if expired else
                   f'revoked (terminated by {signum})' if terminated else
                   'revoked')
-        if info.is_undo:
-            _guarded(state, 'undo_failed', info, reason)
-        else:
-            _guarded(state, 'step_failed', info, reason,
-                     getattr(request, 'args', None),
-                     getattr(request, 'kwargs', None))
+        # only a terminated copy had started running
+        _guarded(lambda: failed(info, reason, bool(terminated),
+                                getattr(request, 'args', None),
+                                getattr(request, 'kwargs', None)))
 
     def on_unknown(sender: Any = None, name: str | None = None,
                    id: str | None = None, **_: Any) -> None:
         info = parse_task_id(id)
-        state = _state_for(sender)
-        if info is None or state is None:
+        if info is None or getattr(sender, 'app', None) is not app:
             return
-        reason = f'task {name!r} is not registered in the worker'
-        if info.is_undo:
-            _guarded(state, 'undo_failed', info, reason)
-        else:
-            _guarded(state, 'step_failed', info, reason)
+        _guarded(lambda: failed(
+            info, f'task {name!r} is not registered in the worker', False))
 
     celery_signals.task_failure.connect(on_failure, weak=False,
                                         dispatch_uid=uid + '.failure')

@@ -16,6 +16,9 @@ Setting                             Default                 Meaning
 ``compensate_undo_retry_backoff``   ``0.5``                 seconds before the 2nd attempt; doubles
 ``compensate_undo_retry_backoff_max`` ``30.0``              cap of the delay between attempts
 ``compensate_redis_socket_timeout`` ``5.0``                 socket timeout of the store's connection
+``compensate_record_retry_timeout`` ``30.0``                how long a worker keeps trying to record a
+                                                            completed step or undo while Redis is
+                                                            unreachable
 =================================== ======================= ==========================================
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     'compensate_undo_retry_backoff': 0.5,
     'compensate_undo_retry_backoff_max': 30.0,
     'compensate_redis_socket_timeout': 5.0,
+    'compensate_record_retry_timeout': 30.0,
 }
 
 _REDIS_SCHEMES = ('redis://', 'rediss://', 'redis+socket://', 'unix://')
@@ -56,6 +60,7 @@ class Settings:
     undo_retry_backoff: float
     undo_retry_backoff_max: float
     redis_socket_timeout: float
+    record_retry_timeout: float
 
     @property
     def safe_redis_url(self) -> str:
@@ -111,12 +116,17 @@ class Settings:
         _require(_is_number(timeout) and timeout > 0,
                  'compensate_redis_socket_timeout', 'a positive number',
                  timeout)
+        record = get('compensate_record_retry_timeout')
+        _require(_is_number(record) and record >= 0,
+                 'compensate_record_retry_timeout', 'a number of seconds >= 0',
+                 record)
         return cls(
             redis_url=url, key_prefix=prefix,
             result_expires=max(1, int(expires)), undo_queue=queue,
             undo_max_attempts=attempts, undo_retry_backoff=float(backoff),
             undo_retry_backoff_max=float(backoff_max),
             redis_socket_timeout=float(timeout),
+            record_retry_timeout=float(record),
         )
 
 

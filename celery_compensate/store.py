@@ -71,14 +71,16 @@ local function due(i, out)
   out[#out + 1] = describe(i, 1)
 end
 
--- The queued, not yet started undos of the stage under compensation, for
--- a call whose reply was lost.  Publishing one twice is harmless: only
--- one copy of an attempt can begin.
+-- The queued, not yet started undos (of the stage under compensation, and
+-- late ones), for a call whose reply was lost.  Publishing one twice is
+-- harmless: only one copy of an attempt can begin.
 local function queued(out)
   local cur = num('cur')
-  if cur < 0 then return end
-  for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
-    if hget('x' .. i) == 'Q' then out[#out + 1] = describe(i, num('a' .. i)) end
+  for i = 0, num('n') - 1 do
+    if hget('x' .. i) == 'Q' and
+        (num('k' .. i) == cur or hget('l' .. i) == '1') then
+      out[#out + 1] = describe(i, num('a' .. i))
+    end
   end
 end
 
@@ -341,6 +343,20 @@ redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, now, 'tb' .. i, token)
 return 'run'
 """
 
+    #: An undo attempt stopped without an outcome because Celery retries
+    #: it (``self.retry()``/``autoretry_for`` in the undo task): the retry
+    #: comes as another copy of the same attempt and must be let in.
+    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
+    #: ARGV[5] token of the UNDO_BEGIN call that let this copy run.
+    UNDO_RELEASE = _LIB + r"""
+local i = ARGV[4]
+if hget('x' .. i) == 'R' and hget('tb' .. i) == ARGV[5] then
+  redis.call('HSET', h, 'x' .. i, 'Q')
+  return 1
+end
+return 0
+"""
+
     #: An undo succeeded: record it and open the stage before when this
     #: one is settled.
     #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index.
@@ -371,9 +387,12 @@ return {'undone', st, hget('state'), {}, {}, out}
     #: An undo attempt failed (or was lost before it started): schedule the
     #: next attempt, or, when the budget is spent, mark the saga
     #: COMPENSATION_FAILED (its remaining undos wait for an operator).
-    #: Each attempt is counted once.
+    #: Each attempt is counted once, and a copy that never started (revoked,
+    #: expired, unknown, unpublished) does not count while another copy of
+    #: the attempt runs.
     #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] attempt that failed, ARGV[6] error, ARGV[7] max attempts.
+    #: ARGV[5] attempt that failed, ARGV[6] error, ARGV[7] max attempts,
+    #: ARGV[8] '1' if the failing copy had started, else '0'.
     #: Returns {status, old state, new state, {}, {}, {next attempt}}.
     UNDO_FAILED = _LIB + r"""
 local st = hget('state')
@@ -387,6 +406,7 @@ if hget('tu' .. i) == token and (x == 'W' or x == 'F') then
 end
 if x == '' or x == 'D' or x == 'F' then return {'ignored', st, st} end
 if tonumber(ARGV[5]) ~= a then return {'stale', st, st} end
+if x == 'R' and ARGV[8] == '0' then return {'running', st, st} end
 redis.call('HSET', h, 'e' .. i, ARGV[6], 'tu' .. i, token)
 if a >= tonumber(ARGV[7]) then
   redis.call('HSET', h, 'x' .. i, 'F', 'reason', ARGV[6])
@@ -408,6 +428,7 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
         self._step_done = register(self.STEP_DONE)
         self._step_failed = register(self.STEP_FAILED)
         self._undo_begin = register(self.UNDO_BEGIN)
+        self._undo_release = register(self.UNDO_RELEASE)
         self._undo_done = register(self.UNDO_DONE)
         self._undo_failed = register(self.UNDO_FAILED)
 
@@ -438,37 +459,55 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
                            'u%d' % i, step.undo_flag,
                            's%d' % i, 'R' if k == 0 else 'P']
         return bool(self._run(self._start, keys=[self.key(saga_id)],
-                              args=[_token(), *fields]))
+                              args=[new_token(), *fields]))
 
     def step_done(self, saga_id: str, index: int, result_json: str,
-                  call_json: str) -> Outcome:
+                  call_json: str, token: str | None = None) -> Outcome:
         """Record step ``index`` as completed with its result (one round
-        trip) and return what must be dispatched next."""
+        trip) and return what must be dispatched next.  Resending with the
+        same ``token`` is safe."""
         return self._outcome(self._change(
-            self._step_done, saga_id, index, result_json, call_json))
+            self._step_done, saga_id, token, index, result_json, call_json))
 
     def step_failed(self, saga_id: str, index: int, reason: str,
                     call_json: str = '') -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
         was running."""
         return self._outcome(self._change(
-            self._step_failed, saga_id, index, reason[:2000], call_json))
+            self._step_failed, saga_id, None, index, reason[:2000],
+            call_json))
 
-    def undo_begin(self, saga_id: str, index: int, attempt: int) -> str:
-        """Mark an undo attempt running; returns ``'run'`` or why not."""
-        return self._change(self._undo_begin, saga_id, index, attempt)
+    def undo_begin(self, saga_id: str, index: int, attempt: int,
+                   token: str) -> str:
+        """Let one copy of an undo attempt run; returns ``'run'`` or why
+        not."""
+        return self._change(self._undo_begin, saga_id, token, index, attempt)
 
-    def undo_done(self, saga_id: str, index: int) -> Outcome:
-        """Record step ``index`` as undone."""
-        return self._outcome(self._change(self._undo_done, saga_id, index))
+    def undo_release(self, saga_id: str, index: int, begin_token: str) -> bool:
+        """The copy let in by ``begin_token`` stops without an outcome
+        (Celery retries it); let the retry in."""
+        return bool(self._change(self._undo_release, saga_id, None, index,
+                                 begin_token))
+
+    def undo_done(self, saga_id: str, index: int,
+                  token: str | None = None) -> Outcome:
+        """Record step ``index`` as undone.  Resending with the same
+        ``token`` is safe."""
+        return self._outcome(self._change(self._undo_done, saga_id, token,
+                                          index))
 
     def undo_failed(self, saga_id: str, index: int, attempt: int,
-                    error: str) -> Outcome:
+                    error: str, started: bool = True) -> Outcome:
         """Count a failed undo attempt; the outcome holds the next attempt
-        (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``)."""
+        (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``).
+
+        Arguments:
+            started: whether the failing copy had begun running; one that
+                never started does not count while another copy runs.
+        """
         return self._outcome(self._change(
-            self._undo_failed, saga_id, index, attempt, error[:2000],
-            self.settings.undo_max_attempts))
+            self._undo_failed, saga_id, None, index, attempt, error[:2000],
+            self.settings.undo_max_attempts, '1' if started else '0'))
 
     # -- reads ----------------------------------------------------------
 
@@ -508,10 +547,12 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
 
     # -- plumbing -------------------------------------------------------
 
-    def _change(self, script: Any, saga_id: str, *args: Any) -> Any:
+    def _change(self, script: Any, saga_id: str, token: str | None,
+                *args: Any) -> Any:
         """Run a script that changes a saga: token, now, ttl, then ``args``."""
         return self._run(script, keys=[self.key(saga_id)], args=[
-            _token(), repr(time.time()), self.settings.result_expires, *args])
+            token or new_token(), repr(time.time()),
+            self.settings.result_expires, *args])
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -544,7 +585,8 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
                        forward, undos)
 
 
-def _token() -> str:
+def new_token() -> str:
+    """A token identifying one call (and its resends) to a script."""
     return uuid.uuid4().hex
 
 

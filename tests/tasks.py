@@ -206,3 +206,14 @@ class KillWholeWorker(Task):
 def kills_worker(self: Task, name: str) -> str:
     note(self, f'do:{name}')
     return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.retrying_undo', max_retries=3,
+             default_retry_delay=0)
+def retrying_undo(self: Task, result: Any, name: str, *args: Any,
+                  **kwargs: Any) -> None:
+    """An undo that retries itself once through Celery before it succeeds."""
+    note(self, f'undo-start:{name}:{self.request.retries}')
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    note(self, f'undo:{name}:{result!r}')

@@ -116,3 +116,16 @@ def test_install_is_idempotent_and_required():
         get_state(app)
     assert install(app) is install(app)
     assert get_state(app).settings.redis_url == 'redis://localhost:6379/0'
+
+
+@pytest.mark.parametrize('option, value', [
+    ('countdown', 'soon'), ('headers', 'x'), ('expires', 'later'),
+    ('priority', 300), ('time_limit', '1'), ('serializer', 'no-such'),
+])
+def test_bad_publishing_options_fail_at_saga_not_at_publish(
+        celery_app, option, value):
+    with pytest.raises(InvalidSaga, match=r"'t.plain' \(stage 1\)|step 1 \(t.plain\)"):
+        saga(tasks.plain.si('a'), tasks.plain.si('b').set(**{option: value}))
+    with pytest.raises(InvalidSaga, match="undo 't.release'|the undo of step 0"):
+        saga(tasks.plain.si('a').set(
+            compensate_with=tasks.release.si().set(**{option: value})))

@@ -301,3 +301,14 @@ def test_undos_go_to_the_configured_queue(celery_app, celery_worker, rds):
     assert res.state is SagaState.COMPENSATING
     assert undone(ledger(rds, celery_app, res.id)) == []
     rds.delete(undo_queue)
+
+
+def test_undo_retried_by_celery_itself_completes(celery_app, celery_worker, rds):
+    """The undo task's own self.retry() sends the same attempt again under
+    the same task id; that copy must be let in, not taken for a duplicate."""
+    res = saga(tasks.do.si('a').set(compensate_with=tasks.retrying_undo.s()),
+               tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, res.id)
+    assert entries.count('undo-start:a:0') == 1 and "undo:a:'res-a'" in entries
+    assert res.steps[0].undo_attempts == 1

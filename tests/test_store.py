@@ -68,7 +68,7 @@ def test_an_attempt_lost_before_it_started_is_counted(celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
     store.step_done('s', 0, '"ra"', '')
     store.step_failed('s', 1, 'boom')
-    assert store.undo_begin('s', 0, 1) == 'run'
+    assert store.undo_begin('s', 0, 1, 'tok-b') == 'run'
     assert store.undo_failed('s', 0, 1, 'e1').status == 'retry'
     assert store.undo_failed('s', 0, 1, 'e1 again').status == 'stale'
     retry = store.undo_failed('s', 0, 2, 'revoked')
@@ -79,10 +79,11 @@ def test_only_one_copy_of_an_attempt_runs(celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
     store.step_done('s', 0, '"ra"', '')
     store.step_failed('s', 1, 'boom')
-    assert store.undo_begin('s', 0, 1) == 'run'
-    assert store.undo_begin('s', 0, 1) == 'running'
+    assert store.undo_begin('s', 0, 1, 'copy-1') == 'run'
+    assert store.undo_begin('s', 0, 1, 'copy-1') == 'run'    # its resend
+    assert store.undo_begin('s', 0, 1, 'copy-2') == 'running'
     store.undo_done('s', 0)
-    assert store.undo_begin('s', 0, 1) == 'done'
+    assert store.undo_begin('s', 0, 1, 'copy-3') == 'done'
     assert store.get_state('s') is SagaState.COMPENSATED
 
 
@@ -110,3 +111,61 @@ def test_corrupt_record_is_a_clear_error(celery_app, rds):
     rds.hset(store.key('s'), 'state', 'BOGUS')
     with pytest.raises(CorruptSagaRecord, match='BOGUS'):
         store.get_state('s')
+
+
+def test_a_resent_late_completer_still_publishes_its_undo(celery_app, rds):
+    """A step given up as failed completes after the saga was compensated;
+    the reply to its record is lost and resent."""
+    store = make(celery_app, [['a'], ['b1', 'b2']])
+    store.step_done('s', 0, '"ra"', '')
+    store.step_failed('s', 1, 'revoked')
+    store.step_failed('s', 2, 'boom')
+    store.undo_begin('s', 0, 1, 'tb')
+    assert store.undo_done('s', 0).new_state is SagaState.COMPENSATED
+    late = again(store, store._step_done, 's', 'tok', 1, '"r1"', '')
+    resent = again(store, store._step_done, 's', 'tok', 1, '"r1"', '')
+    assert [d.step.index for d in late.undos] == [1]
+    assert [d.step.index for d in resent.undos] == [1]
+    assert store.get_state('s') is SagaState.COMPENSATING
+    store.undo_begin('s', 1, 1, 'tb1')
+    assert store.undo_done('s', 1).new_state is SagaState.COMPENSATED
+
+
+def test_a_copy_that_never_started_does_not_fail_a_running_attempt(
+        celery_app, rds):
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"', '')
+    store.step_failed('s', 1, 'boom')
+    assert store.undo_begin('s', 0, 1, 'copy-1') == 'run'
+    # a second copy of attempt 1 is revoked before it starts
+    assert store.undo_failed('s', 0, 1, 'revoked', started=False).status == 'running'
+    assert store.undo_done('s', 0).new_state is SagaState.COMPENSATED
+
+
+def test_a_celery_retry_of_an_undo_is_let_in(celery_app, rds):
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"', '')
+    store.step_failed('s', 1, 'boom')
+    assert store.undo_begin('s', 0, 1, 'first') == 'run'
+    assert store.undo_release('s', 0, 'someone-else') is False
+    assert store.undo_release('s', 0, 'first') is True
+    assert store.undo_begin('s', 0, 1, 'retry') == 'run'
+
+
+@pytest.mark.compensate_conf(compensate_redis_socket_timeout=0.2,
+                             compensate_record_retry_timeout=10)
+def test_a_completed_step_is_recorded_through_a_redis_stall(celery_app, rds):
+    """Redis stalls for longer than the socket timeout while a completion
+    is recorded: the worker keeps resending the same call until Redis
+    answers, instead of letting the step's failure be recorded."""
+    from celery_compensate.model import TaskIdInfo
+    from celery_compensate.store import new_token
+    state = get_state(celery_app)
+    store = make(celery_app, [['a'], ['b']])
+    token = new_token()
+    rds.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
+    outcome = state.coordinator.persist(
+        lambda: store.step_done('s', 0, '"ra"', '', token),
+        TaskIdInfo('s', 0, False), 'the completion of step')
+    assert outcome.status == 'next' and [s.index for s in outcome.forward] == [1]
+    assert store.step_done('s', 0, '"ra"', '').status == 'duplicate'
