@@ -17,8 +17,9 @@ from kombu.utils.json import dumps
 
 from . import signals
 from .exceptions import InvalidSaga
+from .hooks import TASK_OPTIONS
 from .install import get_state
-from .model import Plan, TaskIdInfo, TaskRef, UndoSpec, validate_saga_id
+from .model import Plan, TaskRef, UndoSpec, validate_saga_id
 from .result import SagaResult
 
 if TYPE_CHECKING:
@@ -28,11 +29,10 @@ __all__ = ('saga', 'Saga')
 
 logger = get_logger(__name__)
 
-#: Signature options a saga sets itself or cannot honour.
+#: Signature options a saga sets itself or reads as task options.
 _MANAGED = frozenset({
     'task_id', 'parent_id', 'root_id', 'group_id', 'group_index', 'chord',
-    'chain', 'reply_to', 'subtask_type', 'immutable',
-    'compensate_with', 'compensate_on_failure',
+    'chain', 'reply_to', 'subtask_type', 'immutable', *TASK_OPTIONS,
 })
 _REFUSED = frozenset({'link', 'link_error'})
 
@@ -96,12 +96,13 @@ class Saga:
         """Freeze the steps into a plan, prepending ``args`` to the first
         stage's (mutable) steps like ``chain.apply_async(args)`` does."""
         built: list[list[tuple[TaskRef, UndoSpec | None, bool]]] = []
+        index = 0
         for k, stage in enumerate(self.stages):
             members = []
             for sig in stage:
                 extra = args if k == 0 and not sig.immutable else ()
-                members.append(self._freeze(sig, len(built), extra,
-                                            options or {}))
+                members.append(self._freeze(sig, index, extra, options or {}))
+                index += 1
             built.append(members)
         plan = Plan.from_stages(built)
         for step in plan.steps:
@@ -110,11 +111,11 @@ class Saga:
                 self._check_encodable(step.undo, f'the undo of {step.describe()}')
         return plan
 
-    def _freeze(self, sig: Signature, stage: int, extra: Sequence[Any],
+    def _freeze(self, sig: Signature, index: int, extra: Sequence[Any],
                 defaults: Mapping[str, Any]
                 ) -> tuple[TaskRef, UndoSpec | None, bool]:
         name = sig.task
-        where = f'step {name!r} (stage {stage})'
+        where = f'step {index} ({name})'
         if not isinstance(name, str) or not name:
             raise InvalidSaga(f'{where}: a saga step needs a task name')
         refused = _REFUSED & set(sig.options)
@@ -166,7 +167,7 @@ class Saga:
         if name not in self.app.tasks:
             raise InvalidSaga(
                 f'{where}: undo task {name!r} is not a registered task')
-        _check_options(spec.options, f'{where}, undo {name!r}')
+        _check_options(spec.options, f'the undo of {where} ({name})')
         return spec
 
     def _check_encodable(self, ref: TaskRef, where: str) -> None:
@@ -219,20 +220,7 @@ class Saga:
                 self._check_encodable(step.call, step.describe())
         if not state.store.create(saga_id, plan):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
-        coordinator = state.coordinator
-        first = plan.stages[0]
-        for n, step in enumerate(first):
-            try:
-                coordinator.publish_step(saga_id, step, step.call.args,
-                                         step.call.kwargs)
-            except Exception as exc:
-                # nothing half-started: the unpublished members fail, so
-                # whatever was published is compensated once it finishes
-                for rest in first[n:]:
-                    coordinator.step_failed(
-                        TaskIdInfo(saga_id, rest.index, False),
-                        f'publish failed: {exc!r}')
-                raise
+        state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
         logger.info('saga %s: started with %d steps in %d stages',
                     saga_id, len(plan), len(plan.stages))
         signals.saga_started.send(sender=self.app, saga_id=saga_id,

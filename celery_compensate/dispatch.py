@@ -50,10 +50,9 @@ class Coordinator:
     # -- publishing -----------------------------------------------------
 
     def publish_step(self, saga_id: str, step: StepSpec,
-                     args: Sequence[Any], kwargs: Mapping[str, Any],
-                     extra: Mapping[str, Any] | None = None) -> None:
+                     args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """Publish forward step ``step`` with the given arguments."""
-        options = {**step.call.options, **(extra or {})}
+        options = dict(step.call.options)
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
                    'compensate_step': step.index}
@@ -91,15 +90,38 @@ class Coordinator:
         """Publish the stage after a completed one, passing its result on
         like a chain (a parallel stage passes the list of its results)."""
         prev = outcome.results[0] if len(outcome.results) == 1 else outcome.results
-        for step in outcome.forward:
-            args = step.call.args if step.call.immutable else (prev, *step.call.args)
+        self.publish_stage(saga_id, outcome.forward, prev)
+
+    def publish_stage(self, saga_id: str, steps: Sequence[StepSpec],
+                      prev: Any = None, first: bool = False) -> None:
+        """Publish the members of a stage.
+
+        If one cannot be published (Celery already retried), it and the
+        members not yet sent fail, so what was sent is compensated once it
+        finishes and nothing else starts.
+
+        Arguments:
+            prev: the previous stage's result, prepended to mutable steps.
+            first: the saga's first stage, whose arguments are complete.
+
+        Raises:
+            Exception: the publishing error, for the first stage only (the
+                caller of ``apply_async`` must hear of it).
+        """
+        for n, step in enumerate(steps):
+            args = (step.call.args if first or step.call.immutable
+                    else (prev, *step.call.args))
             try:
                 self.publish_step(saga_id, step, args, step.call.kwargs)
             except Exception as exc:  # noqa: BLE001 - becomes a step failure
                 logger.exception('saga %s: could not publish %s',
                                  saga_id, step.describe())
-                self.step_failed(TaskIdInfo(saga_id, step.index, False),
-                                 f'publish failed: {exc!r}')
+                for rest in steps[n:]:
+                    self.step_failed(TaskIdInfo(saga_id, rest.index, False),
+                                     f'publish failed: {exc!r}')
+                if first:
+                    raise
+                return
 
     # -- reacting to workers ----------------------------------------------
 

@@ -22,7 +22,7 @@ from celery import signals as celery_signals
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 
-from .exceptions import SagaStoreUnavailable
+from .exceptions import ResultNotSerializable, SagaStoreUnavailable
 from .model import TaskIdInfo, parse_task_id
 from .store import new_token
 
@@ -108,8 +108,9 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         raise
     try:
         state.coordinator.step_done(info, retval, args, kwargs)
-    except SagaStoreUnavailable as exc:
-        # the step completed: its failure must not be recorded instead
+    except (SagaStoreUnavailable, ResultNotSerializable) as exc:
+        # already recorded as failed, or completed but left in doubt: its
+        # failure must not be recorded (again)
         _mark_handled(exc)
         raise
     return retval

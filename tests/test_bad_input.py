@@ -25,12 +25,12 @@ def test_no_steps(celery_app):
 
 
 def test_unregistered_undo_names_undo_and_step(celery_app):
-    with pytest.raises(InvalidSaga, match=r"'t.plain'.*undo task 'no.such.undo'"):
+    with pytest.raises(InvalidSaga, match=r"step 0 \(t.plain\): undo task 'no.such.undo'"):
         saga(tasks.plain.si('a').set(compensate_with='no.such.undo'))
 
 
 def test_compensate_with_of_the_wrong_type(celery_app):
-    with pytest.raises(InvalidSaga, match=r"'t.plain'.*got int 42"):
+    with pytest.raises(InvalidSaga, match=r"step 0 \(t.plain\).*got int 42"):
         saga(tasks.plain.si('a').set(compensate_with=42))
     with pytest.raises(InvalidSaga, match='single task signature'):
         saga(tasks.plain.si('a').set(
@@ -124,8 +124,8 @@ def test_install_is_idempotent_and_required():
 ])
 def test_bad_publishing_options_fail_at_saga_not_at_publish(
         celery_app, option, value):
-    with pytest.raises(InvalidSaga, match=r"'t.plain' \(stage 1\)|step 1 \(t.plain\)"):
+    with pytest.raises(InvalidSaga, match=r"step 1 \(t.plain\)"):
         saga(tasks.plain.si('a'), tasks.plain.si('b').set(**{option: value}))
-    with pytest.raises(InvalidSaga, match="undo 't.release'|the undo of step 0"):
+    with pytest.raises(InvalidSaga, match=r"the undo of step 0 \(t.plain\)"):
         saga(tasks.plain.si('a').set(
             compensate_with=tasks.release.si().set(**{option: value})))
