@@ -23,7 +23,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 
 from .exceptions import ResultNotSerializable, SagaStoreUnavailable
-from .model import TaskIdInfo, parse_task_id
+from .model import StepState, TaskIdInfo, parse_task_id
 from .store import new_token
 
 if TYPE_CHECKING:
@@ -86,10 +86,10 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         # only if the saga has no record of how the step ended (a round
         # trip paid by redeliveries only)
         code, result = state.store.step_status(info.saga_id, info.index)
-        if code in ('D', 'F'):
+        if code in (StepState.DONE, StepState.FAILED):
             logger.info('saga %s: step %d redelivered but already %s; '
                         'not run again', info.saga_id, info.index,
-                        'done' if code == 'D' else 'failed')
+                        'done' if code == StepState.DONE else 'failed')
             return result
     try:
         retval = orig(task, *args, **kwargs)

@@ -21,6 +21,12 @@ expires as a whole.  Fields (``i`` a step index, ``k`` a stage index):
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``b<i>``
             started; ``z<i>`` undone at; ``e<i>`` last undo error;
             ``l<i>`` ``1`` when it is a late, out-of-order undo
+tokens      of the call that made a change, so that a resent call (its
+            reply lost) answers again: ``tok`` created, ``tk<i>`` settled
+            step ``i``, ``dn<k>`` completed stage ``k``, ``claim`` claimed
+            compensation, ``fin`` finished the saga, ``cf`` made it
+            COMPENSATION_FAILED, ``tb<i>`` let the running copy of an undo
+            in, ``tu<i>`` settled an undo attempt
 =========== ==============================================================
 
 Transitions are written once, in Lua; Python only reads their replies.
