@@ -132,6 +132,9 @@ class WorkerProcess:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+            except KeyboardInterrupt:  # Ctrl-C while stopping: stop now
+                self.kill()
+                raise
         self.log.unlink(missing_ok=True)
 
 

@@ -42,9 +42,6 @@ def main() -> int:
         try:
             worker.start()
             return run_orders(shop, db, SagaState)
-        except KeyboardInterrupt:
-            print('\ninterrupted: stopping the worker and Redis')
-            return 130
         finally:
             worker.stop()
 
@@ -90,4 +87,9 @@ def run_orders(shop, db, SagaState) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # the context managers above already stopped the worker and Redis
+        print('\ninterrupted: stopped the worker and Redis')
+        sys.exit(130)
