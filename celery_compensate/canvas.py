@@ -86,7 +86,7 @@ class Saga:
         if not self.stages:
             raise InvalidSaga('a saga needs at least one step')
         # validate now: bad input must fail before anything is stored
-        self.plan_for(())
+        self._plan = self.plan_for(())
 
     def __repr__(self) -> str:
         return f'<Saga: {len(self.stages)} stages>'
@@ -213,7 +213,8 @@ class Saga:
             saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
-        plan = self.plan_for(tuple(args or ()), options)
+        plan = (self.plan_for(tuple(args or ()), options) if args or options
+                else self._plan)
         if kwargs:
             plan = _with_first_kwargs(plan, kwargs)
             for step in plan.stages[0]:
