@@ -66,11 +66,7 @@ class Coordinator:
         """Publish one attempt of a step's undo."""
         step = due.step
         assert step.undo is not None
-        if due.call is not None:
-            call_args, call_kwargs = due.call
-        else:
-            call_args, call_kwargs = list(step.call.args), dict(step.call.kwargs)
-        args, kwargs = step.undo.call_args(due.result, call_args, call_kwargs)
+        args, kwargs = step.undo.call_args(due.result, *step.called_with(due.prev))
         options = dict(step.undo.options)
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
@@ -89,11 +85,10 @@ class Coordinator:
     def publish_next_stage(self, saga_id: str, outcome: Outcome) -> None:
         """Publish the stage after a completed one, passing its result on
         like a chain (a parallel stage passes the list of its results)."""
-        prev = outcome.results[0] if len(outcome.results) == 1 else outcome.results
-        self.publish_stage(saga_id, outcome.forward, prev)
+        self.publish_stage(saga_id, outcome.forward, outcome.results)
 
     def publish_stage(self, saga_id: str, steps: Sequence[StepSpec],
-                      prev: Any = None, first: bool = False) -> None:
+                      prev: Sequence[Any] = (), first: bool = False) -> None:
         """Publish the members of a stage.
 
         If one cannot be published (Celery already retried), it and the
@@ -101,18 +96,16 @@ class Coordinator:
         finishes and nothing else starts.
 
         Arguments:
-            prev: the previous stage's result, prepended to mutable steps.
-            first: the saga's first stage, whose arguments are complete.
+            prev: the previous stage's results.
+            first: the saga's first stage: publishing errors are raised.
 
         Raises:
             Exception: the publishing error, for the first stage only (the
                 caller of ``apply_async`` must hear of it).
         """
         for n, step in enumerate(steps):
-            args = (step.call.args if first or step.call.immutable
-                    else (prev, *step.call.args))
             try:
-                self.publish_step(saga_id, step, args, step.call.kwargs)
+                self.publish_step(saga_id, step, *step.called_with(prev))
             except Exception as exc:  # noqa: BLE001 - becomes a step failure
                 logger.exception('saga %s: could not publish %s',
                                  saga_id, step.describe())
@@ -125,8 +118,7 @@ class Coordinator:
 
     # -- reacting to workers ----------------------------------------------
 
-    def step_done(self, info: TaskIdInfo, retval: Any,
-                  args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    def step_done(self, info: TaskIdInfo, retval: Any) -> None:
         """A forward step returned: record it, then publish what is next.
 
         Raises:
@@ -139,22 +131,18 @@ class Coordinator:
             err = ResultNotSerializable(
                 f'saga {info.saga_id}: step {info.index} returned '
                 f'{type(retval).__name__} which cannot be stored as JSON: {exc}')
-            self.step_failed(info, repr(err), args, kwargs)
+            self.step_failed(info, repr(err))
             raise err from exc
-        call_json, token = _call_json(args, kwargs), new_token()
+        token = new_token()
         outcome = self.persist(
             lambda: self.store.step_done(info.saga_id, info.index,
-                                         result_json, call_json, token),
+                                         result_json, token),
             info, 'the completion of step')
         self.apply(info.saga_id, outcome, step=info.index)
 
-    def step_failed(self, info: TaskIdInfo, reason: str,
-                    args: Sequence[Any] | None = None,
-                    kwargs: Mapping[str, Any] | None = None) -> Outcome:
+    def step_failed(self, info: TaskIdInfo, reason: str) -> Outcome:
         """A forward step failed for good: claim or join compensation."""
-        outcome = self.store.step_failed(
-            info.saga_id, info.index, reason,
-            _call_json(args, kwargs) if args is not None else '')
+        outcome = self.store.step_failed(info.saga_id, info.index, reason)
         self.apply(info.saga_id, outcome, step=info.index, reason=reason)
         return outcome
 
@@ -283,16 +271,6 @@ class Coordinator:
             else:
                 logger.warning('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
-
-
-def _call_json(args: Sequence[Any] | None,
-               kwargs: Mapping[str, Any] | None) -> str:
-    """``[args, kwargs]`` as JSON, or '' when they cannot be stored (the
-    undo then falls back to the arguments in the plan)."""
-    try:
-        return dumps([list(args or ()), dict(kwargs or {})])
-    except (TypeError, ValueError):
-        return ''
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from celery import signals as celery_signals
 from celery.exceptions import Ignore, Reject, Retry
+from celery.app.task import Task as BaseTask
+from celery.utils.objects import mro_lookup
 from celery.utils.log import get_logger
 
 from .exceptions import ResultNotSerializable, SagaStoreUnavailable
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from .install import AppState
 
 __all__ = ('TASK_OPTIONS', 'CallAnnotation', 'wrap_task_class',
-           'connect_signals')
+           'wrap_app_tasks', 'connect_signals')
 
 logger = get_logger(__name__)
 
@@ -41,30 +43,51 @@ TASK_OPTIONS = ('compensate_with', 'compensate_on_failure')
 
 
 def wrap_task_class(cls: type[Task]) -> None:
-    """Wrap ``cls.__call__`` once so saga steps and undos are recorded.
+    """Wrap ``cls.__call__`` so saga steps and undos are recorded.
 
-    Tasks not sent by a saga pay one attribute lookup and a ``'.' in id``
-    check per call.
+    Idempotent per class; a subclass whose own ``__call__`` runs after its
+    base's gets a wrapper of its own (the inner one then steps aside).
+    A class without a ``__call__`` of its own has ``run`` called directly,
+    as Celery's tracer does, so ``self.request`` is the worker's request
+    object itself.  Tasks not sent by a saga pay a few attribute lookups.
     """
-    orig: Callable[..., Any] = cls.__call__
-    if getattr(orig, '_compensate_hook', False):
+    if getattr(cls.__dict__.get('__call__'), '_compensate_hook', False):
         return
+    orig: Callable[..., Any] = cls.__call__
+    # what celery.app.trace.task_has_custom() tells the tracer
+    custom = mro_lookup(cls, '__call__', stop={BaseTask, object},
+                        monkey_patched=['celery.app.task']) is not None
 
     def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:
         request = self.request_stack.top
-        info = parse_task_id(request.id) if request is not None else None
-        if info is None:
+        if request is None or getattr(request, '_compensate_entered', False):
+            # called directly, or nested inside this task's own call
             return orig(self, *args, **kwargs)
+        request._compensate_entered = True
+        info = parse_task_id(request.id)
         state = getattr(self.app, '_compensate_state', None)
-        if state is None:
-            return orig(self, *args, **kwargs)
+        call = orig if custom else _call_run
+        if info is None or state is None:
+            return call(self, *args, **kwargs)
         if info.is_undo:
-            return _run_undo(state, self, orig, info, args, kwargs)
-        return _run_step(state, self, orig, info, args, kwargs)
+            return _run_undo(state, self, call, info, args, kwargs)
+        return _run_step(state, self, call, info, args, kwargs)
 
     __call__._compensate_hook = True  # type: ignore[attr-defined]
     __call__.__wrapped__ = orig  # type: ignore[attr-defined]
     cls.__call__ = __call__  # type: ignore[method-assign]
+
+
+def wrap_app_tasks(app: Celery) -> None:
+    """Wrap every task class of ``app`` that is not (or no longer) wrapped:
+    a user annotation around ``__call__`` or configuration loaded after
+    ``install()`` can replace the wrapper Celery put on at bind time."""
+    for task in list(app.tasks.values()):
+        wrap_task_class(type(task))
+
+
+def _call_run(task: Task, *args: Any, **kwargs: Any) -> Any:
+    return task.run(*args, **kwargs)
 
 
 class CallAnnotation:
@@ -99,15 +122,14 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
     except Reject as exc:
         if not exc.requeue:
             _guarded(state.coordinator.step_failed, info,
-                     f'rejected: {exc.reason!r}', args, kwargs)
+                     f'rejected: {exc.reason!r}')
         raise
     except Exception as exc:
-        _guarded(state.coordinator.step_failed, info, _describe(exc), args,
-                 kwargs)
+        _guarded(state.coordinator.step_failed, info, _describe(exc))
         _mark_handled(exc)
         raise
     try:
-        state.coordinator.step_done(info, retval, args, kwargs)
+        state.coordinator.step_done(info, retval)
     except (SagaStoreUnavailable, ResultNotSerializable) as exc:
         # already recorded as failed, or completed but left in doubt: its
         # failure must not be recorded (again)
@@ -168,19 +190,24 @@ def _describe(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {exc}'[:2000]
 
 
-def connect_signals(app: Celery) -> None:
-    """Connect the failure handlers for ``app`` (idempotent)."""
+def connect_signals(app: Celery) -> tuple[Callable[..., None], ...]:
+    """Connect the worker handlers for ``app``.
+
+    Returns:
+        tuple: the handlers.  They are connected weakly: the caller keeps
+        them alive as long as the app (so an app is never pinned in memory
+        by its signal handlers).
+    """
     uid = f'celery_compensate.{id(app)}'
 
-    def failed(info: TaskIdInfo, reason: str, started: bool,
-               args: Any = None, kwargs: Any = None) -> None:
+    def failed(info: TaskIdInfo, reason: str, started: bool) -> None:
         state = getattr(app, '_compensate_state', None)
         if state is None:
             return
         if info.is_undo:
             state.coordinator.undo_failed(info, reason, started)
         else:
-            state.coordinator.step_failed(info, reason, args, kwargs)
+            state.coordinator.step_failed(info, reason)
 
     def on_failure(sender: Any = None, task_id: str | None = None,
                    exception: BaseException | None = None,
@@ -191,7 +218,7 @@ def connect_signals(app: Celery) -> None:
             return
         # here the task ran: a hard time limit or a lost pool child
         _guarded(lambda: failed(info, _describe(exception) if exception
-                                else 'failed', True, args, kwargs))
+                                else 'failed', True))
 
     def on_revoked(sender: Any = None, request: Any = None,
                    terminated: bool = False, expired: bool = False,
@@ -203,9 +230,7 @@ def connect_signals(app: Celery) -> None:
                   f'revoked (terminated by {signum})' if terminated else
                   'revoked')
         # only a terminated copy had started running
-        _guarded(lambda: failed(info, reason, bool(terminated),
-                                getattr(request, 'args', None),
-                                getattr(request, 'kwargs', None)))
+        _guarded(lambda: failed(info, reason, bool(terminated)))
 
     def on_unknown(sender: Any = None, name: str | None = None,
                    id: str | None = None, **_: Any) -> None:
@@ -215,9 +240,15 @@ def connect_signals(app: Celery) -> None:
         _guarded(lambda: failed(
             info, f'task {name!r} is not registered in the worker', False))
 
-    celery_signals.task_failure.connect(on_failure, weak=False,
-                                        dispatch_uid=uid + '.failure')
-    celery_signals.task_revoked.connect(on_revoked, weak=False,
-                                        dispatch_uid=uid + '.revoked')
-    celery_signals.task_unknown.connect(on_unknown, weak=False,
-                                        dispatch_uid=uid + '.unknown')
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, 'app', None) is app:
+            # all tasks are imported and bound; no tracer is built yet
+            _guarded(wrap_app_tasks, app)
+
+    handlers = (on_failure, on_revoked, on_unknown, on_worker_init)
+    for signal, handler in zip(
+            (celery_signals.task_failure, celery_signals.task_revoked,
+             celery_signals.task_unknown, celery_signals.worker_init),
+            handlers, strict=True):
+        signal.connect(handler, dispatch_uid=f'{uid}.{handler.__name__}')
+    return handlers

@@ -8,7 +8,7 @@ from celery.utils.log import get_logger
 
 from .dispatch import Coordinator
 from .exceptions import ImproperlyConfigured
-from .hooks import CallAnnotation, connect_signals, wrap_task_class
+from .hooks import CallAnnotation, connect_signals, wrap_app_tasks
 from .settings import Settings
 from .store import SagaStore
 
@@ -33,6 +33,8 @@ class AppState:
         self.app = app
         self.settings = settings
         self._lock = threading.Lock()
+        #: the signal handlers, connected weakly: they live as long as this
+        self.handlers: tuple[Any, ...] = ()
         self._store: SagaStore | None = None
         self._coordinator: Coordinator | None = None
 
@@ -69,7 +71,7 @@ def install(app: Celery) -> AppState:
     state = AppState(app, Settings.from_conf(app.conf))
     setattr(app, _ATTR, state)
     _annotate(app)
-    connect_signals(app)
+    state.handlers = connect_signals(app)
     return state
 
 
@@ -97,6 +99,5 @@ def _annotate(app: Celery) -> None:
         existing = (existing,)
     app.conf.task_annotations = (CallAnnotation(), *existing)
     app.__dict__.pop('annotations', None)  # drop Celery's cached copy
-    for task in list(app._tasks.values()):
-        if type(task).__bound__:
-            wrap_task_class(type(task))
+    if app.finalized:
+        wrap_app_tasks(app)

@@ -163,6 +163,22 @@ class StepSpec:
             compensate_on_failure=bool(d.get('compensate_on_failure')),
         )
 
+    def called_with(self, prev: Sequence[Any]
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The ``(args, kwargs)`` the step is called with.
+
+        Like a chain link, a mutable step after the first stage gets the
+        previous stage's result first (the list of results after a
+        parallel stage).
+
+        Arguments:
+            prev: the results of the previous stage's steps, in order.
+        """
+        if self.stage == 0 or self.call.immutable:
+            return tuple(self.call.args), dict(self.call.kwargs)
+        first = prev[0] if len(prev) == 1 else list(prev)
+        return (first, *self.call.args), dict(self.call.kwargs)
+
     def describe(self) -> str:
         return f'step {self.index} ({self.call.name})'
 

@@ -15,9 +15,8 @@ expires as a whole.  Fields (``i`` a step index, ``k`` a stage index):
 ``late``    undos of late completers run out of order, not yet done
 ``p<i>``    the step's spec (JSON)
 ``k<i>``    its stage; ``u<i>`` 0 no undo, 1 undo, 2 undo also on failure
-``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``c<i>``
-            ``[args, kwargs]`` it was called with; ``t<i>`` when settled;
-            ``fe<i>`` why it failed
+``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
+            when settled; ``fe<i>`` why it failed
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``b<i>``
             started; ``z<i>`` undone at; ``e<i>`` last undo error;
             ``l<i>`` ``1`` when it is a late, out-of-order undo
@@ -65,10 +64,17 @@ local token, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 local function hget(f) return redis.call('HGET', h, f) end
 local function num(f) return tonumber(redis.call('HGET', h, f) or '0') end
 
--- Describe an undo attempt of step i for the caller to publish.
+-- Describe an undo attempt of step i for the caller to publish: with the
+-- results of the stage before, which the step was called with.
 local function describe(i, attempt)
-  return {tonumber(i), hget('p' .. i), hget('r' .. i) or 'null',
-          hget('c' .. i) or '', attempt}
+  local prev, k = {}, num('k' .. i)
+  if k > 0 then
+    for j in string.gmatch(hget('g' .. (k - 1)), '%d+') do
+      prev[#prev + 1] = hget('r' .. j) or 'null'
+    end
+  end
+  return {tonumber(i), hget('p' .. i), hget('r' .. i) or 'null', prev,
+          attempt}
 end
 
 -- Make step i's undo due (first attempt).
@@ -141,7 +147,7 @@ class UndoDue:
 
     step: StepSpec
     result: Any
-    call: tuple[list[Any], dict[str, Any]] | None
+    prev: list[Any]         #: results of the stage before the step's
     attempt: int
 
 
@@ -220,7 +226,7 @@ return 1
 
     #: The per-step hot path: record a completed step and learn what next.
     #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] result JSON, ARGV[6] call JSON or ''.
+    #: ARGV[5] result JSON.
     #: Returns {status, old state, new state, results of the finished
     #: stage, {index, spec} of the next stage, undos due}.
     STEP_DONE = _LIB + r"""
@@ -263,7 +269,6 @@ if s == 'D' then
 end
 redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now,
            'tk' .. i, token)
-if ARGV[6] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[6]) end
 local left = num('w' .. k)
 if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
@@ -296,7 +301,7 @@ return {'late', st, hget('state'), {}, {}, out}
     #: saga claims its compensation (exactly once, however many
     #: notifications arrive).
     #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] reason, ARGV[6] call JSON or ''.
+    #: ARGV[5] reason.
     #: Returns {status, old state, new state, {}, {}, undos due}.
     STEP_FAILED = _LIB + r"""
 local st = hget('state')
@@ -314,7 +319,6 @@ end
 local k = hget('k' .. i)
 redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
            'tk' .. i, token)
-if ARGV[6] ~= '' then redis.call('HSET', h, 'c' .. i, ARGV[6]) end
 if s == 'R' then redis.call('HINCRBY', h, 'w' .. k, -1) end
 local status = 'settled'
 if st == 'RUNNING' then
@@ -468,20 +472,18 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
                               args=[new_token(), *fields]))
 
     def step_done(self, saga_id: str, index: int, result_json: str,
-                  call_json: str, token: str | None = None) -> Outcome:
+                  token: str | None = None) -> Outcome:
         """Record step ``index`` as completed with its result (one round
         trip) and return what must be dispatched next.  Resending with the
         same ``token`` is safe."""
         return self._outcome(self._change(
-            self._step_done, saga_id, token, index, result_json, call_json))
+            self._step_done, saga_id, token, index, result_json))
 
-    def step_failed(self, saga_id: str, index: int, reason: str,
-                    call_json: str = '') -> Outcome:
+    def step_failed(self, saga_id: str, index: int, reason: str) -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
         was running."""
         return self._outcome(self._change(
-            self._step_failed, saga_id, None, index, reason[:2000],
-            call_json))
+            self._step_failed, saga_id, None, index, reason[:2000]))
 
     def undo_begin(self, saga_id: str, index: int, attempt: int,
                    token: str) -> str:
@@ -581,11 +583,10 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
         forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
                    if len(reply) > 4 else [])
         undos = []
-        for _, spec, result, call, attempt in (reply[5] if len(reply) > 5
+        for _, spec, result, prev, attempt in (reply[5] if len(reply) > 5
                                                else ()):
             undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
-                                 loads(result),
-                                 tuple(loads(call)) if call else None,
+                                 loads(result), [loads(r) for r in prev],
                                  int(attempt)))
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
                        forward, undos)

@@ -217,3 +217,35 @@ def retrying_undo(self: Task, result: Any, name: str, *args: Any,
     if self.request.retries == 0:
         raise self.retry(countdown=0)
     note(self, f'undo:{name}:{result!r}')
+
+
+@shared_task(bind=True, name='t.request_depth')
+def request_depth(self: Task) -> None:
+    """Notes how many requests are stacked while its body runs: 1 means the
+    worker's own request object, as without celery_compensate."""
+    note(self, f'depth:{len(self.request_stack.stack)}:{self.request.id}')
+
+
+@shared_task(bind=True, name='t.recursive', compensate_with='t.undo')
+def recursive(self: Task, name: str, depth: int = 1) -> str:
+    """Calls itself synchronously: only the outer call is the saga step."""
+    if depth:
+        return recursive(name, depth - 1) + '+outer'
+    return 'inner'
+
+
+@shared_task(bind=True, name='t.replaced', compensate_with='t.undo')
+def replaced(self: Task, name: str) -> None:
+    """Replaces itself with t.plain: the step's result is the replacement's,
+    its undo still gets the step's own arguments."""
+    note(self, f'replacing:{name}')
+    raise self.replace(plain.si(f'{name}-replacement'))
+
+
+def around_call(call: Any) -> Any:
+    """A user's task annotation around ``__call__``."""
+    def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:
+        if self.request.id and '.' in self.request.id:
+            note(self, 'around')
+        return call(self, *args, **kwargs)
+    return __call__

@@ -43,9 +43,9 @@ def test_compensation_is_claimed_exactly_once_under_concurrency(
     plan = _plan([['a'], [f'b{i}' for i in range(8)]])
     sid = 'claim-test'
     assert store.create(sid, plan)
-    assert store.step_done(sid, 0, '"ra"', '').status == 'next'
+    assert store.step_done(sid, 0, '"ra"').status == 'next'
     for i in (1, 2):      # two members completed before anything failed
-        assert store.step_done(sid, i, f'"r{i}"', '').status == 'recorded'
+        assert store.step_done(sid, i, f'"r{i}"').status == 'recorded'
     rds.script_flush()    # as after a Redis restart: scripts must reload
     outcomes, barrier = [], threading.Barrier(32)
 

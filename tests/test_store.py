@@ -31,24 +31,24 @@ def again(store: SagaStore, script, sid: str, token: str, *args):
 
 def test_a_resent_step_record_answers_again(celery_app, rds):
     store = make(celery_app, [['a'], ['b1', 'b2']])
-    first = again(store, store._step_done, 's', 'tok-1', 0, '"ra"', '')
-    lost_reply = again(store, store._step_done, 's', 'tok-1', 0, '"ra"', '')
+    first = again(store, store._step_done, 's', 'tok-1', 0, '"ra"')
+    lost_reply = again(store, store._step_done, 's', 'tok-1', 0, '"ra"')
     assert first.status == lost_reply.status == 'next'
     assert [s.index for s in lost_reply.forward] == [1, 2]
     # a redelivered message (another call) does not dispatch again
-    assert store.step_done('s', 0, '"ra"', '').status == 'duplicate'
-    store.step_done('s', 1, '"r1"', '')
-    done = again(store, store._step_done, 's', 'tok-2', 2, '"r2"', '')
-    resent = again(store, store._step_done, 's', 'tok-2', 2, '"r2"', '')
+    assert store.step_done('s', 0, '"ra"').status == 'duplicate'
+    store.step_done('s', 1, '"r1"')
+    done = again(store, store._step_done, 's', 'tok-2', 2, '"r2"')
+    resent = again(store, store._step_done, 's', 'tok-2', 2, '"r2"')
     assert (done.status, resent.status) == ('completed', 'completed')
     assert resent.old_state is SagaState.RUNNING  # so its signal still fires
 
 
 def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
-    store.step_done('s', 0, '"ra"', '')
-    claim = again(store, store._step_failed, 's', 'tok', 1, 'boom', '')
-    resent = again(store, store._step_failed, 's', 'tok', 1, 'boom', '')
+    store.step_done('s', 0, '"ra"')
+    claim = again(store, store._step_failed, 's', 'tok', 1, 'boom')
+    resent = again(store, store._step_failed, 's', 'tok', 1, 'boom')
     assert claim.status == 'claimed' and resent.old_state is SagaState.RUNNING
     assert [d.step.index for d in resent.undos] == [0]
     assert store.step_failed('s', 1, 'boom').status == 'duplicate'
@@ -66,7 +66,7 @@ def test_an_attempt_lost_before_it_started_is_counted(celery_app, rds):
     """Attempt 2 is revoked (or unknown) while scheduled: it still counts,
     so the saga cannot hang between attempts."""
     store = make(celery_app, [['a'], ['b']])
-    store.step_done('s', 0, '"ra"', '')
+    store.step_done('s', 0, '"ra"')
     store.step_failed('s', 1, 'boom')
     assert store.undo_begin('s', 0, 1, 'tok-b') == 'run'
     assert store.undo_failed('s', 0, 1, 'e1').status == 'retry'
@@ -77,7 +77,7 @@ def test_an_attempt_lost_before_it_started_is_counted(celery_app, rds):
 
 def test_only_one_copy_of_an_attempt_runs(celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
-    store.step_done('s', 0, '"ra"', '')
+    store.step_done('s', 0, '"ra"')
     store.step_failed('s', 1, 'boom')
     assert store.undo_begin('s', 0, 1, 'copy-1') == 'run'
     assert store.undo_begin('s', 0, 1, 'copy-1') == 'run'    # its resend
@@ -92,7 +92,7 @@ def test_budgets_spent_in_parallel_fail_the_saga_once_and_stop_it(
         celery_app, rds):
     store = make(celery_app, [['a'], ['b1', 'b2'], ['c']])
     for i, r in ((0, '"ra"'), (1, '"r1"'), (2, '"r2"')):
-        store.step_done('s', i, r, '')
+        store.step_done('s', i, r)
     store.step_failed('s', 3, 'boom')
     first = store.undo_failed('s', 1, 1, 'e')
     second = store.undo_failed('s', 2, 1, 'e')
@@ -117,13 +117,13 @@ def test_a_resent_late_completer_still_publishes_its_undo(celery_app, rds):
     """A step given up as failed completes after the saga was compensated;
     the reply to its record is lost and resent."""
     store = make(celery_app, [['a'], ['b1', 'b2']])
-    store.step_done('s', 0, '"ra"', '')
+    store.step_done('s', 0, '"ra"')
     store.step_failed('s', 1, 'revoked')
     store.step_failed('s', 2, 'boom')
     store.undo_begin('s', 0, 1, 'tb')
     assert store.undo_done('s', 0).new_state is SagaState.COMPENSATED
-    late = again(store, store._step_done, 's', 'tok', 1, '"r1"', '')
-    resent = again(store, store._step_done, 's', 'tok', 1, '"r1"', '')
+    late = again(store, store._step_done, 's', 'tok', 1, '"r1"')
+    resent = again(store, store._step_done, 's', 'tok', 1, '"r1"')
     assert [d.step.index for d in late.undos] == [1]
     assert [d.step.index for d in resent.undos] == [1]
     assert store.get_state('s') is SagaState.COMPENSATING
@@ -134,7 +134,7 @@ def test_a_resent_late_completer_still_publishes_its_undo(celery_app, rds):
 def test_a_copy_that_never_started_does_not_fail_a_running_attempt(
         celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
-    store.step_done('s', 0, '"ra"', '')
+    store.step_done('s', 0, '"ra"')
     store.step_failed('s', 1, 'boom')
     assert store.undo_begin('s', 0, 1, 'copy-1') == 'run'
     # a second copy of attempt 1 is revoked before it starts
@@ -144,7 +144,7 @@ def test_a_copy_that_never_started_does_not_fail_a_running_attempt(
 
 def test_a_celery_retry_of_an_undo_is_let_in(celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
-    store.step_done('s', 0, '"ra"', '')
+    store.step_done('s', 0, '"ra"')
     store.step_failed('s', 1, 'boom')
     assert store.undo_begin('s', 0, 1, 'first') == 'run'
     assert store.undo_release('s', 0, 'someone-else') is False
@@ -165,7 +165,7 @@ def test_a_completed_step_is_recorded_through_a_redis_stall(celery_app, rds):
     token = new_token()
     rds.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
     outcome = state.coordinator.persist(
-        lambda: store.step_done('s', 0, '"ra"', '', token),
+        lambda: store.step_done('s', 0, '"ra"', token),
         TaskIdInfo('s', 0, False), 'the completion of step')
     assert outcome.status == 'next' and [s.index for s in outcome.forward] == [1]
-    assert store.step_done('s', 0, '"ra"', '').status == 'duplicate'
+    assert store.step_done('s', 0, '"ra"').status == 'duplicate'
