@@ -200,9 +200,13 @@ class Coordinator:
               reason: str | None = None) -> None:
         """Publish what ``outcome`` made due and announce its transition."""
         old, new = outcome.old_state, outcome.new_state
-        if outcome.status == 'missing':
-            logger.warning('saga %s: not found in the saga store (expired or '
-                           'never started); step %s ignored', saga_id, step)
+        if outcome.status in ('missing', 'unknown-step', 'not-dispatched'):
+            logger.warning('saga %s: step %s ignored: %s', saga_id, step, {
+                'missing': 'no such saga in the store (expired or never '
+                           'started)',
+                'unknown-step': 'the saga has no such step',
+                'not-dispatched': 'its stage was never dispatched',
+            }[outcome.status])
             return
         if outcome.status == 'next':
             self.publish_next_stage(saga_id, outcome)

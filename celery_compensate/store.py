@@ -267,6 +267,11 @@ if s == 'D' then
   queued(out)
   return {'replayed', st, st, {}, {}, out}
 end
+if s == 'P' and st == 'RUNNING' then
+  -- a message for a step whose stage was never dispatched (stale or
+  -- forged): recording it would dispatch the stage after it early
+  return {'not-dispatched', st, st}
+end
 redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now,
            'tk' .. i, token)
 local left = num('w' .. k)

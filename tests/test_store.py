@@ -169,3 +169,13 @@ def test_a_completed_step_is_recorded_through_a_redis_stall(celery_app, rds):
         TaskIdInfo('s', 0, False), 'the completion of step')
     assert outcome.status == 'next' and [s.index for s in outcome.forward] == [1]
     assert store.step_done('s', 0, '"ra"').status == 'duplicate'
+
+
+def test_a_step_of_an_undispatched_stage_is_not_recorded(celery_app, rds):
+    """A stale or forged message for a later stage must not move the saga
+    on."""
+    store = make(celery_app, [['a'], ['b'], ['c']])
+    assert store.step_done('s', 1, '"rb"').status == 'not-dispatched'
+    assert store.step_done('s', 0, '"ra"').status == 'next'
+    assert store.read('s').steps[1].state == 'R'
+    assert store.step_done('s', 7, '"x"').status == 'unknown-step'
