@@ -14,13 +14,14 @@ from .exceptions import (
     SagaTimeoutError,
 )
 from .install import install
-from .model import SagaState
+from .model import SagaState, StepState, UndoState
 from .result import SagaResult
 
 __version__ = '0.1.0'
 
 __all__ = (
-    'install', 'saga', 'Saga', 'SagaResult', 'SagaState', 'signals',
+    'install', 'saga', 'Saga', 'SagaResult', 'SagaState', 'StepState',
+    'UndoState', 'signals',
     'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
     'InvalidSaga', 'ResultNotSerializable', 'SagaNotFound', 'SagaStoreError',
     'SagaStoreUnavailable', 'SagaTimeoutError',

@@ -46,7 +46,7 @@ from redis.retry import Retry
 from .exceptions import (
     CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
 )
-from .model import Plan, SagaState, StepSpec
+from .model import Plan, SagaState, StepSpec, StepState, UndoState
 from .settings import Settings
 
 __all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord')
@@ -175,11 +175,11 @@ class StepRecord:
     stage: int
     task_name: str
     undo_name: str | None
-    state: str
+    state: StepState
     result: Any
     settled_at: float | None
     failure: str | None
-    undo_state: str
+    undo_state: UndoState
     undo_attempts: int
     undo_error: str | None
     undone_at: float | None
@@ -628,11 +628,11 @@ def _decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         steps.append(StepRecord(
             index=i, stage=spec.stage, task_name=spec.call.name,
             undo_name=spec.undo.name if spec.undo else None,
-            state=raw.get('s%d' % i, ''),
+            state=StepState(raw['s%d' % i]),
             result=loads(raw['r%d' % i]) if 'r%d' % i in raw else None,
             settled_at=_float(raw.get('t%d' % i)),
             failure=raw.get('fe%d' % i),
-            undo_state=raw.get('x%d' % i, ''),
+            undo_state=UndoState(raw.get('x%d' % i, '')),
             undo_attempts=int(raw.get('a%d' % i, 0)),
             undo_error=raw.get('e%d' % i),
             undone_at=_float(raw.get('z%d' % i)),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from celery_compensate import SagaState, StepState
 from celery_compensate.testing import WorkerProcess, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +28,7 @@ ORDERS = [  # customer, sku, qty, amount, address, what should happen
 def main() -> int:
     with redis_server(env_names=('REDIS_URL',)) as url:
         os.environ['SHOP_REDIS_URL'] = url
-        from example_project import shop
-        from celery_compensate import SagaState
+        from example_project import shop  # reads SHOP_REDIS_URL
 
         db = shop.db
         for key in db.scan_iter('shop:*'):
@@ -41,12 +42,12 @@ def main() -> int:
                                '-c', '2', '-Q', 'shop', name='shop', cwd=ROOT)
         try:
             worker.start()
-            return run_orders(shop, db, SagaState)
+            return run_orders(shop, db)
         finally:
             worker.stop()
 
 
-def run_orders(shop, db, SagaState) -> int:
+def run_orders(shop: Any, db: Any) -> int:
     started = []
     for customer, sku, qty, amount, address, expect in ORDERS:
         order_id, res = shop.place_order(customer, sku, qty, amount, address)
@@ -60,7 +61,7 @@ def run_orders(shop, db, SagaState) -> int:
         for line in db.lrange(f'shop:trail:{order_id}', 0, -1):
             print(f'  {line}')
         for step in res.steps:
-            if step.state == 'F':
+            if step.state is StepState.FAILED:
                 print(f'  failed: {step.task_name}: {step.failure}')
     done = [o for o in started if o[1].state is SagaState.COMPLETED]
     stock = int(db.get('shop:stock:widget'))

@@ -125,7 +125,7 @@ def test_results_pass_along_like_a_chain(celery_app, celery_worker, rds):
     assert "undo:res-a:'res-b'" in entries
     steps = res.steps
     assert [s.result for s in steps[:4]] == ['res-a', 'res-b', 'res-g1', 'res-g2']
-    assert [s.state for s in steps] == ['D', 'D', 'D', 'D', 'F']
+    assert [s.state.name for s in steps] == ['DONE'] * 4 + ['FAILED']
 
 
 def test_undo_arguments(celery_app, celery_worker, rds):

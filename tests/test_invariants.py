@@ -8,7 +8,7 @@ import pytest
 from celery import group
 from celery import signals as celery_signals
 
-from celery_compensate import SagaState, saga, signals
+from celery_compensate import SagaState, UndoState, saga, signals
 from celery_compensate.install import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
 from celery_compensate.store import SagaStore
@@ -161,7 +161,7 @@ def test_undo_budget_spent_is_compensation_failed(
     assert any(sid in r.getMessage() and 'COMPENSATION_FAILED' in r.getMessage()
                for r in caplog.records if r.levelno == logging.ERROR)
     info = res.info()
-    assert info.steps[1].undo_state == 'F' and 'on purpose' in info.steps[1].undo_error
+    assert info.steps[1].undo_state is UndoState.FAILED and 'on purpose' in info.steps[1].undo_error
     assert rds.ttl(get_state(celery_app).store.key(sid)) == -1  # never expires
 
 
