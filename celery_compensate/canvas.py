@@ -86,22 +86,29 @@ class Saga:
         if not self.stages:
             raise InvalidSaga('a saga needs at least one step')
         # validate now: bad input must fail before anything is stored
-        self._plan = self.plan_for(())
+        self._plan = self.plan_for()
 
     def __repr__(self) -> str:
         return f'<Saga: {len(self.stages)} stages>'
 
-    def plan_for(self, args: Sequence[Any], options: Mapping[str, Any] | None = None
-                 ) -> Plan:
-        """Freeze the steps into a plan, prepending ``args`` to the first
-        stage's (mutable) steps like ``chain.apply_async(args)`` does."""
+    def plan_for(self, args: Sequence[Any] = (),
+                 kwargs: Mapping[str, Any] | None = None,
+                 options: Mapping[str, Any] | None = None) -> Plan:
+        """Freeze the steps into a plan.
+
+        Like ``chain.apply_async(args, kwargs)``, ``args`` are prepended to
+        and ``kwargs`` merged into the first stage's mutable steps; the
+        publishing ``options`` are defaults for every step.
+        """
         built: list[list[tuple[TaskRef, UndoSpec | None, bool]]] = []
         index = 0
         for k, stage in enumerate(self.stages):
             members = []
             for sig in stage:
-                extra = args if k == 0 and not sig.immutable else ()
-                members.append(self._freeze(sig, index, extra, options or {}))
+                partial = k == 0 and not sig.immutable
+                members.append(self._freeze(
+                    sig, index, args if partial else (),
+                    (kwargs or {}) if partial else {}, options or {}))
                 index += 1
             built.append(members)
         plan = Plan.from_stages(built)
@@ -112,7 +119,7 @@ class Saga:
         return plan
 
     def _freeze(self, sig: Signature, index: int, extra: Sequence[Any],
-                defaults: Mapping[str, Any]
+                extra_kwargs: Mapping[str, Any], defaults: Mapping[str, Any]
                 ) -> tuple[TaskRef, UndoSpec | None, bool]:
         name = sig.task
         where = f'step {index} ({name})'
@@ -130,7 +137,8 @@ class Saga:
         cof = bool(opts['compensate_on_failure'] if 'compensate_on_failure'
                    in opts else getattr(task, 'compensate_on_failure', False))
         call = TaskRef(
-            name=name, args=(*extra, *sig.args), kwargs=dict(sig.kwargs),
+            name=name, args=(*extra, *sig.args),
+            kwargs={**sig.kwargs, **extra_kwargs},
             options={**defaults, **{k: v for k, v in opts.items()
                                     if k not in _MANAGED}},
             immutable=bool(sig.immutable),
@@ -213,12 +221,8 @@ class Saga:
             saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
-        plan = (self.plan_for(tuple(args or ()), options) if args or options
-                else self._plan)
-        if kwargs:
-            plan = _with_first_kwargs(plan, kwargs)
-            for step in plan.stages[0]:
-                self._check_encodable(step.call, step.describe())
+        plan = (self.plan_for(tuple(args or ()), kwargs, options)
+                if args or kwargs or options else self._plan)
         if not state.store.create(saga_id, plan):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
         state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
@@ -285,12 +289,3 @@ def _flatten(sig: Any) -> list[list[Signature]]:
     raise InvalidSaga(
         f'saga steps must be Celery signatures, chains or groups, got '
         f'{type(sig).__name__} {sig!r}')
-
-
-def _with_first_kwargs(plan: Plan, kwargs: Mapping[str, Any]) -> Plan:
-    from dataclasses import replace
-    stages = [list(stage) for stage in plan.stages]
-    stages[0] = [replace(step, call=replace(
-        step.call, kwargs={**step.call.kwargs, **kwargs}))
-        for step in stages[0]]
-    return Plan(tuple(tuple(stage) for stage in stages))

@@ -174,3 +174,10 @@ def test_delay_prepends_args_to_the_first_step(celery_app, celery_worker, rds):
     res = saga(tasks.do.s(), tasks.do.si('b', fail=True)).delay('first')
     assert res.wait(timeout=15) is SagaState.COMPENSATED
     assert undone(ledger(rds, celery_app, res.id)) == ['first']
+
+
+def test_delay_merges_kwargs_into_the_first_step(celery_app, celery_worker, rds):
+    res = saga(tasks.do.s(), tasks.do.si('b')).delay('x', fail=True)
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, res.id)
+    assert 'fail:x' in entries and 'start:b' not in entries
