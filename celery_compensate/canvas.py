@@ -86,19 +86,23 @@ class Saga:
         if not self.stages:
             raise InvalidSaga('a saga needs at least one step')
         # validate now: bad input must fail before anything is stored
-        self._plan = self.plan_for()
+        self._plan, self._specs = self.plan_for()
 
     def __repr__(self) -> str:
         return f'<Saga: {len(self.stages)} stages>'
 
     def plan_for(self, args: Sequence[Any] = (),
                  kwargs: Mapping[str, Any] | None = None,
-                 options: Mapping[str, Any] | None = None) -> Plan:
-        """Freeze the steps into a plan.
+                 options: Mapping[str, Any] | None = None
+                 ) -> tuple[Plan, list[str]]:
+        """Freeze the steps into a plan, checked and encoded for the store.
 
         Like ``chain.apply_async(args, kwargs)``, ``args`` are prepended to
         and ``kwargs`` merged into the first stage's mutable steps; the
         publishing ``options`` are defaults for every step.
+
+        Returns:
+            tuple: the plan, and each step's spec as stored (JSON).
         """
         built: list[list[tuple[TaskRef, UndoSpec | None, bool]]] = []
         index = 0
@@ -112,11 +116,19 @@ class Saga:
                 index += 1
             built.append(members)
         plan = Plan.from_stages(built)
+        specs = []
         for step in plan.steps:
-            self._check_encodable(step.call, step.describe())
+            self._check_serializable(step.call, step.describe())
             if step.undo is not None:
-                self._check_encodable(step.undo, f'the undo of {step.describe()}')
-        return plan
+                self._check_serializable(step.undo,
+                                         f'the undo of {step.describe()}')
+            try:
+                specs.append(dumps(step.to_dict()))
+            except (TypeError, ValueError) as exc:
+                raise InvalidSaga(
+                    f'{step.describe()}: arguments or options cannot be '
+                    f'stored (saga records are JSON): {exc}') from exc
+        return plan, specs
 
     def _freeze(self, sig: Signature, index: int, extra: Sequence[Any],
                 extra_kwargs: Mapping[str, Any], defaults: Mapping[str, Any]
@@ -178,19 +190,19 @@ class Saga:
         _check_options(spec.options, f'the undo of {where} ({name})')
         return spec
 
-    def _check_encodable(self, ref: TaskRef, where: str) -> None:
+    def _check_serializable(self, ref: TaskRef, where: str) -> None:
+        """The task's own serializer must encode the arguments too."""
         task = self.app.tasks.get(ref.name)
         serializer = (ref.options.get('serializer')
                       or getattr(task, 'serializer', None)
                       or self.app.conf.task_serializer)
         try:
-            dumps(ref.to_dict())
             kombu_dumps((list(ref.args), dict(ref.kwargs), {}),
                         serializer=serializer)
         except Exception as exc:  # noqa: BLE001 - any encoder error
             raise InvalidSaga(
-                f'{where}: arguments cannot be serialized (saga records are '
-                f'JSON; the task uses {serializer!r}): {exc}') from exc
+                f'{where}: arguments cannot be serialized with the task\'s '
+                f'serializer {serializer!r}: {exc}') from exc
 
     def apply_async(self, args: Sequence[Any] | None = None,
                     kwargs: Mapping[str, Any] | None = None,
@@ -221,9 +233,10 @@ class Saga:
             saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
-        plan = (self.plan_for(tuple(args or ()), kwargs, options)
-                if args or kwargs or options else self._plan)
-        if not state.store.create(saga_id, plan):
+        plan, specs = (self.plan_for(tuple(args or ()), kwargs, options)
+                       if args or kwargs or options
+                       else (self._plan, self._specs))
+        if not state.store.create(saga_id, plan, specs):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
         state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
         logger.info('saga %s: started with %d steps in %d stages',

@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 from celery.utils.log import get_logger
@@ -133,10 +133,15 @@ local function advance(out)
   if hget('state') ~= 'COMPENSATED' then finish('COMPENSATED') end
 end
 
--- The state a replayed call saw before its first run.
-local function old_state(st, marker, before)
-  if hget(marker) == token then return before end
-  return st
+-- Answer a call sent again after its reply was lost: the queued undos
+-- again, and the state its first run saw before (``before`` if that run
+-- left ``marker`` set to this call's token).
+local function replay(status, st, marker, before)
+  local out = {}
+  queued(out)
+  local old = st
+  if marker and hget(marker) == token then old = before end
+  return {status, old, st, {}, {}, out}
 end
 """
 
@@ -263,9 +268,7 @@ if s == 'D' then
   if hget('dn' .. k) == token and (st == 'RUNNING' or st == 'COMPLETED') then
     return next_stage()
   end
-  local out = {}
-  queued(out)
-  return {'replayed', st, st, {}, {}, out}
+  return replay('replayed', st)
 end
 if s == 'P' and st == 'RUNNING' then
   -- a message for a step whose stage was never dispatched (stale or
@@ -317,9 +320,7 @@ if not s then return {'unknown-step', st, st} end
 if s == 'D' then return {'completed-step', st, st} end
 if s == 'F' then
   if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
-  local out = {}
-  queued(out)
-  return {'replayed', old_state(st, 'claim', 'RUNNING'), st, {}, {}, out}
+  return replay('replayed', st, 'claim', 'RUNNING')
 end
 local k = hget('k' .. i)
 redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
@@ -383,9 +384,7 @@ local i = ARGV[4]
 local x = hget('x' .. i) or ''
 if x == 'D' then
   if hget('tu' .. i) ~= token then return {'duplicate', st, st} end
-  local out = {}
-  queued(out)
-  return {'undone', old_state(st, 'fin', 'COMPENSATING'), st, {}, {}, out}
+  return replay('undone', st, 'fin', 'COMPENSATING')
 end
 if x == '' then return {'not-due', st, st} end
 redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, now, 'tu' .. i, token)
@@ -417,7 +416,9 @@ local x = hget('x' .. i) or ''
 local a = num('a' .. i)
 if hget('tu' .. i) == token and (x == 'W' or x == 'F') then
   if x == 'W' then return {'retry', st, st, {}, {}, {describe(i, a)}} end
-  return {'failed', old_state(st, 'cf', 'COMPENSATING'), st}
+  local old = st
+  if hget('cf') == token then old = 'COMPENSATING' end
+  return {'failed', old, st}
 end
 if x == '' or x == 'D' or x == 'F' then return {'ignored', st, st} end
 if tonumber(ARGV[5]) ~= a then return {'stale', st, st} end
@@ -453,8 +454,13 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
 
     # -- writes ---------------------------------------------------------
 
-    def create(self, saga_id: str, plan: Plan) -> bool:
+    def create(self, saga_id: str, plan: Plan,
+               specs: Sequence[str] | None = None) -> bool:
         """Store a new saga with its first stage marked dispatched.
+
+        Arguments:
+            specs: each step's spec already encoded as JSON (the canvas
+                encodes them once, when it validates the saga).
 
         Returns:
             bool: ``False`` if a saga with this id already exists.
@@ -466,11 +472,13 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
             'n', len(plan), 'ns', len(plan.stages), 'cur', 0,
             'w0', len(plan.stages[0]),
         ]
+        if specs is None:
+            specs = [dumps(step.to_dict()) for step in plan.steps]
         for k, stage in enumerate(plan.stages):
             fields += ['g%d' % k, ','.join(str(s.index) for s in stage)]
             for step in stage:
                 i = step.index
-                fields += ['p%d' % i, dumps(step.to_dict()), 'k%d' % i, k,
+                fields += ['p%d' % i, specs[i], 'k%d' % i, k,
                            'u%d' % i, step.undo_flag,
                            's%d' % i, 'R' if k == 0 else 'P']
         return bool(self._run(self._start, keys=[self.key(saga_id)],
