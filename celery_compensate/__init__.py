@@ -11,7 +11,7 @@ from .canvas import Saga, saga
 from .exceptions import (
     CompensateError, CorruptSagaRecord, ImproperlyConfigured, InvalidSaga,
     ResultNotSerializable, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
-    SagaTimeoutError,
+    SagaTimeoutError, UndoRefused,
 )
 from .install import install
 from .model import SagaState, StepState, UndoState
@@ -24,5 +24,5 @@ __all__ = (
     'UndoState', 'signals',
     'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
     'InvalidSaga', 'ResultNotSerializable', 'SagaNotFound', 'SagaStoreError',
-    'SagaStoreUnavailable', 'SagaTimeoutError',
+    'SagaStoreUnavailable', 'SagaTimeoutError', 'UndoRefused',
 )

@@ -104,7 +104,7 @@ class Saga:
         Returns:
             tuple: the plan, and each step's spec as stored (JSON).
         """
-        built: list[list[tuple[TaskRef, UndoSpec | None, bool]]] = []
+        built: list[list[tuple[Any, ...]]] = []
         index = 0
         for k, stage in enumerate(self.stages):
             members = []
@@ -132,7 +132,7 @@ class Saga:
 
     def _freeze(self, sig: Signature, index: int, extra: Sequence[Any],
                 extra_kwargs: Mapping[str, Any], defaults: Mapping[str, Any]
-                ) -> tuple[TaskRef, UndoSpec | None, bool]:
+                ) -> tuple[Any, ...]:
         name = sig.task
         where = f'step {index} ({name})'
         if not isinstance(name, str) or not name:
@@ -160,7 +160,39 @@ class Saga:
         if cof and undo is None:
             raise InvalidSaga(
                 f'{where}: compensate_on_failure=True needs compensate_with')
-        return call, undo, cof
+        timeout = self._timeout(opts, task, where)
+        delay = _delay(call.options)
+        if delay:
+            timeout = (timeout or self._default_timeout()) + delay
+        undo_timeout = None
+        if undo is not None:
+            undo_sig = undo_value if isinstance(undo_value, Signature) else None
+            undo_timeout = self._timeout(
+                undo_sig.options if undo_sig is not None else {},
+                self.app.tasks.get(undo.name), f'the undo of {where}')
+        return call, undo, cof, timeout, undo_timeout
+
+    def _timeout(self, opts: Mapping[str, Any], task: Any,
+                 where: str) -> float | None:
+        """The ``compensate_timeout`` of a signature or its task."""
+        value = (opts['compensate_timeout'] if 'compensate_timeout' in opts
+                 else getattr(task, 'compensate_timeout', None))
+        if value is None:
+            return None
+        minimum = 2 * self._settings().heartbeat_interval
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or value < minimum):
+            raise InvalidSaga(
+                f'{where}: compensate_timeout must be a number of seconds of '
+                f'at least {minimum} (twice compensate_heartbeat_interval), '
+                f'got {value!r}')
+        return float(value)
+
+    def _settings(self) -> Any:
+        return get_state(self.app).settings
+
+    def _default_timeout(self) -> float:
+        return self._settings().step_timeout
 
     def _undo(self, value: Any, where: str) -> UndoSpec | None:
         if value is None:
@@ -187,6 +219,9 @@ class Saga:
         if name not in self.app.tasks:
             raise InvalidSaga(
                 f'{where}: undo task {name!r} is not a registered task')
+        if name.startswith('celery.'):
+            raise InvalidSaga(
+                f'{where}: undo task {name!r} is one of Celery\'s own tasks')
         _check_options(spec.options, f'the undo of {where} ({name})')
         return spec
 
@@ -248,6 +283,16 @@ class Saga:
     def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
         """Shortcut for ``apply_async(args, kwargs)``."""
         return self.apply_async(args, kwargs)
+
+
+def _delay(options: Mapping[str, Any]) -> float:
+    """Seconds a step waits in its queue by design (countdown or eta)."""
+    delay = float(options.get('countdown') or 0)
+    eta = options.get('eta')
+    if isinstance(eta, datetime.datetime):
+        now = datetime.datetime.now(eta.tzinfo)
+        delay = max(delay, (eta - now).total_seconds())
+    return max(0.0, delay)
 
 
 def _check_options(options: Mapping[str, Any], where: str) -> None:

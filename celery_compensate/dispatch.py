@@ -13,7 +13,9 @@ from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
-from .exceptions import ResultNotSerializable, SagaStoreUnavailable
+from .exceptions import (
+    ResultNotSerializable, SagaStoreUnavailable, UndoRefused,
+)
 from .model import (
     SagaState, StepSpec, TaskIdInfo, idempotency_key, step_task_id,
     undo_delay, undo_task_id,
@@ -53,9 +55,13 @@ class Coordinator:
                      args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """Publish forward step ``step`` with the given arguments."""
         options = dict(step.call.options)
+        lease = step.timeout or self.settings.step_timeout
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
-                   'compensate_step': step.index}
+                   'compensate_step': step.index,
+                   # past this the sweep may have given the step up: the
+                   # worker then checks the record before running it
+                   'compensate_deadline': round(time.time() + lease, 3)}
         self.app.signature(
             step.call.name, args=tuple(args), kwargs=dict(kwargs),
         ).apply_async(task_id=step_task_id(saga_id, step.index),
@@ -66,6 +72,7 @@ class Coordinator:
         """Publish one attempt of a step's undo."""
         step = due.step
         assert step.undo is not None
+        self.check_undo(saga_id, step)
         args, kwargs = step.undo.call_args(due.result, *step.called_with(due.prev))
         options = dict(step.undo.options)
         headers = {**(options.pop('headers', None) or {}),
@@ -81,6 +88,23 @@ class Coordinator:
         self.app.signature(step.undo.name, args=args, kwargs=kwargs).apply_async(
             task_id=undo_task_id(saga_id, step.index, due.attempt),
             headers=headers, **options)
+
+    def check_undo(self, saga_id: str, step: StepSpec) -> None:
+        """Refuse to invoke an undo that is not a task of this app.
+
+        Undo specs are read back from Redis: only a task registered in the
+        app, and not one of Celery's own (``celery.*``), may run as an undo,
+        so a forged record cannot run arbitrary tasks.
+
+        Raises:
+            UndoRefused: naming the task.
+        """
+        name = step.undo.name if step.undo else None
+        if (not isinstance(name, str) or name not in self.app.tasks
+                or name.startswith('celery.')):
+            raise UndoRefused(
+                f'saga {saga_id}: the undo of {step.describe()}, {name!r}, is '
+                'not a task registered in this app: not sent')
 
     def publish_next_stage(self, saga_id: str, outcome: Outcome) -> None:
         """Publish the stage after a completed one, passing its result on
@@ -169,13 +193,13 @@ class Coordinator:
                 or unknown copy had not).
         """
         text = error if isinstance(error, str) else _describe(error)
+        countdown = undo_delay(info.attempt, self.settings.undo_retry_backoff,
+                               self.settings.undo_retry_backoff_max)
         outcome = self.store.undo_failed(info.saga_id, info.index,
-                                         info.attempt, text, started)
+                                         info.attempt, text, started,
+                                         countdown)
         if outcome.status == 'retry':
             due = outcome.undos[0]
-            countdown = undo_delay(info.attempt,
-                                   self.settings.undo_retry_backoff,
-                                   self.settings.undo_retry_backoff_max)
             logger.warning(
                 'saga %s: undo of step %d failed on attempt %d (%s), '
                 'retrying in %.2fs', info.saga_id, info.index, info.attempt,
@@ -193,6 +217,40 @@ class Coordinator:
                 signals.compensation_failed.send(
                     sender=self.app, saga_id=info.saga_id, step=info.index,
                     error=text)
+
+    # -- recovery and operators -------------------------------------------
+
+    def recover(self, saga_id: str) -> Outcome:
+        """Act on a saga whose leases lapsed (the sweep found it due)."""
+        outcome = self.store.recover(saga_id)
+        for index in outcome.stopped:
+            logger.warning('saga %s: step %d lost: no live worker renewed its '
+                           'lease', saga_id, index)
+        for due in outcome.undos:
+            logger.warning('saga %s: undo of step %d (attempt %d) sent again: '
+                           'its lease lapsed', saga_id, due.step.index,
+                           due.attempt)
+        reason = (f'step {outcome.stopped[0]} lost' if outcome.stopped
+                  else None)
+        self.apply(saga_id, outcome, step=(outcome.stopped or [None])[0],
+                   reason=reason)
+        return outcome
+
+    def abort(self, saga_id: str, reason: str) -> Outcome:
+        """Stop a running saga: give up and revoke its in-flight steps,
+        then compensate what completed."""
+        token = new_token()
+        outcome = self.store.abort(saga_id, reason, token)
+        if outcome.status != 'aborted':
+            return outcome
+        if outcome.stopped:
+            ids = [step_task_id(saga_id, i) for i in outcome.stopped]
+            try:
+                self.app.control.revoke(ids, terminate=True)
+            except Exception:  # noqa: BLE001 - the abort itself is recorded
+                logger.exception('saga %s: could not revoke %s', saga_id, ids)
+        self.apply(saga_id, outcome, reason=reason)
+        return outcome
 
     # -- outcome ----------------------------------------------------------
 
@@ -219,14 +277,35 @@ class Coordinator:
                              countdown: float | None = None) -> None:
         # Celery already retried the publish (task_publish_retry): the
         # broker is down.  Spending attempts now would burn the whole
-        # budget in milliseconds, so the undo stays queued in the record.
+        # budget in milliseconds, so the undo stays queued in the record
+        # and the sweep sends it again when its lease lapses.
         try:
             self.publish_undo(saga_id, due, countdown=countdown)
+        except UndoRefused as exc:
+            logger.error('%s', exc)
+            self._refuse(saga_id, due, str(exc))
         except Exception:  # noqa: BLE001
             logger.exception(
                 'saga %s: could not publish attempt %d of the undo of step '
                 '%d; it stays queued in the saga record', saga_id,
                 due.attempt, due.step.index)
+
+    def _refuse(self, saga_id: str, due: UndoDue, text: str) -> None:
+        """An undo that may not run fails every attempt at once: the saga
+        becomes COMPENSATION_FAILED for an operator to look at."""
+        attempt = due.attempt
+        for _ in range(self.settings.undo_max_attempts):
+            outcome = self.store.undo_failed(saga_id, due.step.index, attempt,
+                                             text, True)
+            if outcome.status != 'retry':
+                break
+            attempt = outcome.undos[0].attempt
+        if outcome.status == 'failed':
+            logger.error('saga %s: COMPENSATION_FAILED: %s', saga_id, text)
+            if outcome.old_state is not SagaState.COMPENSATION_FAILED:
+                signals.compensation_failed.send(
+                    sender=self.app, saga_id=saga_id, step=due.step.index,
+                    error=text)
 
     def persist(self, record: Callable[[], _T], info: TaskIdInfo,
                 what: str) -> _T:
@@ -259,6 +338,13 @@ class Coordinator:
                     reason: str | None) -> None:
         """Log the transition (one line) and send its signals."""
         send = {'sender': self.app, 'saga_id': saga_id}
+        if new is SagaState.COMPENSATION_FAILED:
+            # only the sweep gets here (undo_failed logs its own)
+            logger.error('saga %s: COMPENSATION_FAILED: an undo was lost with '
+                         'its worker on its last attempt; the remaining undos '
+                         'wait for an operator', saga_id)
+            signals.compensation_failed.send(step=step, error=reason, **send)
+            return
         if new is SagaState.COMPLETED:
             logger.info('saga %s: COMPLETED', saga_id)
             signals.saga_completed.send(**send)

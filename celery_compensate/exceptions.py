@@ -7,7 +7,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 __all__ = (
     'CompensateError', 'ImproperlyConfigured', 'InvalidSaga', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
-    'ResultNotSerializable', 'CorruptSagaRecord',
+    'ResultNotSerializable', 'CorruptSagaRecord', 'UndoRefused',
 )
 
 
@@ -57,3 +57,9 @@ class SagaTimeoutError(CompensateError, CeleryTimeoutError, TimeoutError):
     """`SagaResult.wait` ran out of time before the saga reached a final
     state.  Also an instance of the builtin :exc:`TimeoutError` and of
     :exc:`celery.exceptions.TimeoutError`."""
+
+
+class UndoRefused(CompensateError):
+    """A saga record names an undo that is not a task registered in the app
+    (or is one of Celery's own ``celery.*`` tasks): it is never sent, and
+    the saga becomes ``COMPENSATION_FAILED`` for an operator to look at."""

@@ -12,10 +12,14 @@ class works):
 
 - ``compensate_with``: the undo (a task, a task name or a signature);
 - ``compensate_on_failure``: also undo the step when it fails itself (its
-  undo then gets ``None`` as the result).
+  undo then gets ``None`` as the result);
+- ``compensate_timeout``: seconds the step (or, on an undo task, the undo)
+  may go without a live worker holding it before the recovery sweep acts
+  (default ``compensate_step_timeout``).
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery import signals as celery_signals
@@ -39,7 +43,8 @@ __all__ = ('TASK_OPTIONS', 'CallAnnotation', 'wrap_task_class',
 logger = get_logger(__name__)
 
 #: The task options this library reads.
-TASK_OPTIONS = ('compensate_with', 'compensate_on_failure')
+TASK_OPTIONS = ('compensate_with', 'compensate_on_failure',
+                'compensate_timeout')
 
 
 def wrap_task_class(cls: type[Task]) -> None:
@@ -104,15 +109,16 @@ class CallAnnotation:
 
 def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
-    if (task.request.delivery_info or {}).get('redelivered'):
-        # kombu restored this message after a worker died: run the body
-        # only if the saga has no record of how the step ended (a round
-        # trip paid by redeliveries only)
+    why = _may_be_settled(state, task.request)
+    if why:
+        # kombu restored this message after a worker died, or it waited
+        # past its lease: run the body only if the saga has no record of
+        # how the step ended (a round trip paid by such messages only)
         code, result = state.store.step_status(info.saga_id, info.index)
         if code in (StepState.DONE, StepState.FAILED):
-            logger.info('saga %s: step %d redelivered but already %s; '
-                        'not run again', info.saga_id, info.index,
-                        'done' if code == StepState.DONE else 'failed')
+            logger.info('saga %s: step %d not run again (%s): it is already '
+                        '%s', info.saga_id, info.index, why,
+                        'done' if code == StepState.DONE else 'given up')
             return result
     try:
         retval = orig(task, *args, **kwargs)
@@ -136,6 +142,25 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         _mark_handled(exc)
         raise
     return retval
+
+
+def _may_be_settled(state: AppState, request: Any) -> str:
+    """Why the saga may have settled this step without this copy (a
+    redelivered message, or one that started after its lease could have
+    lapsed and the sweep gave the step up), or ``''``."""
+    if (request.delivery_info or {}).get('redelivered'):
+        return 'redelivered'
+    deadline = getattr(request, 'compensate_deadline', None)
+    if deadline is None:
+        deadline = (getattr(request, 'headers', None) or {}).get(
+            'compensate_deadline')
+    try:
+        # a heartbeat's margin: workers' clocks and Redis's may differ
+        late = time.time() > (float(deadline)
+                              - state.settings.heartbeat_interval)
+    except (TypeError, ValueError):
+        return ''
+    return 'started after its lease' if late else ''
 
 
 def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],

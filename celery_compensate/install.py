@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
+from .bootsteps import WORKER_OPTIONS, CompensateRecovery
 from .dispatch import Coordinator
 from .exceptions import ImproperlyConfigured
 from .hooks import CallAnnotation, connect_signals, wrap_app_tasks
@@ -58,7 +59,9 @@ def install(app: Celery) -> AppState:
 
     Reads and validates the ``compensate_*`` settings (configure them
     before calling this), wraps every task class of the app so saga steps
-    are recorded inside the call, and connects the failure signals.
+    are recorded inside the call, connects the failure signals, and adds
+    the worker bootstep that renews leases and runs the recovery sweep
+    (with the ``celery worker --without-compensate-recovery`` option).
 
     Returns:
         AppState: the app's compensation state.
@@ -72,6 +75,9 @@ def install(app: Celery) -> AppState:
     setattr(app, _ATTR, state)
     _annotate(app)
     state.handlers = connect_signals(app)
+    app.steps['worker'].add(CompensateRecovery)
+    for option in WORKER_OPTIONS:
+        app.user_options['worker'].add(option)
     return state
 
 

@@ -136,6 +136,12 @@ class StepSpec:
     call: TaskRef
     undo: UndoSpec | None = None
     compensate_on_failure: bool = False
+    #: seconds the step may go without a live holder before it is
+    #: recovered (its ``compensate_timeout`` plus any countdown); ``None``:
+    #: the app's ``compensate_step_timeout``
+    timeout: float | None = None
+    #: the same for its undo
+    undo_timeout: float | None = None
 
     @property
     def undo_flag(self) -> str:
@@ -151,6 +157,7 @@ class StepSpec:
             'call': self.call.to_dict(),
             'undo': self.undo.to_dict() if self.undo else None,
             'compensate_on_failure': self.compensate_on_failure,
+            'timeout': self.timeout, 'undo_timeout': self.undo_timeout,
         }
 
     @classmethod
@@ -161,6 +168,8 @@ class StepSpec:
             call=TaskRef.from_dict(d['call']),
             undo=UndoSpec.from_dict(undo) if undo else None,
             compensate_on_failure=bool(d.get('compensate_on_failure')),
+            timeout=_opt_float(d.get('timeout')),
+            undo_timeout=_opt_float(d.get('undo_timeout')),
         )
 
     def called_with(self, prev: Sequence[Any]
@@ -201,16 +210,15 @@ class Plan:
                 expected += 1
 
     @classmethod
-    def from_stages(
-        cls, stages: Sequence[Sequence[tuple[TaskRef, UndoSpec | None, bool]]],
-    ) -> Plan:
-        """Number the steps of ``stages`` (lists of ``(call, undo, cof)``)."""
+    def from_stages(cls, stages: Sequence[Sequence[tuple[Any, ...]]]) -> Plan:
+        """Number the steps of ``stages``: lists of ``(call, undo, cof)``
+        or ``(call, undo, cof, timeout, undo_timeout)``."""
         built: list[tuple[StepSpec, ...]] = []
         index = 0
         for k, stage in enumerate(stages):
             members = []
-            for call, undo, cof in stage:
-                members.append(StepSpec(index, k, call, undo, cof))
+            for member in stage:
+                members.append(StepSpec(index, k, *member))
                 index += 1
             built.append(tuple(members))
         return cls(tuple(built))
@@ -278,6 +286,10 @@ def parse_task_id(task_id: str | None) -> TaskIdInfo | None:
         return TaskIdInfo(m.group('saga'), int(m.group('step')), False)
     return TaskIdInfo(m.group('saga'), int(m.group('undo')), True,
                       int(m.group('attempt')))
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def idempotency_key(saga_id: str, index: int) -> str:

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 from celery import current_app
 
-from .exceptions import SagaTimeoutError
+from celery.utils.log import get_logger
+
+from .exceptions import SagaNotFound, SagaTimeoutError
 from .install import get_state
 from .model import FINAL_STATES, SagaState, validate_saga_id
 
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
     from .store import SagaRecord, SagaStore, StepRecord
 
 __all__ = ('SagaResult',)
+
+logger = get_logger(__name__)
 
 
 class SagaResult:
@@ -65,6 +69,33 @@ class SagaResult:
     def steps(self) -> list[StepRecord]:
         """Each step's task, state, result and undo state, in plan order."""
         return self.info().steps
+
+    def abort(self, reason: str = 'by an operator') -> bool:
+        """Stop a running saga and compensate what completed.
+
+        Its in-flight steps are given up at once and revoked (terminated if
+        they already run; a step that finishes anyway is undone as a late
+        completer), and the undos of the completed steps run in reverse
+        order as after a failure.
+
+        Arguments:
+            reason: recorded as the saga's reason (``aborted: <reason>``).
+        Returns:
+            bool: ``True`` if the saga was running and is now compensating;
+            ``False`` if it was not running (nothing changed; a warning
+            names its state).
+        Raises:
+            SagaNotFound: no saga with this id.
+        """
+        outcome = get_state(self.app).coordinator.abort(
+            self.id, f'aborted: {reason}')
+        if outcome.status == 'missing':
+            raise SagaNotFound(self.id)
+        if outcome.status == 'not-running':
+            logger.warning('saga %s: not aborted: it is %s, not RUNNING',
+                           self.id, outcome.old_state)
+            return False
+        return True
 
     def wait(self, timeout: float | None = None,
              interval: float = 0.05) -> SagaState:

@@ -19,12 +19,21 @@ Setting                             Default                 Meaning
 ``compensate_record_retry_timeout`` ``30.0``                how long a worker keeps trying to record a
                                                             completed step or undo while Redis is
                                                             unreachable
+``compensate_step_timeout``         ``300.0``               seconds a dispatched step or undo may go
+                                                            without a live worker renewing its lease
+                                                            (queued, or held by a dead worker) before
+                                                            the recovery sweep acts; the task option
+                                                            ``compensate_timeout`` overrides it
+``compensate_heartbeat_interval``   ``10.0``                how often each worker renews the leases of
+                                                            the saga tasks it holds
+``compensate_recovery_interval``    ``10.0``                how often the recovery sweep runs (one
+                                                            worker at a time)
 =================================== ======================= ==========================================
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from kombu.utils.url import maybe_sanitize_url
@@ -43,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     'compensate_undo_retry_backoff_max': 30.0,
     'compensate_redis_socket_timeout': 5.0,
     'compensate_record_retry_timeout': 30.0,
+    'compensate_step_timeout': 300.0,
+    'compensate_heartbeat_interval': 10.0,
+    'compensate_recovery_interval': 10.0,
 }
 
 _REDIS_SCHEMES = ('redis://', 'rediss://', 'redis+socket://', 'unix://')
@@ -52,7 +64,7 @@ _REDIS_SCHEMES = ('redis://', 'rediss://', 'redis+socket://', 'unix://')
 class Settings:
     """Validated ``compensate_*`` settings of one app."""
 
-    redis_url: str
+    redis_url: str = field(repr=False)  # may hold a password
     key_prefix: str
     result_expires: int
     undo_queue: str | None
@@ -61,6 +73,9 @@ class Settings:
     undo_retry_backoff_max: float
     redis_socket_timeout: float
     record_retry_timeout: float
+    step_timeout: float
+    heartbeat_interval: float
+    recovery_interval: float
 
     @property
     def safe_redis_url(self) -> str:
@@ -120,6 +135,19 @@ class Settings:
         _require(_is_number(record) and record >= 0,
                  'compensate_record_retry_timeout', 'a number of seconds >= 0',
                  record)
+        heartbeat = get('compensate_heartbeat_interval')
+        _require(_is_number(heartbeat) and heartbeat > 0,
+                 'compensate_heartbeat_interval', 'a positive number of '
+                 'seconds', heartbeat)
+        step_timeout = get('compensate_step_timeout')
+        _require(_is_number(step_timeout) and step_timeout >= 2 * heartbeat,
+                 'compensate_step_timeout', 'a number of seconds at least '
+                 'twice compensate_heartbeat_interval '
+                 f'({2 * heartbeat}s)', step_timeout)
+        sweep = get('compensate_recovery_interval')
+        _require(_is_number(sweep) and sweep > 0,
+                 'compensate_recovery_interval', 'a positive number of '
+                 'seconds', sweep)
         return cls(
             redis_url=url, key_prefix=prefix,
             result_expires=max(1, int(expires)), undo_queue=queue,
@@ -127,6 +155,9 @@ class Settings:
             undo_retry_backoff_max=float(backoff_max),
             redis_socket_timeout=float(timeout),
             record_retry_timeout=float(record),
+            step_timeout=float(step_timeout),
+            heartbeat_interval=float(heartbeat),
+            recovery_interval=float(sweep),
         )
 
 

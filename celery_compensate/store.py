@@ -32,10 +32,12 @@ Transitions are written once, in Lua; Python only reads their replies.
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import redis
 from celery.utils.log import get_logger
@@ -49,7 +51,8 @@ from .exceptions import (
 from .model import Plan, SagaState, StepSpec, StepState, UndoState
 from .settings import Settings
 
-__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord')
+__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord',
+           'SHARDS', 'shard_of', 'new_token', 'make_client')
 
 logger = get_logger(__name__)
 
@@ -59,10 +62,58 @@ logger = get_logger(__name__)
 # twice (redis-py resends a command whose reply was lost): the second run
 # finds its own token and answers again instead of reporting a duplicate.
 _LIB = r"""
-local h = KEYS[1]
+local h, idx = KEYS[1], KEYS[2]
 local token, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 local function hget(f) return redis.call('HGET', h, f) end
 local function num(f) return tonumber(redis.call('HGET', h, f) or '0') end
+if redis.replicate_commands then redis.replicate_commands() end
+
+-- Leases are measured on the Redis clock, so workers' clocks may differ.
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- Step i's forward task or undo must be renewed by a live worker within
+-- ``secs`` or the recovery sweep takes it for lost.
+local function lease(i, secs)
+  redis.call('HSET', h, 'd' .. i, string.format('%.3f', clock() + tonumber(secs)))
+end
+
+local function inflight(x) return x == 'Q' or x == 'R' or x == 'W' end
+
+-- Keep the saga's entry in the deadline index at the earliest lease of
+-- what it has in flight; take it out when nothing is (final states, and
+-- COMPENSATION_FAILED, which waits for an operator).
+local function rescore()
+  local st, best = hget('state'), nil
+  local function consider(i)
+    local d = tonumber(hget('d' .. i) or '')
+    if d and (best == nil or d < best) then best = d end
+  end
+  if st == 'RUNNING' or st == 'COMPENSATING' then
+    local cur = num('cur')
+    if cur >= 0 then
+      for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+        if hget('s' .. i) == 'R' or inflight(hget('x' .. i) or '') then
+          consider(i)
+        end
+      end
+    end
+    if num('late') > 0 then
+      for i = 0, num('n') - 1 do
+        if hget('l' .. i) == '1' and inflight(hget('x' .. i) or '') then
+          consider(i)
+        end
+      end
+    end
+  end
+  if best then
+    redis.call('ZADD', idx, string.format('%.3f', best), hget('id'))
+  else
+    redis.call('ZREM', idx, hget('id'))
+  end
+end
 
 -- Describe an undo attempt of step i for the caller to publish: with the
 -- results of the stage before, which the step was called with.
@@ -80,7 +131,21 @@ end
 -- Make step i's undo due (first attempt).
 local function due(i, out)
   redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, 1)
+  lease(i, hget('ou' .. i))
   out[#out + 1] = describe(i, 1)
+end
+
+-- Undo step i out of order (attempt ``attempt``): it completed after its
+-- stage had been settled without it.
+local function late_undo(i, attempt, out)
+  redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, attempt, 'l' .. i, 1)
+  lease(i, hget('ou' .. i))
+  redis.call('HINCRBY', h, 'late', 1)
+  out[#out + 1] = describe(i, attempt)
+  if hget('state') == 'COMPENSATED' then
+    redis.call('HSET', h, 'state', 'COMPENSATING')
+    redis.call('PERSIST', h)
+  end
 end
 
 -- The queued, not yet started undos (of the stage under compensation, and
@@ -99,6 +164,7 @@ end
 local function finish(state)
   redis.call('HSET', h, 'state', state, 'ended', now, 'fin', token)
   redis.call('EXPIRE', h, ttl)
+  redis.call('ZREM', idx, hget('id'))
 end
 
 -- Stage k is being compensated: every member that completed (or failed
@@ -131,6 +197,13 @@ local function advance(out)
   end
   if num('late') > 0 then return end
   if hget('state') ~= 'COMPENSATED' then finish('COMPENSATED') end
+end
+
+-- The running saga gives up: compensation is claimed by this call.
+local function claim(failed, reason)
+  redis.call('HSET', h, 'state', 'COMPENSATING', 'reason', reason,
+             'cstart', now, 'claim', token)
+  if failed then redis.call('HSET', h, 'failed', failed) end
 end
 
 -- Answer a call sent again after its reply was lost: the queued undos
@@ -170,6 +243,8 @@ class Outcome:
     results: list[Any] = field(default_factory=list)
     forward: list[StepSpec] = field(default_factory=list)
     undos: list[UndoDue] = field(default_factory=list)
+    #: steps given up by the call (lost by a dead worker, or aborted)
+    stopped: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -214,24 +289,40 @@ class SagaStore:
         settings: the app's validated settings.
     """
 
-    #: KEYS[1] saga hash; ARGV[1] token, then field, value, ... .
+    # Every script takes KEYS[1] the saga hash and KEYS[2] the deadline
+    # index of the saga's shard: the same hash tag, so one Cluster slot.
+
+    #: KEYS[1] saga hash, KEYS[2] deadline index; ARGV[1] token, ARGV[2]
+    #: saga id, then field, value, ... .
     #: Returns 1 when created (also for the same call sent again), 0 when
     #: the saga id already exists.
     START = r"""
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'tok') == ARGV[1] then return 1 end
+local h = KEYS[1]
+if redis.call('EXISTS', h) == 1 then
+  if redis.call('HGET', h, 'tok') == ARGV[1] then return 1 end
   return 0
 end
-redis.call('HSET', KEYS[1], 'tok', ARGV[1])
-for j = 2, #ARGV, 1000 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, #ARGV)))
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', h, 'tok', ARGV[1], 'id', ARGV[2])
+for j = 3, #ARGV, 1000 do
+  redis.call('HSET', h, unpack(ARGV, j, math.min(j + 999, #ARGV)))
 end
+-- the first stage is dispatched: its leases start now
+local first
+for i in string.gmatch(redis.call('HGET', h, 'g0'), '%d+') do
+  local d = now + tonumber(redis.call('HGET', h, 'o' .. i))
+  redis.call('HSET', h, 'd' .. i, string.format('%.3f', d))
+  if first == nil or d < first then first = d end
+end
+redis.call('ZADD', KEYS[2], string.format('%.3f', first), ARGV[2])
 return 1
 """
 
-    #: The per-step hot path: record a completed step and learn what next.
-    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] result JSON.
+    #: The per-step hot path: record a completed step, move the saga's
+    #: deadline and learn what next, in one round trip.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] step index, ARGV[5] result JSON.
     #: Returns {status, old state, new state, results of the finished
     #: stage, {index, spec} of the next stage, undos due}.
     STEP_DONE = _LIB + r"""
@@ -243,7 +334,8 @@ if not s then return {'unknown-step', st, st} end
 local k = tonumber(hget('k' .. i))
 
 -- stage k is complete: finish the saga, or mark the next stage dispatched
--- and hand it (with stage k's results) to the caller to publish
+-- (its leases start now) and hand it, with stage k's results, to the
+-- caller to publish
 local function next_stage()
   redis.call('HSET', h, 'dn' .. k, token)
   local nk = k + 1
@@ -257,9 +349,11 @@ local function next_stage()
   end
   for j in string.gmatch(hget('g' .. nk), '%d+') do
     redis.call('HSET', h, 's' .. j, 'R')
+    lease(j, hget('o' .. j))
     nxt[#nxt + 1] = {tonumber(j), hget('p' .. j)}
   end
   redis.call('HSET', h, 'cur', nk, 'w' .. nk, #nxt)
+  rescore()
   return {'next', 'RUNNING', 'RUNNING', results, nxt}
 end
 
@@ -280,36 +374,44 @@ redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now,
 local left = num('w' .. k)
 if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
-  if left > 0 then return {'recorded', st, st} end
+  if left > 0 then
+    rescore()
+    return {'recorded', st, st}
+  end
   return next_stage()
 end
--- A late completer: compensation began while this step was running.
+-- A late completer: compensation began while this step was running, or
+-- the step had been given up (lost, aborted) and ran after all.
 local out = {}
 local cur = num('cur')
-if hget('u' .. i) ~= '0' and (hget('x' .. i) or '') == '' then
-  if k == cur then
-    open_stage(cur, out)
-  elseif k > cur then
-    -- its stage was already settled (it had been given up as failed):
-    -- undo it now, out of order, rather than leave it done
-    due(i, out)
-    redis.call('HSET', h, 'l' .. i, 1)
-    redis.call('HINCRBY', h, 'late', 1)
-    if st == 'COMPENSATED' then
-      redis.call('HSET', h, 'state', 'COMPENSATING')
-      redis.call('PERSIST', h)
+if hget('u' .. i) ~= '0' then
+  local x = hget('x' .. i) or ''
+  if x == '' then
+    if k == cur then
+      open_stage(cur, out)
+    elseif k > cur then
+      -- its stage was already settled without it: undo it out of order
+      late_undo(i, 1, out)
+    end
+  elseif s == 'F' and st ~= 'COMPENSATION_FAILED' then
+    -- undone as a failed step (compensate_on_failure), then it took
+    -- effect after all: undo it once more, after the running undo
+    if x == 'D' then
+      late_undo(i, num('a' .. i) + 1, out)
+    elseif x ~= 'F' then
+      redis.call('HSET', h, 'rd' .. i, 1)
     end
   end
 end
 advance(out)
+rescore()
 return {'late', st, hget('state'), {}, {}, out}
 """
 
     #: Record that a forward step failed; the first failure of a running
     #: saga claims its compensation (exactly once, however many
     #: notifications arrive).
-    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] reason.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] step index, ARGV[5] reason.
     #: Returns {status, old state, new state, {}, {}, undos due}.
     STEP_FAILED = _LIB + r"""
 local st = hget('state')
@@ -328,19 +430,18 @@ redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
 if s == 'R' then redis.call('HINCRBY', h, 'w' .. k, -1) end
 local status = 'settled'
 if st == 'RUNNING' then
-  redis.call('HSET', h, 'state', 'COMPENSATING', 'failed', i,
-             'reason', ARGV[5], 'cstart', now, 'claim', token)
+  claim(i, ARGV[5])
   status = 'claimed'
 end
 local out = {}
 if tonumber(k) == num('cur') then open_stage(k, out) end
 advance(out)
+rescore()
 return {status, st, hget('state'), {}, {}, out}
 """
 
-    #: An undo attempt is about to run.
-    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] attempt.
+    #: An undo attempt is about to run: let one copy in and start its lease.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] step index, ARGV[5] attempt.
     #: Returns 'run', or why not: 'missing', 'done', 'not-due', 'stale',
     #: 'failed', 'running' (another copy of this attempt runs).
     UNDO_BEGIN = _LIB + r"""
@@ -356,18 +457,22 @@ if x == 'R' then
   return 'running'
 end
 redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, now, 'tb' .. i, token)
+lease(i, hget('ou' .. i))
+rescore()
 return 'run'
 """
 
     #: An undo attempt stopped without an outcome because Celery retries
     #: it (``self.retry()``/``autoretry_for`` in the undo task): the retry
     #: comes as another copy of the same attempt and must be let in.
-    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] token of the UNDO_BEGIN call that let this copy run.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] step index, ARGV[5] token of the
+    #: UNDO_BEGIN call that let this copy run.
     UNDO_RELEASE = _LIB + r"""
 local i = ARGV[4]
 if hget('x' .. i) == 'R' and hget('tb' .. i) == ARGV[5] then
   redis.call('HSET', h, 'x' .. i, 'Q')
+  lease(i, hget('ou' .. i))
+  rescore()
   return 1
 end
 return 0
@@ -375,7 +480,7 @@ return 0
 
     #: An undo succeeded: record it and open the stage before when this
     #: one is settled.
-    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] step index.
     #: Returns {status, old state, new state, {}, {}, undos due}.
     UNDO_DONE = _LIB + r"""
 local st = hget('state')
@@ -394,7 +499,13 @@ else
   redis.call('HINCRBY', h, 'y' .. hget('k' .. i), -1)
 end
 local out = {}
+if hget('rd' .. i) == '1' then
+  -- the step took effect after this undo had been sent: undo it again
+  redis.call('HDEL', h, 'rd' .. i)
+  late_undo(i, num('a' .. i) + 1, out)
+end
 advance(out)
+rescore()
 return {'undone', st, hget('state'), {}, {}, out}
 """
 
@@ -404,9 +515,10 @@ return {'undone', st, hget('state'), {}, {}, out}
     #: Each attempt is counted once, and a copy that never started (revoked,
     #: expired, unknown, unpublished) does not count while another copy of
     #: the attempt runs.
-    #: KEYS[1] saga hash; ARGV[1-3] token, now, ttl; ARGV[4] step index,
-    #: ARGV[5] attempt that failed, ARGV[6] error, ARGV[7] max attempts,
-    #: ARGV[8] '1' if the failing copy had started, else '0'.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] step index, ARGV[5] attempt that
+    #: failed, ARGV[6] error, ARGV[7] max attempts, ARGV[8] '1' if the
+    #: failing copy had started, else '0', ARGV[9] seconds until the next
+    #: attempt.
     #: Returns {status, old state, new state, {}, {}, {next attempt}}.
     UNDO_FAILED = _LIB + r"""
 local st = hget('state')
@@ -430,10 +542,166 @@ if a >= tonumber(ARGV[7]) then
     redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
                'cf', token)
   end
+  rescore()
   return {'failed', st, 'COMPENSATION_FAILED'}
 end
 redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
+lease(i, tonumber(hget('ou' .. i)) + tonumber(ARGV[9]))
+rescore()
 return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
+"""
+
+    #: A live worker still holds step i's forward task (ARGV[5] empty) or
+    #: attempt ARGV[5] of its undo: extend the lease (never shorten it).
+    #: ARGV[1-3] token, now, ttl (unused); ARGV[4] step index, ARGV[5]
+    #: attempt or ''.
+    #: Returns 1 if renewed, 0 if the step or attempt is no longer in flight.
+    RENEW = _LIB + r"""
+if redis.call('EXISTS', h) == 0 then return 0 end
+local i = ARGV[4]
+local field = 'o'
+if ARGV[5] == '' then
+  if hget('s' .. i) ~= 'R' then return 0 end
+else
+  if not inflight(hget('x' .. i) or '') or hget('a' .. i) ~= ARGV[5] then
+    return 0
+  end
+  field = 'ou'
+end
+local d = clock() + tonumber(hget(field .. i))
+if d > tonumber(hget('d' .. i) or '0') then
+  redis.call('HSET', h, 'd' .. i, string.format('%.3f', d))
+  rescore()
+end
+return 1
+"""
+
+    #: The recovery sweep found the saga due: act on every lease that
+    #: lapsed (checked again here, atomically).  A forward step nobody holds
+    #: is given up (the saga compensates; its undo runs only if it opted in
+    #: to compensate_on_failure, as the step may never have run); a queued
+    #: or waiting undo is sent again (only one copy can begin); a running
+    #: undo whose worker died counts as a failed attempt.  What is settled
+    #: or still running elsewhere is left alone, so a stalled compensation
+    #: resumes where it stopped.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] saga id, ARGV[5] max undo
+    #: attempts.
+    #: Returns {status, old state, new state, {}, {}, undos to publish,
+    #: forward steps given up}.
+    RECOVER = _LIB + r"""
+if redis.call('EXISTS', h) == 0 then
+  redis.call('ZREM', idx, ARGV[4])
+  return {'missing'}
+end
+local st = hget('state')
+if st ~= 'RUNNING' and st ~= 'COMPENSATING' then
+  rescore()
+  return {'settled', st, st}
+end
+local t, out, lost = clock(), {}, {}
+local candidates = {}
+local cur = num('cur')
+if cur >= 0 then
+  for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+    candidates[#candidates + 1] = i
+  end
+end
+if num('late') > 0 then
+  for i = 0, num('n') - 1 do
+    if hget('l' .. i) == '1' then candidates[#candidates + 1] = tostring(i) end
+  end
+end
+for _, i in ipairs(candidates) do
+  local d = tonumber(hget('d' .. i) or '')
+  local s, x = hget('s' .. i), hget('x' .. i) or ''
+  if d and d <= t then
+    if s == 'R' then
+      local why = 'lost: no live worker held it for ' .. hget('o' .. i) .. 's'
+      redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, why, 't' .. i, now,
+                 'tk' .. i, token)
+      redis.call('HINCRBY', h, 'w' .. hget('k' .. i), -1)
+      if hget('state') == 'RUNNING' then claim(i, why) end
+      lost[#lost + 1] = tonumber(i)
+    elseif x == 'Q' or x == 'W' then
+      lease(i, hget('ou' .. i))
+      out[#out + 1] = describe(i, num('a' .. i))
+    elseif x == 'R' and hget('state') ~= 'COMPENSATION_FAILED' then
+      local a = num('a' .. i)
+      local why = 'lost: the worker running attempt ' .. a .. ' died'
+      redis.call('HSET', h, 'e' .. i, why, 'tu' .. i, token)
+      if a >= tonumber(ARGV[5]) then
+        redis.call('HSET', h, 'x' .. i, 'F', 'reason', why, 'state',
+                   'COMPENSATION_FAILED', 'ended', now, 'cf', token)
+      else
+        redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
+        lease(i, hget('ou' .. i))
+        out[#out + 1] = describe(i, a + 1)
+      end
+    end
+  end
+end
+if hget('state') == 'COMPENSATING' and cur >= 0 then open_stage(cur, out) end
+advance(out)
+rescore()
+return {'recovered', st, hget('state'), {}, {}, out, lost}
+"""
+
+    #: An operator aborts a running saga: its in-flight forward steps are
+    #: given up (the caller revokes them) and compensation is claimed.
+    #: ARGV[1-3] token, now, ttl; ARGV[4] reason.
+    #: Returns {status ('aborted', 'not-running', 'missing'), old state,
+    #: new state, {}, {}, undos due, steps to revoke}.
+    ABORT = _LIB + r"""
+local st = hget('state')
+if not st then return {'missing'} end
+if st ~= 'RUNNING' then
+  if hget('claim') == token then
+    local r = replay('aborted', st, 'claim', 'RUNNING')
+    r[7] = {}
+    return r
+  end
+  return {'not-running', st, st}
+end
+local cur, stopped = num('cur'), {}
+for i in string.gmatch(hget('g' .. cur), '%d+') do
+  if hget('s' .. i) == 'R' then
+    redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[4], 't' .. i, now,
+               'tk' .. i, token)
+    redis.call('HINCRBY', h, 'w' .. cur, -1)
+    stopped[#stopped + 1] = tonumber(i)
+  end
+end
+claim(nil, ARGV[4])
+local out = {}
+open_stage(cur, out)
+advance(out)
+rescore()
+return {'aborted', st, hget('state'), {}, {}, out, stopped}
+"""
+
+    #: One shard of the deadline index: the sagas whose earliest lease
+    #: lapsed.  A long gap since the last sweep means Redis was unreachable
+    #: (or no worker swept): then nothing is returned until ``hold``
+    #: seconds have passed, so live workers renew their leases first.
+    #: KEYS[1] deadline index, KEYS[2] the shard's sweep record (it expires
+    #: after ARGV[4] seconds: a missing one also means a gap); ARGV[1]
+    #: limit, ARGV[2] gap, ARGV[3] hold, ARGV[4] record TTL.
+    #: Returns {seconds still held (0 when sweeping), saga ids due}.
+    SCAN = r"""
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '')
+local hold = tonumber(redis.call('HGET', KEYS[2], 'hold') or '0')
+if last == nil or now - last > tonumber(ARGV[2]) then
+  hold = now + tonumber(ARGV[3])
+end
+redis.call('HSET', KEYS[2], 'last', string.format('%.3f', now),
+           'hold', string.format('%.3f', hold))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if now < hold then return {string.format('%.3f', hold - now), {}} end
+return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
+                        string.format('%.3f', now), 'LIMIT', 0, ARGV[1])}
 """
 
     def __init__(self, settings: Settings) -> None:
@@ -447,10 +715,42 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
         self._undo_release = register(self.UNDO_RELEASE)
         self._undo_done = register(self.UNDO_DONE)
         self._undo_failed = register(self.UNDO_FAILED)
+        self._renew = register(self.RENEW)
+        self._recover = register(self.RECOVER)
+        self._abort = register(self.ABORT)
+        self._scan = register(self.SCAN)
+
+    # -- keys -------------------------------------------------------------
+    # A saga's hash and its shard's index share the hash tag ``{<shard>}``,
+    # so every script touches one Redis Cluster slot, while the sagas
+    # spread over SHARDS slots.
+
+    def _tag(self, shard: int) -> str:
+        return f'{self.settings.key_prefix}:{{{shard:02x}}}'
 
     def key(self, saga_id: str) -> str:
-        """The saga's hash; its id is the Redis Cluster hash tag."""
-        return f'{self.settings.key_prefix}:{{{saga_id}}}'
+        """The saga's hash."""
+        return f'{self._tag(shard_of(saga_id))}:saga:{saga_id}'
+
+    def index_key(self, shard: int) -> str:
+        """The deadline index of one shard: saga ids scored by the earliest
+        lease of what they have in flight."""
+        return f'{self._tag(shard)}:due'
+
+    def sweep_key(self, shard: int) -> str:
+        """When one shard was last swept, and until when it is held."""
+        return f'{self._tag(shard)}:sweep'
+
+    def quarantine_key(self, shard: int) -> str:
+        """Sagas the sweep could not read (corrupt records), by time."""
+        return f'{self._tag(shard)}:bad'
+
+    def lock_key(self) -> str:
+        """The lock held by the one worker that sweeps."""
+        return f'{self.settings.key_prefix}:sweeper'
+
+    def _keys(self, saga_id: str) -> list[str]:
+        return [self.key(saga_id), self.index_key(shard_of(saga_id))]
 
     # -- writes ---------------------------------------------------------
 
@@ -467,6 +767,7 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
         Raises:
             SagaStoreUnavailable: Redis cannot be reached.
         """
+        default = self.settings.step_timeout
         fields: list[Any] = [
             'state', SagaState.RUNNING.value, 'created', repr(time.time()),
             'n', len(plan), 'ns', len(plan.stages), 'cur', 0,
@@ -480,9 +781,11 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
                 i = step.index
                 fields += ['p%d' % i, specs[i], 'k%d' % i, k,
                            'u%d' % i, step.undo_flag,
-                           's%d' % i, 'R' if k == 0 else 'P']
-        return bool(self._run(self._start, keys=[self.key(saga_id)],
-                              args=[new_token(), *fields]))
+                           's%d' % i, 'R' if k == 0 else 'P',
+                           'o%d' % i, step.timeout or default,
+                           'ou%d' % i, step.undo_timeout or default]
+        return bool(self._run(self._start, keys=self._keys(saga_id),
+                              args=[new_token(), saga_id, *fields]))
 
     def step_done(self, saga_id: str, index: int, result_json: str,
                   token: str | None = None) -> Outcome:
@@ -518,17 +821,85 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
                                           index))
 
     def undo_failed(self, saga_id: str, index: int, attempt: int,
-                    error: str, started: bool = True) -> Outcome:
+                    error: str, started: bool = True,
+                    countdown: float = 0.0) -> Outcome:
         """Count a failed undo attempt; the outcome holds the next attempt
         (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``).
 
         Arguments:
             started: whether the failing copy had begun running; one that
                 never started does not count while another copy runs.
+            countdown: seconds until the next attempt is sent (its lease
+                starts after them).
         """
         return self._outcome(self._change(
             self._undo_failed, saga_id, None, index, attempt, error[:2000],
-            self.settings.undo_max_attempts, '1' if started else '0'))
+            self.settings.undo_max_attempts, '1' if started else '0',
+            countdown))
+
+    def renew(self, held: Iterable[tuple[str, int, int | None]]) -> int:
+        """Extend the leases of the steps and undo attempts a live worker
+        holds, in one round trip.
+
+        Arguments:
+            held: ``(saga id, step index, undo attempt or None)`` triples.
+        Returns:
+            int: how many were still in flight (and renewed).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for saga_id, index, attempt in held:
+            self._renew(keys=self._keys(saga_id), args=[
+                '', 0, 0, index, '' if attempt is None else attempt],
+                client=pipe)
+        return sum(self._run(pipe.execute))
+
+    def due(self, limit: int, gap: float, hold: float
+            ) -> tuple[float, list[str], list[int]]:
+        """Scan every shard of the deadline index (one round trip).
+
+        Arguments:
+            limit: at most this many sagas per shard.
+            gap: seconds since a shard's last sweep after which its
+                lapsed leases are not trusted (Redis was away).
+            hold: how long such a shard is then left alone.
+        Returns:
+            tuple: the longest hold still running, the ids of the sagas
+            due, and the shards that returned ``limit`` ids (more due).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            self._scan(keys=[self.index_key(shard), self.sweep_key(shard)],
+                       args=[limit, gap, hold, math.ceil(2 * gap) + 1],
+                       client=pipe)
+        held, ids, full = 0.0, [], []
+        for shard, (wait, due) in enumerate(self._run(pipe.execute)):
+            held = max(held, float(wait))
+            ids.extend(due)
+            if len(due) >= limit:
+                full.append(shard)
+        return held, ids, full
+
+    def recover(self, saga_id: str) -> Outcome:
+        """Act on the lapsed leases of one saga (see :attr:`RECOVER`)."""
+        return self._outcome(self._change(
+            self._recover, saga_id, None, saga_id,
+            self.settings.undo_max_attempts))
+
+    def quarantine(self, saga_id: str) -> None:
+        """Take a saga the sweep cannot process out of the deadline index
+        (into the shard's ``bad`` set, for an operator)."""
+        shard = shard_of(saga_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.index_key(shard), saga_id)
+        pipe.zadd(self.quarantine_key(shard), {saga_id: time.time()})
+        self._run(pipe.execute)
+
+    def abort(self, saga_id: str, reason: str,
+              token: str | None = None) -> Outcome:
+        """Stop a running saga: give up its in-flight steps and claim
+        compensation (status ``aborted``, or ``not-running``/``missing``)."""
+        return self._outcome(self._change(self._abort, saga_id, token,
+                                          reason[:2000]))
 
     # -- reads ----------------------------------------------------------
 
@@ -571,7 +942,7 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
     def _change(self, script: Any, saga_id: str, token: str | None,
                 *args: Any) -> Any:
         """Run a script that changes a saga: token, now, ttl, then ``args``."""
-        return self._run(script, keys=[self.key(saga_id)], args=[
+        return self._run(script, keys=self._keys(saga_id), args=[
             token or new_token(), repr(time.time()),
             self.settings.result_expires, *args])
 
@@ -601,8 +972,19 @@ return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
             undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
                                  loads(result), [loads(r) for r in prev],
                                  int(attempt)))
+        stopped = [int(i) for i in reply[6]] if len(reply) > 6 else []
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
-                       forward, undos)
+                       forward, undos, stopped)
+
+
+#: Shards of the deadline index.  Fixed: a saga's keys are found from its
+#: id through it.
+SHARDS = 64
+
+
+def shard_of(saga_id: str) -> int:
+    """The shard (hash tag) of a saga: stable across processes."""
+    return zlib.crc32(saga_id.encode()) % SHARDS
 
 
 def new_token() -> str:

@@ -218,24 +218,45 @@ def test_unserializable_result_fails_the_step(celery_app, celery_worker, rds):
 
 @pytest.mark.compensate_conf(compensate_result_expires=1)
 def test_finished_sagas_expire_to_baseline(celery_app, celery_worker, rds):
-    """Invariant 9: one hash per saga, tagged {saga_id}; finished sagas
-    expire, so the key count returns to baseline."""
+    """Invariant 9: one hash per saga; finished sagas leave the deadline
+    index and expire, so the key count returns to baseline."""
     prefix = celery_app.conf.compensate_key_prefix
+    store = get_state(celery_app).store
     ok = saga(tasks.do.si('a'), group(tasks.do.si('b'), tasks.do.si('c')))
     bad = saga(tasks.do.si('a'), tasks.do.si('b', fail=True))
     results = [ok.apply_async(), bad.apply_async()]
     assert [r.wait(timeout=15) for r in results] == [
         SagaState.COMPLETED, SagaState.COMPENSATED]
-    keys = {k for k in rds.scan_iter(f'{prefix}:*')}
-    assert keys == {f'{prefix}:{{{r.id}}}' for r in results}
-    wait_for(lambda: not list(rds.scan_iter(f'{prefix}:*')), timeout=5)
+    saga_keys = {store.key(r.id) for r in results}
+    # the sweeper's per-shard records are the baseline: they expire too
+    keys = {k for k in rds.scan_iter(f'{prefix}:*')
+            if not k.endswith(':sweep') and not k.endswith(':sweeper')}
+    assert keys == saga_keys
+    wait_for(lambda: not set(rds.scan_iter(f'{prefix}:*')) & saga_keys,
+             timeout=5)
 
 
-def test_every_script_touches_one_key():
+def test_every_script_touches_one_slot():
+    """A saga's hash and its shard's deadline index share a hash tag."""
+    from redis.crc import key_slot
+
+    from celery_compensate.settings import Settings
+    from celery_compensate.store import SHARDS, shard_of
+    store = SagaStore(Settings.from_conf({
+        'compensate_redis_url': 'redis://localhost:1/0'}))
     for name in ('START', 'STEP_DONE', 'STEP_FAILED', 'UNDO_BEGIN',
-                 'UNDO_DONE', 'UNDO_FAILED'):
+                 'UNDO_RELEASE', 'UNDO_DONE', 'UNDO_FAILED', 'RENEW',
+                 'RECOVER', 'ABORT', 'SCAN'):
         script = getattr(SagaStore, name)
-        assert 'KEYS[2]' not in script and 'KEYS[1]' in script, name
+        assert 'KEYS[3]' not in script and 'KEYS[1]' in script, name
+    shards = set()
+    for n in range(500):
+        sid = f'saga-{n}'
+        shards.add(shard_of(sid))
+        slots = {key_slot(k.encode()) for k in store._keys(sid)}
+        slots.add(key_slot(store.sweep_key(shard_of(sid)).encode()))
+        assert len(slots) == 1, sid
+    assert len(shards) == SHARDS  # the sagas spread over every shard
 
 
 def test_one_round_trip_per_successful_step(celery_app, celery_worker, rds):

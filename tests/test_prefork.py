@@ -137,6 +137,6 @@ def test_step_redelivered_after_its_worker_died_is_not_run_again(pf, redis_url):
         wait_for(lambda: f'{res.id}.s0] succeeded' in worker.output())
         entries = rds.lrange(tasks.ledger_key(app, res.id), 0, -1)
         assert entries.count('do:a') == 1 and entries.count('do:b') == 1
-        assert 'redelivered but already done' in worker.output()
+        assert 'not run again (redelivered): it is already done' in worker.output()
     finally:
         worker.stop()

@@ -25,7 +25,7 @@ def make(celery_app, stages, sid='s') -> SagaStore:
 def again(store: SagaStore, script, sid: str, token: str, *args):
     """Run a script as redis-py does when it resends a command whose reply
     was lost: same arguments, same token."""
-    return store._outcome(script(keys=[store.key(sid)], args=[
+    return store._outcome(script(keys=store._keys(sid), args=[
         token, repr(time.time()), 60, *args]))
 
 
@@ -56,10 +56,10 @@ def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
 
 def test_a_resent_start_is_not_a_duplicate_saga(celery_app, rds):
     store = get_state(celery_app).store
-    args = ['tok', 'state', 'RUNNING', 'n', 0]
-    assert store._start(keys=[store.key('x')], args=args) == 1
-    assert store._start(keys=[store.key('x')], args=args) == 1
-    assert store._start(keys=[store.key('x')], args=['other', *args[1:]]) == 0
+    args = ['tok', 'x', 'state', 'RUNNING', 'n', 1, 'g0', '0', 'o0', 5]
+    assert store._start(keys=store._keys('x'), args=args) == 1
+    assert store._start(keys=store._keys('x'), args=args) == 1
+    assert store._start(keys=store._keys('x'), args=['other', *args[1:]]) == 0
 
 
 def test_an_attempt_lost_before_it_started_is_counted(celery_app, rds):
