@@ -792,13 +792,13 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         """Record step ``index`` as completed with its result (one round
         trip) and return what must be dispatched next.  Resending with the
         same ``token`` is safe."""
-        return self._outcome(self._change(
+        return self._decoded(saga_id, self._change(
             self._step_done, saga_id, token, index, result_json))
 
     def step_failed(self, saga_id: str, index: int, reason: str) -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
         was running."""
-        return self._outcome(self._change(
+        return self._decoded(saga_id, self._change(
             self._step_failed, saga_id, None, index, reason[:2000]))
 
     def undo_begin(self, saga_id: str, index: int, attempt: int,
@@ -817,7 +817,7 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
                   token: str | None = None) -> Outcome:
         """Record step ``index`` as undone.  Resending with the same
         ``token`` is safe."""
-        return self._outcome(self._change(self._undo_done, saga_id, token,
+        return self._decoded(saga_id, self._change(self._undo_done, saga_id, token,
                                           index))
 
     def undo_failed(self, saga_id: str, index: int, attempt: int,
@@ -832,7 +832,7 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
             countdown: seconds until the next attempt is sent (its lease
                 starts after them).
         """
-        return self._outcome(self._change(
+        return self._decoded(saga_id, self._change(
             self._undo_failed, saga_id, None, index, attempt, error[:2000],
             self.settings.undo_max_attempts, '1' if started else '0',
             countdown))
@@ -881,7 +881,7 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
 
     def recover(self, saga_id: str) -> Outcome:
         """Act on the lapsed leases of one saga (see :attr:`RECOVER`)."""
-        return self._outcome(self._change(
+        return self._decoded(saga_id, self._change(
             self._recover, saga_id, None, saga_id,
             self.settings.undo_max_attempts))
 
@@ -898,7 +898,7 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
               token: str | None = None) -> Outcome:
         """Stop a running saga: give up its in-flight steps and claim
         compensation (status ``aborted``, or ``not-running``/``missing``)."""
-        return self._outcome(self._change(self._abort, saga_id, token,
+        return self._decoded(saga_id, self._change(self._abort, saga_id, token,
                                           reason[:2000]))
 
     # -- reads ----------------------------------------------------------
@@ -958,20 +958,38 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
                 f'saga store at {self.settings.safe_redis_url} failed: '
                 f'{exc}') from exc
 
+    def _decoded(self, saga_id: str, reply: list[Any]) -> Outcome:
+        try:
+            return self._outcome(reply)
+        except CorruptSagaRecord as exc:
+            raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
+
     @staticmethod
     def _outcome(reply: list[Any]) -> Outcome:
+        """Decode a script's reply.
+
+        Raises:
+            CorruptSagaRecord: a spec or result in the record is not valid
+                JSON (what the script changed stays changed, and the sweep
+                quarantines the saga).
+        """
         status = reply[0]
         if len(reply) < 3:
             return Outcome(status)
-        results = [loads(r) for r in reply[3]] if len(reply) > 3 else []
-        forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
-                   if len(reply) > 4 else [])
-        undos = []
-        for _, spec, result, prev, attempt in (reply[5] if len(reply) > 5
-                                               else ()):
-            undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
-                                 loads(result), [loads(r) for r in prev],
-                                 int(attempt)))
+        try:
+            results = [loads(r) for r in reply[3]] if len(reply) > 3 else []
+            forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
+                       if len(reply) > 4 else [])
+            undos = []
+            for _, spec, result, prev, attempt in (reply[5] if len(reply) > 5
+                                                   else ()):
+                undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
+                                     loads(result), [loads(r) for r in prev],
+                                     int(attempt)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptSagaRecord(
+                f'a saga record holds a step that cannot be decoded: {exc!r}'
+            ) from exc
         stopped = [int(i) for i in reply[6]] if len(reply) > 6 else []
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
                        forward, undos, stopped)

@@ -50,6 +50,9 @@ def undo(self: Task, result: Any, name: str, *args: Any, **kwargs: Any) -> str:
            str(getattr(self.request, 'compensate_idempotency_key', None)))
     if kwargs.get('undo_sleep'):
         time.sleep(kwargs['undo_sleep'])
+    if kwargs.get('undo_hang_once') and r.set(
+            countdown_key(self.app, saga_id, f'{name}-hung'), 1, nx=True):
+        time.sleep(120)  # until the test kills the whole worker
     if kwargs.get('undo_kill_once') and r.set(
             countdown_key(self.app, saga_id, f'{name}-killed'), 1, nx=True):
         os.kill(os.getpid(), signal.SIGKILL)

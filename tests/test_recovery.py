@@ -1,0 +1,281 @@
+"""Recovery: leases renewed by live workers, the sweep that acts when they
+lapse, and operator aborts.
+
+Whole workers are real ``celery worker -P prefork`` subprocesses killed
+with SIGKILL (nothing in Celery reports that); the rest runs on the
+in-process threads worker with short leases.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_compensate import (
+    SagaNotFound, SagaResult, SagaState, StepState, UndoState, install, saga,
+)
+from celery_compensate.install import get_state
+from celery_compensate.model import Plan, TaskRef, UndoSpec
+from celery_compensate.recovery import Recovery
+from celery_compensate.store import shard_of
+from celery_compensate.testing import WorkerProcess
+
+from . import tasks
+from .conftest import ledger, wait_for
+from .test_compensation import undone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: short leases so recovery is quick: a lease of 1 s, renewed every 0.2 s
+FAST = dict(compensate_step_timeout=1.0, compensate_heartbeat_interval=0.2,
+            compensate_recovery_interval=0.2)
+#: the prefork workers' settings (string values for the environment)
+LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
+
+
+# -- whole workers killed ---------------------------------------------------
+
+@pytest.fixture
+def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
+                                              Callable[[str], WorkerProcess]]]:
+    """A producer app and a factory of prefork workers on its queue."""
+    prefix = f'cctest-rc-{uuid.uuid4().hex[:8]}'
+    app = Celery('rc-producer', broker=redis_url, set_as_current=False)
+    app.conf.update(compensate_key_prefix=prefix,
+                    task_default_queue=f'{prefix}-q',
+                    compensate_step_timeout=LEASE,
+                    compensate_heartbeat_interval=HEARTBEAT,
+                    compensate_recovery_interval=SWEEP)
+    install(app)
+    workers: list[WorkerProcess] = []
+
+    def start(name: str) -> WorkerProcess:
+        worker = WorkerProcess('tests.prefork_app', {
+            'COMPENSATE_TEST_BROKER': redis_url,
+            'COMPENSATE_TEST_PREFIX': prefix,
+            'COMPENSATE_TEST_QUEUE': f'{prefix}-q',
+            'COMPENSATE_TEST_STEP_TIMEOUT': str(LEASE),
+            'COMPENSATE_TEST_HEARTBEAT_INTERVAL': str(HEARTBEAT),
+            'COMPENSATE_TEST_RECOVERY_INTERVAL': str(SWEEP),
+        }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q', name=name,
+            cwd=ROOT)
+        workers.append(worker)
+        return worker.start()
+
+    rds = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield app, rds, start
+    finally:
+        for worker in workers:
+            worker.stop()
+        keys = list(rds.scan_iter(f'{prefix}*'))
+        if keys:
+            rds.delete(*keys)
+        rds.close()
+        app.close()
+
+
+def entries(app: Celery, rds: redis.Redis, saga_id: str) -> list[str]:
+    return rds.lrange(tasks.ledger_key(app, saga_id), 0, -1)
+
+
+@pytest.mark.prefork
+@pytest.mark.parametrize('opt_in', [False, True],
+                         ids=['plain', 'compensate_on_failure'])
+def test_whole_worker_killed_during_a_step(cluster, opt_in):
+    """Nothing in Celery reports it; the step's lease lapses and the next
+    live worker's sweep compensates, long before any visibility timeout.
+    The step is in doubt: its own undo runs only if it opted in."""
+    app, rds, start = cluster
+    first = start('first')
+    res = saga(tasks.do.si('a'),
+               tasks.do.si('b', sleep=60).set(compensate_on_failure=opt_in),
+               tasks.do.si('c'), app=app).apply_async()
+    wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15)
+    first.kill()
+    killed = time.monotonic()
+    start('second')
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    elapsed = time.monotonic() - killed
+    log = entries(app, rds, res.id)
+    assert undone(log) == (['b', 'a'] if opt_in else ['a'])
+    assert 'start:c' not in log
+    step = res.steps[1]
+    assert step.state is StepState.FAILED and 'lost' in step.failure
+    # lease + sweeper hand-over + sweep + hold, plus a worker start
+    assert elapsed < 15, elapsed
+
+
+@pytest.mark.prefork
+def test_whole_worker_killed_during_an_undo(cluster):
+    """The compensation resumes where it stopped: the lost attempt counts,
+    the undo runs again (same idempotency key), then the stage before;
+    finished undos are not repeated."""
+    app, rds, start = cluster
+    first = start('first')
+    res = saga(tasks.do.si('a'), tasks.do.si('b', undo_hang_once=True),
+               tasks.do.si('c', fail=True), app=app).apply_async()
+    wait_for(lambda: 'undo-start:b' in entries(app, rds, res.id), timeout=15)
+    first.kill()
+    start('second')
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    log = entries(app, rds, res.id)
+    assert undone(log) == ['b', 'a']
+    assert log.count('undo-start:b') == 2 and log.count('undo-start:a') == 1
+    b = res.steps[1]
+    assert b.undo_state is UndoState.DONE and b.undo_attempts == 2
+    idem = rds.hgetall(f'{app.conf.compensate_key_prefix}-t:idem:{res.id}')
+    assert idem['b'] == f'{res.id}:1'
+
+
+@pytest.mark.prefork
+def test_abort_terminates_the_running_step(cluster):
+    """Abort revokes the in-flight step with terminate: it never completes,
+    and what completed is compensated."""
+    app, rds, start = cluster
+    start('only')
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=30), tasks.do.si('c'),
+               app=app).apply_async()
+    wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15)
+    assert res.abort() is True
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    log = entries(app, rds, res.id)
+    assert undone(log) == ['a'] and 'do:b' not in log and 'start:c' not in log
+    info = res.info()
+    assert info.reason == 'aborted: by an operator'
+    assert info.steps[1].state is StepState.FAILED
+
+
+# -- the threads worker, short leases --------------------------------------
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_step_in_a_queue_nobody_consumes_is_recovered(
+        celery_app, celery_worker, rds, prefix):
+    res = saga(tasks.do.si('a'), tasks.do.si('b').set(queue=f'{prefix}-nobody'),
+               tasks.do.si('c')).apply_async()
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+    assert 'lost' in res.steps[1].failure
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_live_worker_keeps_a_long_step_alive(celery_app, celery_worker, rds):
+    """The step runs 4 leases long; the heartbeat renews its lease, so the
+    sweep leaves it alone."""
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=4.0)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPLETED
+    log = ledger(rds, celery_app, res.id)
+    assert undone(log) == [] and 'do:b' in log
+
+
+@pytest.mark.compensate_conf(compensate_undo_queue='UNDO_QUEUE', **FAST)
+def test_an_undo_whose_message_was_lost_is_sent_again(
+        celery_app, celery_worker, rds):
+    """The undo's message is lost (and its queue has no consumer yet): its
+    lease lapses and it is sent again, each lease; once a worker consumes
+    the queue, exactly one copy runs."""
+    undo_queue = get_state(celery_app).settings.undo_queue
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)).apply_async()
+    wait_for(lambda: rds.llen(undo_queue) == 1)
+    rds.delete(undo_queue)                      # as if the broker lost it
+    wait_for(lambda: rds.llen(undo_queue) >= 2, timeout=10)
+    celery_worker.consumer.add_task_queue(undo_queue)
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    log = ledger(rds, celery_app, res.id)
+    assert undone(log) == ['a'] and log.count('undo-start:a') == 1
+    assert res.steps[0].undo_attempts == 1
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_abort_on_a_threads_worker_undoes_the_late_completer(
+        celery_app, celery_worker, rds):
+    """A threads pool cannot terminate the running step: it completes after
+    the abort, is undone as a late completer, and the next link never
+    runs."""
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=1.0),
+               tasks.do.si('c')).apply_async()
+    wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
+    assert res.abort('stock count is wrong') is True
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    wait_for(lambda: sorted(undone(ledger(rds, celery_app, res.id)))
+             == ['a', 'b'])
+    log = ledger(rds, celery_app, res.id)
+    assert 'do:b' in log and 'start:c' not in log
+    assert res.info().reason == 'aborted: stock count is wrong'
+
+
+def test_abort_of_a_saga_that_is_not_running_changes_nothing(
+        celery_app, celery_worker, rds, caplog):
+    res = saga(tasks.do.si('a')).apply_async()
+    assert res.wait(timeout=10) is SagaState.COMPLETED
+    before = rds.hgetall(get_state(celery_app).store.key(res.id))
+    with caplog.at_level(logging.WARNING, logger='celery_compensate.result'):
+        assert res.abort() is False
+    assert rds.hgetall(get_state(celery_app).store.key(res.id)) == before
+    assert 'not aborted: it is COMPLETED' in caplog.text
+    with pytest.raises(SagaNotFound, match='no-such-saga'):
+        SagaResult('no-such-saga', app=celery_app).abort()
+
+
+# -- the sweep itself, step by step (no worker) ------------------------------
+
+def _lapse(rds: redis.Redis, store, saga_id: str, index: int = 0) -> None:
+    """Make step ``index``'s lease lapse now."""
+    rds.hset(store.key(saga_id), f'd{index}', 1)
+    rds.zadd(store.index_key(shard_of(saga_id)), {saga_id: 1})
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_long_gap_in_sweeps_is_not_taken_for_dead_workers(celery_app, rds):
+    """After Redis was unreachable (no sweep for a while) the sweep holds
+    off until live workers had time to renew their leases."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do'), UndoSpec('t.undo'), False)]])
+    store.create('held', plan)
+    _lapse(rds, store, 'held')
+    recovery = Recovery(celery_app, store.settings)
+    try:
+        assert recovery.sweep() == 0            # first sweep in a while: held
+        store.renew([('held', 0, None)])        # a live worker renews
+        time.sleep(recovery.hold)
+        assert recovery.sweep() == 0            # renewed: nothing due
+        assert store.get_state('held') is SagaState.RUNNING
+        _lapse(rds, store, 'held')              # now nobody renews
+        assert recovery.sweep() == 1
+        assert store.get_state('held') is SagaState.COMPENSATED
+        assert 'lost' in store.read('held').steps[0].failure
+    finally:
+        recovery.stop()
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
+        celery_app, rds, caplog):
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
+                               True)]])
+    for sid in ('good', 'bad'):
+        store.create(sid, plan)
+        _lapse(rds, store, sid)
+    rds.hset(store.key('bad'), 'p0', '{"index": 0, "trunc')
+    recovery = Recovery(celery_app, store.settings)
+    try:
+        recovery.sweep()                         # the first sweep holds
+        time.sleep(recovery.hold)
+        with caplog.at_level(logging.ERROR):
+            recovery.sweep()
+    finally:
+        recovery.stop()
+    assert store.get_state('good') is SagaState.COMPENSATING  # undo sent
+    assert rds.zscore(store.quarantine_key(shard_of('bad')), 'bad')
+    assert rds.zscore(store.index_key(shard_of('bad')), 'bad') is None
+    assert 'saga bad: the sweep cannot process it' in caplog.text
+    # nothing recorded was lost: the record is still there to repair
+    assert rds.hget(store.key('bad'), 'p0') == '{"index": 0, "trunc'
+    rds.delete(store.quarantine_key(shard_of('bad')))
