@@ -928,7 +928,10 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
             SagaNotFound: no such saga.
             CorruptSagaRecord: the record cannot be decoded.
         """
-        raw = self._run(self.client.hgetall, self.key(saga_id))
+        try:
+            raw = self._run(self.client.hgetall, self.key(saga_id))
+        except CorruptSagaRecord as exc:
+            raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
         if not raw:
             raise SagaNotFound(saga_id)
         try:
@@ -957,6 +960,11 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
             raise SagaStoreError(
                 f'saga store at {self.settings.safe_redis_url} failed: '
                 f'{exc}') from exc
+        except UnicodeDecodeError as exc:
+            # records hold JSON text only; never decoded any other way
+            raise CorruptSagaRecord(
+                'a saga record holds bytes that are not UTF-8 text (records '
+                f'are JSON): {exc}') from exc
 
     def _decoded(self, saga_id: str, reply: list[Any]) -> Outcome:
         try:

