@@ -94,6 +94,9 @@ def test_whole_worker_killed_during_a_step(cluster, opt_in):
     The step is in doubt: its own undo runs only if it opted in."""
     app, rds, start = cluster
     first = start('first')
+    if rds.config_get('appendonly')['appendonly'] == 'no':
+        # the test Redis runs without AOF: the worker says so at start
+        wait_for(lambda: 'has no append-only file' in first.output())
     res = saga(tasks.do.si('a'),
                tasks.do.si('b', sleep=60).set(compensate_on_failure=opt_in),
                tasks.do.si('c'), app=app).apply_async()
