@@ -143,7 +143,7 @@ class Settings:
         _require(_is_number(step_timeout) and step_timeout >= 2 * heartbeat,
                  'compensate_step_timeout', 'a number of seconds at least '
                  'twice compensate_heartbeat_interval '
-                 f'({2 * heartbeat}s)', step_timeout)
+                 f'({2 * heartbeat:g}s)', step_timeout)
         sweep = get('compensate_recovery_interval')
         _require(_is_number(sweep) and sweep > 0,
                  'compensate_recovery_interval', 'a positive number of '

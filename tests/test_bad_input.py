@@ -129,3 +129,10 @@ def test_bad_publishing_options_fail_at_saga_not_at_publish(
     with pytest.raises(InvalidSaga, match=r"the undo of step 0 \(t.plain\)"):
         saga(tasks.plain.si('a').set(
             compensate_with=tasks.release.si().set(**{option: value})))
+
+
+@pytest.mark.parametrize('value', [0.01, 'ten', True])
+def test_a_bad_compensate_timeout_fails_at_saga(celery_app, value):
+    with pytest.raises(InvalidSaga, match=r'step 0 \(t.do\): compensate_'
+                                          r'timeout must be a number'):
+        saga(tasks.do.si('a').set(compensate_timeout=value))

@@ -40,6 +40,14 @@ def test_default_undo_retry_policy_suits_an_interactive_system():
      'compensate_result_expires'),
     ({'broker_url': 'redis://x', 'compensate_undo_queue': 3},
      'compensate_undo_queue'),
+    ({'broker_url': 'redis://x', 'compensate_step_timeout': 5,
+      'compensate_heartbeat_interval': 10},
+     r'compensate_step_timeout must be .* at least twice '
+     r'compensate_heartbeat_interval \(20s\), got 5'),
+    ({'broker_url': 'redis://x', 'compensate_heartbeat_interval': 0},
+     'compensate_heartbeat_interval must be'),
+    ({'broker_url': 'redis://x', 'compensate_recovery_interval': '10'},
+     'compensate_recovery_interval must be'),
 ])
 def test_bad_settings_name_the_key(conf, culprit):
     with pytest.raises(ImproperlyConfigured, match=culprit):
@@ -51,3 +59,10 @@ def test_timedelta_and_password_masking():
         'compensate_redis_url': 'redis://user:pw@h:1/0',
         'compensate_result_expires': datetime.timedelta(hours=1)})
     assert s.result_expires == 3600 and 'pw' not in s.safe_redis_url
+    assert 'pw' not in repr(s)
+
+
+def test_recovery_defaults():
+    s = Settings.from_conf({'broker_url': 'redis://h'})
+    assert (s.step_timeout, s.heartbeat_interval, s.recovery_interval) == (
+        300.0, 10.0, 10.0)
