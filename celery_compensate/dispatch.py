@@ -230,10 +230,8 @@ class Coordinator:
             logger.warning('saga %s: undo of step %d (attempt %d) sent again: '
                            'its lease lapsed', saga_id, due.step.index,
                            due.attempt)
-        reason = (f'step {outcome.stopped[0]} lost' if outcome.stopped
-                  else None)
         self.apply(saga_id, outcome, step=(outcome.stopped or [None])[0],
-                   reason=reason)
+                   reason='lost: no live worker renewed its lease')
         return outcome
 
     def abort(self, saga_id: str, reason: str) -> Outcome:
@@ -351,13 +349,14 @@ class Coordinator:
             return
         if old is SagaState.RUNNING:
             signals.compensation_started.send(step=step, reason=reason, **send)
+        # an abort names no failed step, only its reason
+        why = reason if step is None else f'step {step} failed: {reason}'
         if new is SagaState.COMPENSATING and old is SagaState.RUNNING:
-            logger.warning('saga %s: COMPENSATING: step %s failed: %s',
-                           saga_id, step, reason)
+            logger.warning('saga %s: COMPENSATING: %s', saga_id, why)
         elif new is SagaState.COMPENSATED:
             if old is SagaState.RUNNING:
-                logger.warning('saga %s: COMPENSATED: step %s failed: %s; '
-                               'nothing to undo', saga_id, step, reason)
+                logger.warning('saga %s: COMPENSATED: %s; nothing to undo',
+                               saga_id, why)
             else:
                 logger.warning('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)

@@ -43,7 +43,7 @@ LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
 
 @pytest.fixture
 def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
-                                              Callable[[str], WorkerProcess]]]:
+                                              Callable[..., WorkerProcess]]]:
     """A producer app and a factory of prefork workers on its queue."""
     prefix = f'cctest-rc-{uuid.uuid4().hex[:8]}'
     app = Celery('rc-producer', broker=redis_url, set_as_current=False)
@@ -55,7 +55,7 @@ def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
     install(app)
     workers: list[WorkerProcess] = []
 
-    def start(name: str) -> WorkerProcess:
+    def start(name: str, *args: str) -> WorkerProcess:
         worker = WorkerProcess('tests.prefork_app', {
             'COMPENSATE_TEST_BROKER': redis_url,
             'COMPENSATE_TEST_PREFIX': prefix,
@@ -63,7 +63,7 @@ def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
             'COMPENSATE_TEST_STEP_TIMEOUT': str(LEASE),
             'COMPENSATE_TEST_HEARTBEAT_INTERVAL': str(HEARTBEAT),
             'COMPENSATE_TEST_RECOVERY_INTERVAL': str(SWEEP),
-        }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q', name=name,
+        }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q', *args, name=name,
             cwd=ROOT)
         workers.append(worker)
         return worker.start()
@@ -282,3 +282,43 @@ def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
     # nothing recorded was lost: the record is still there to repair
     assert rds.hget(store.key('bad'), 'p0') == '{"index": 0, "trunc'
     rds.delete(store.quarantine_key(shard_of('bad')))
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_sweep_acts_on_the_due_sagas_only(celery_app, rds):
+    """The deadline index hands the sweep only the sagas whose leases
+    lapsed, however many others are stored."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), None, False)]])
+    for n in range(300):
+        store.create(f'busy-{n}', plan)
+    store.create('due', plan)
+    _lapse(rds, store, 'due')
+    recovery = Recovery(celery_app, store.settings)
+    acted: list[str] = []
+    original = recovery.coordinator.recover
+    recovery.coordinator.recover = lambda sid: acted.append(sid) or original(sid)
+    try:
+        recovery.sweep()                        # the first sweep holds
+        time.sleep(recovery.hold)
+        assert recovery.sweep() == 1
+    finally:
+        recovery.stop()
+    assert acted == ['due']
+    assert store.get_state('busy-0') is SagaState.RUNNING
+
+
+@pytest.mark.prefork
+def test_a_worker_without_recovery_renews_but_does_not_sweep(cluster):
+    """``--without-compensate-recovery``: the worker keeps its own long step
+    alive, but leaves a lapsed saga to other workers."""
+    app, rds, start = cluster
+    store = get_state(app).store
+    start('quiet', '--without-compensate-recovery')
+    plan = Plan.from_stages([[(TaskRef('t.do', ('x',)), None, False)]])
+    store.create('orphan', plan)
+    _lapse(rds, store, 'orphan')
+    res = saga(tasks.do.si('a', sleep=LEASE * 2), app=app).apply_async()
+    assert res.wait(timeout=20) is SagaState.COMPLETED
+    assert store.get_state('orphan') is SagaState.RUNNING
+    assert not rds.exists(store.lock_key())
