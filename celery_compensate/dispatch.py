@@ -230,7 +230,8 @@ class Coordinator:
             logger.warning('saga %s: undo of step %d (attempt %d) sent again: '
                            'its lease lapsed', saga_id, due.step.index,
                            due.attempt)
-        self.apply(saga_id, outcome, step=(outcome.stopped or [None])[0],
+        first = outcome.stopped[0] if outcome.stopped else None
+        self.apply(saga_id, outcome, step=first,
                    reason='lost: no live worker renewed its lease')
         return outcome
 

@@ -154,6 +154,8 @@ def _may_be_settled(state: AppState, request: Any) -> str:
     if deadline is None:
         deadline = (getattr(request, 'headers', None) or {}).get(
             'compensate_deadline')
+    if deadline is None:
+        return ''
     try:
         # a heartbeat's margin: workers' clocks and Redis's may differ
         late = time.time() > (float(deadline)

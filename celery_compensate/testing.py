@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import redis
 
@@ -91,6 +92,21 @@ def redis_server(*extra: str, env_names: tuple[str, ...] = (
         yield server.connection_url
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that SIGKILLs the child when this process dies
+    (Linux ``PR_SET_PDEATHSIG``), so a killed test run leaves no server
+    behind; ``None`` elsewhere."""
+    try:
+        libc = ctypes.CDLL('libc.so.6', use_errno=True)
+    except OSError:
+        return None
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGKILL)
+
+    return preexec
+
+
 class RedisProcess:
     """A ``redis-server`` on a loopback port that can be killed with
     SIGKILL and restarted on the same port and data directory (with
@@ -98,40 +114,55 @@ class RedisProcess:
 
     Arguments:
         extra: more ``redis-server`` arguments.
+        appendonly: run with an append-only file.
+        workdir: data directory (and ``redis.log``); default: a temporary
+            one, removed by :meth:`stop`.
     """
 
-    def __init__(self, *extra: str, appendonly: bool = True) -> None:
+    def __init__(self, *extra: str, appendonly: bool = True,
+                 workdir: str | Path | None = None) -> None:
         binary = shutil.which('redis-server')
         if binary is None:
             raise RuntimeError('redis-server is not on PATH')
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix='compensate-redis-')
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix='compensate-redis-'))
+        self.log = self.dir / 'redis.log'
         self.cmd = [binary, '--port', str(self.port), '--bind', '127.0.0.1',
                     '--save', '', '--appendonly',
-                    'yes' if appendonly else 'no', '--dir', self.dir, *extra]
+                    'yes' if appendonly else 'no', '--dir', str(self.dir),
+                    *extra]
         self.url = f'redis://127.0.0.1:{self.port}/0'
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> RedisProcess:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
-        wait_ping(self.url)
+    def start(self, wait: bool = True) -> RedisProcess:
+        """Start (again, after :meth:`kill`); wait until it answers."""
+        with self.log.open('ab') as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log,
+                                         stderr=subprocess.STDOUT,
+                                         preexec_fn=die_with_parent())
+        if wait:
+            wait_ping(self.url)
         return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         """``kill -9`` the server."""
-        if self.proc and self.proc.poll() is None:
+        if self.proc and self.running():
             self.proc.kill()
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc and self.running():
             self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class WorkerProcess:

@@ -52,7 +52,7 @@ def test_an_unknown_state_is_a_corrupt_record(celery_app, rds):
     res = SagaResult('odd', app=celery_app)
     with pytest.raises(CorruptSagaRecord, match="'odd' has an unknown state "
                                                 "'HALF_DONE'"):
-        res.state
+        res.state  # noqa: B018 - the read raises
     with pytest.raises(CorruptSagaRecord, match='odd'):
         res.info()
 

@@ -1,0 +1,279 @@
+"""The Celery app and tasks of the chaos suite (``tests/chaos.py``).
+
+Loaded by the chaos worker subprocesses (``celery -A tests.chaos_app
+worker``) and by the chaos driver itself (which needs the same task names
+to build sagas).  Configured from environment variables the driver sets:
+
+- ``CHAOS_BROKER``: the Redis URL (broker, saga store and ledger);
+- ``CHAOS_PREFIX``: ``compensate_key_prefix``; the ledger keys are
+  ``<prefix>-chaos:*``;
+- ``CHAOS_QUEUE``: the queue every task goes to;
+- ``CHAOS_VISIBILITY``: the Redis transport's ``visibility_timeout``.
+
+Effects are modelled like a real service reached with idempotency keys:
+
+- the forward effect of step ``(saga_no, index)`` is applied at most once
+  (``HSETNX`` on ``do:<saga_no>:<index>``), whatever the number of
+  executions of the step;
+- an undo applies its effect only if the forward effect exists and the
+  undo's idempotency key (the one celery_compensate puts in the request
+  headers) was not used yet, like a payment API refunding once per key.
+  An undo re-run under another key (or none) would undo twice: every
+  application increments ``undo:<saga_no>:<index>``, so a double undo is
+  visible in the counts.
+
+Every execution and every effect appends one entry to the ledger list
+(``<kind> <json>``), the effect and its ledger entry in one Lua script so
+the ledger order is the order of the effects.  Each write carries a token,
+so a write resent after a lost reply (Redis killed) is applied once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from celery_compensate import install
+from celery_compensate.model import parse_task_id
+
+BROKER = os.environ.get('CHAOS_BROKER', 'redis://127.0.0.1:6379/0')
+PREFIX = os.environ.get('CHAOS_PREFIX', 'chaos')
+QUEUE = os.environ.get('CHAOS_QUEUE', f'{PREFIX}-q')
+VISIBILITY = float(os.environ.get('CHAOS_VISIBILITY', '20'))
+
+#: ledger keys, shared with the driver
+LEDGER = f'{PREFIX}-chaos:ledger'
+EFFECTS = f'{PREFIX}-chaos:fx'
+IDEM = f'{PREFIX}-chaos:idem'
+REPLIES = f'{PREFIX}-chaos:replies'
+DUPS = f'{PREFIX}-chaos:dup'
+
+app = Celery('chaos', broker=BROKER, set_as_current=False)
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        'visibility_timeout': VISIBILITY,
+        # look for unacked messages older than the visibility timeout
+        # every 2 s instead of every ~100 s
+        'unacked_restore_interval': 2,
+        'unacked_restore_throttle': 1,
+    },
+    compensate_key_prefix=PREFIX,
+    compensate_result_expires=7 * 86400,
+    compensate_undo_retry_backoff=0.05,
+    compensate_undo_retry_backoff_max=0.5,
+    # flaky undos fail at most twice; two more attempts of slack for a lost
+    # pool child or worker hitting an undo
+    compensate_undo_max_attempts=5,
+    # the crash-recovery settings (ignored by a celery_compensate without
+    # the recovery sweep)
+    compensate_step_timeout=3,
+    compensate_heartbeat_interval=0.5,
+    compensate_recovery_interval=1,
+)
+install(app)
+
+
+# -- the ledger ------------------------------------------------------------
+
+#: KEYS: effects, ledger, replies; ARGV: token, '<no>:<i>', entry JSON.
+_DO = """
+local r = redis.call('HGET', KEYS[3], ARGV[1])
+if r then return r end
+local kind = 'do-skip'
+if redis.call('HSETNX', KEYS[1], 'do:' .. ARGV[2], ARGV[1]) == 1 then
+  kind = 'do'
+end
+redis.call('RPUSH', KEYS[2], kind .. ' ' .. ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], kind)
+return kind
+"""
+
+#: KEYS: effects, ledger, replies, idempotency keys used;
+#: ARGV: token, '<no>:<i>', idempotency key ('' if none), entry JSON.
+_UNDO = """
+local r = redis.call('HGET', KEYS[3], ARGV[1])
+if r then return r end
+local kind
+if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
+  kind = 'undo-dedup'
+elseif redis.call('HEXISTS', KEYS[1], 'do:' .. ARGV[2]) == 0 then
+  kind = 'undo-noop'
+else
+  redis.call('HINCRBY', KEYS[1], 'undo:' .. ARGV[2], 1)
+  if ARGV[3] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
+  kind = 'undo'
+end
+redis.call('RPUSH', KEYS[2], kind .. ' ' .. ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[1], kind)
+return kind
+"""
+
+#: KEYS: ledger, replies; ARGV: token, entry ('<kind> <json>').
+_NOTE = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+_clients: dict[int, tuple[redis.Redis, Any, Any, Any]] = {}
+
+
+def _client() -> tuple[redis.Redis, Any, Any, Any]:
+    """One client per process (pool children are forked)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        r = redis.Redis.from_url(BROKER, decode_responses=True,
+                                 socket_timeout=5, socket_connect_timeout=2)
+        _clients[pid] = (r, r.register_script(_DO),
+                         r.register_script(_UNDO), r.register_script(_NOTE))
+    return _clients[pid]
+
+
+def _retrying(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` until Redis answers (it is killed once per run): a
+    client of a real service retries too.  Every call is safe to resend."""
+    deadline = time.monotonic() + 60
+    delay = 0.05
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _entry(task: Task, saga_no: int, index: int, **extra: Any) -> dict:
+    req = task.request
+    info = parse_task_id(req.id)
+    return {'s': saga_no, 'i': index, 't': req.id,
+            'a': info.attempt if info else None,
+            'sid': getattr(req, 'compensate_saga_id', None),
+            'rd': bool((req.delivery_info or {}).get('redelivered')),
+            'pid': os.getpid(), 'ts': round(time.time(), 4), **extra}
+
+
+def note(task: Task, kind: str, saga_no: int, index: int, **extra: Any) -> None:
+    """Record an execution event (not an effect)."""
+    _, _, _, script = _client()
+    entry = f'{kind} {json.dumps(_entry(task, saga_no, index, **extra))}'
+    _retrying(script, keys=[LEDGER, REPLIES], args=[uuid.uuid4().hex, entry])
+
+
+def parse_fault(fault: str) -> tuple[str, bool, float | None, int]:
+    """``kind[:fx][:<seconds>|:<n>]`` -> (kind, effect first, seconds, n).
+
+    ``fx``: the forward (or undo) effect is applied before the fault hits.
+    """
+    kind, fx, secs, n = '', False, None, 0
+    for k, part in enumerate((fault or '').split(':')):
+        if k == 0:
+            kind = part
+        elif part == 'fx':
+            fx = True
+        elif part:
+            if '.' in part:
+                secs = float(part)
+            else:
+                n = int(part)
+    return kind, fx, secs, n
+
+
+class ChaosFailure(RuntimeError):
+    """Raised on purpose."""
+
+
+# -- the tasks -------------------------------------------------------------
+
+@app.task(bind=True, name='chaos.undo')
+def undo(self: Task, saga_no: int, index: int, fault: str = '') -> str:
+    """The undo of ``chaos.step``; always safe when the forward effect never
+    happened.  Faults: ``flaky:N`` fails on attempts <= N, ``kill:N`` kills
+    its own pool child on attempts <= N, ``never`` always fails, ``slow``
+    sleeps (so worker kills hit running undos); with ``:fx`` the effect is
+    applied before the fault (an undo whose outcome is in doubt, repeated
+    under the same idempotency key)."""
+    kind, fx, secs, n = parse_fault(fault)
+    idem = getattr(self.request, 'compensate_idempotency_key', None)
+    attempt = getattr(parse_task_id(self.request.id), 'attempt', 0)
+    note(self, 'undo-start', saga_no, index, idem=idem, f=fault)
+    hits = kind == 'never' or (kind in ('flaky', 'kill') and attempt <= n)
+
+    def apply() -> str:
+        _, _, script, _ = _client()
+        entry = json.dumps(_entry(self, saga_no, index, idem=idem))
+        return _retrying(script, keys=[EFFECTS, LEDGER, REPLIES, IDEM],
+                         args=[uuid.uuid4().hex, f'{saga_no}:{index}',
+                               idem or '', entry])
+
+    if fx:
+        apply()
+    if kind == 'slow':
+        time.sleep(secs or 1.0)
+    if not fx and not hits:
+        apply()
+    if hits:
+        if kind == 'kill':
+            note(self, 'undo-kill', saga_no, index)
+            os.kill(os.getpid(), signal.SIGKILL)
+        note(self, 'undo-fail', saga_no, index)
+        raise ChaosFailure(f'undo {saga_no}.{index} failed on purpose '
+                           f'({fault}, attempt {attempt})')
+    note(self, 'undo-end', saga_no, index)
+    return f'undone {saga_no}.{index}'
+
+
+@app.task(bind=True, name='chaos.step', compensate_with='chaos.undo',
+          compensate_on_failure=True)
+def step(self: Task, saga_no: int, index: int, fault: str = '') -> str:
+    """A forward step.  Faults: ``fail`` raises, ``time_limit`` sleeps past
+    its hard time limit, ``kill_child`` SIGKILLs its own pool child,
+    ``dup`` publishes a second copy of its own message, ``slow`` sleeps
+    (so revokes and worker kills hit running steps); with ``:fx`` the
+    effect is applied before the fault hits (an outcome in doubt)."""
+    kind, fx, secs, _ = parse_fault(fault)
+    note(self, 'start', saga_no, index, f=fault)
+    if kind == 'dup':
+        r = _client()[0]
+        if _retrying(r.set, f'{DUPS}:{saga_no}:{index}', 1, nx=True):
+            headers = {k: v for k, v in vars(self.request).items()
+                       if k.startswith('compensate_')}
+            self.apply_async(args=self.request.args,
+                             kwargs=self.request.kwargs,
+                             task_id=self.request.id, headers=headers)
+            note(self, 'dup-sent', saga_no, index)
+
+    def apply() -> str:
+        _, script, _, _ = _client()
+        entry = json.dumps(_entry(self, saga_no, index))
+        return _retrying(script, keys=[EFFECTS, LEDGER, REPLIES],
+                         args=[uuid.uuid4().hex, f'{saga_no}:{index}', entry])
+
+    if fx:
+        apply()
+    if kind == 'fail':
+        note(self, 'fail', saga_no, index)
+        raise ChaosFailure(f'step {saga_no}.{index} failed on purpose')
+    if kind == 'time_limit':
+        time.sleep(secs or 3.0)      # past its hard time limit
+    elif kind == 'kill_child':
+        note(self, 'kill', saga_no, index)
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == 'slow':
+        time.sleep(secs or 1.0)
+    if not fx:
+        apply()
+    note(self, 'end', saga_no, index)
+    return f'r{saga_no}.{index}'
