@@ -33,6 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def delete_keys(client: redis.Redis, pattern: str) -> int:
+    """Delete the keys matching ``pattern`` (found with SCAN, never KEYS)."""
+    keys = list(client.scan_iter(pattern, count=1000))
+    return client.delete(*keys) if keys else 0
+
+
 def wait_ping(url: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     client = redis.Redis.from_url(url)

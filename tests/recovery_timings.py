@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 
 from celery_compensate import SagaState, install, saga
-from celery_compensate.testing import WorkerProcess, redis_server
+from celery_compensate.testing import WorkerProcess, delete_keys, redis_server
 
 from . import tasks
 
@@ -79,9 +79,7 @@ def measure(url: str, lease: float, heartbeat: float, sweep: float,
             victim.stop()
     finally:
         survivor.stop()
-        keys = list(rds.scan_iter(f'{prefix}*'))
-        if keys:
-            rds.delete(*keys)
+        delete_keys(rds, f'{prefix}*')
         rds.close()
         app.close()
     return figures

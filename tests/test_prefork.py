@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 
 from celery_compensate import SagaState, install, saga
-from celery_compensate.testing import WorkerProcess
+from celery_compensate.testing import WorkerProcess, delete_keys
 
 from . import tasks
 from .conftest import wait_for
@@ -43,9 +43,7 @@ def pf(redis_url: str) -> Iterator[tuple[Celery, redis.Redis, WorkerProcess]]:
         yield app, rds, worker
     finally:
         worker.stop()
-        keys = list(rds.scan_iter(f'{prefix}*'))
-        if keys:
-            rds.delete(*keys)
+        delete_keys(rds, f'{prefix}*')
         rds.close()
         app.close()
 

@@ -24,7 +24,7 @@ from celery_compensate.install import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.recovery import Recovery
 from celery_compensate.store import shard_of
-from celery_compensate.testing import WorkerProcess
+from celery_compensate.testing import WorkerProcess, delete_keys
 
 from . import tasks
 from .conftest import ledger, wait_for
@@ -74,9 +74,7 @@ def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
     finally:
         for worker in workers:
             worker.stop()
-        keys = list(rds.scan_iter(f'{prefix}*'))
-        if keys:
-            rds.delete(*keys)
+        delete_keys(rds, f'{prefix}*')
         rds.close()
         app.close()
 

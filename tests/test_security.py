@@ -25,7 +25,7 @@ from celery_compensate.model import Plan, TaskIdInfo, TaskRef, UndoSpec
 from celery_compensate.recovery import check_persistence
 from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore
-from celery_compensate.testing import free_port, wait_ping
+from celery_compensate.testing import delete_keys, free_port, wait_ping
 
 from . import tasks
 from .conftest import wait_for
@@ -51,12 +51,8 @@ def app_with_store(broker_url: str, store_url: str,
             yield app
     finally:
         store = get_state(app).store
-        keys = list(store.client.scan_iter(f'{prefix}*'))
-        if keys:
-            store.client.delete(*keys)
-        keys = list(rds.scan_iter(f'{prefix}*'))
-        if keys:
-            rds.delete(*keys)
+        delete_keys(store.client, f'{prefix}*')
+        delete_keys(rds, f'{prefix}*')
         store.client.close()
         app.close()
 
