@@ -11,7 +11,7 @@ from .canvas import Saga, saga
 from .exceptions import (
     CompensateError, CorruptSagaRecord, ImproperlyConfigured, InvalidSaga,
     ResultNotSerializable, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
-    SagaTimeoutError, UndoRefused,
+    SagaTimeoutError, TaskRefused,
 )
 from .install import install
 from .model import SagaState, StepState, UndoState
@@ -24,5 +24,5 @@ __all__ = (
     'UndoState', 'signals',
     'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
     'InvalidSaga', 'ResultNotSerializable', 'SagaNotFound', 'SagaStoreError',
-    'SagaStoreUnavailable', 'SagaTimeoutError', 'UndoRefused',
+    'SagaStoreUnavailable', 'SagaTimeoutError', 'TaskRefused',
 )

@@ -162,15 +162,13 @@ class Saga:
                 f'{where}: compensate_on_failure=True needs compensate_with')
         timeout = self._timeout(opts, task, where)
         delay = _delay(call.options)
-        if delay:
-            timeout = (timeout or self._default_timeout()) + delay
         undo_timeout = None
         if undo is not None:
             undo_sig = undo_value if isinstance(undo_value, Signature) else None
             undo_timeout = self._timeout(
                 undo_sig.options if undo_sig is not None else {},
                 self.app.tasks.get(undo.name), f'the undo of {where}')
-        return call, undo, cof, timeout, undo_timeout
+        return call, undo, cof, timeout, undo_timeout, delay
 
     def _timeout(self, opts: Mapping[str, Any], task: Any,
                  where: str) -> float | None:
@@ -179,20 +177,17 @@ class Saga:
                  else getattr(task, 'compensate_timeout', None))
         if value is None:
             return None
-        minimum = 2 * self._settings().heartbeat_interval
+        minimum = self._settings().min_lease
         if (not isinstance(value, (int, float)) or isinstance(value, bool)
                 or value < minimum):
             raise InvalidSaga(
                 f'{where}: compensate_timeout must be a number of seconds of '
-                f'at least {minimum} (twice compensate_heartbeat_interval), '
-                f'got {value!r}')
+                f'at least {minimum:g} (2 x compensate_heartbeat_interval + '
+                f'2 x compensate_recovery_interval), got {value!r}')
         return float(value)
 
     def _settings(self) -> Any:
         return get_state(self.app).settings
-
-    def _default_timeout(self) -> float:
-        return self._settings().step_timeout
 
     def _undo(self, value: Any, where: str) -> UndoSpec | None:
         if value is None:

@@ -14,11 +14,11 @@ from kombu.utils.json import dumps
 
 from . import signals
 from .exceptions import (
-    ResultNotSerializable, SagaStoreUnavailable, UndoRefused,
+    ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
 )
 from .model import (
-    SagaState, StepSpec, TaskIdInfo, idempotency_key, step_task_id,
-    undo_delay, undo_task_id,
+    FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
+    step_task_id, undo_delay, undo_task_id,
 )
 from .store import Outcome, SagaStore, UndoDue, new_token
 
@@ -54,8 +54,9 @@ class Coordinator:
     def publish_step(self, saga_id: str, step: StepSpec,
                      args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """Publish forward step ``step`` with the given arguments."""
-        options = dict(step.call.options)
-        lease = step.timeout or self.settings.step_timeout
+        self.check_task(saga_id, step.describe(), step.call.name)
+        options = _allowed(step.call.options)
+        lease = self.settings.queue_timeout + step.delay
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
                    'compensate_step': step.index,
@@ -74,7 +75,7 @@ class Coordinator:
         assert step.undo is not None
         self.check_undo(saga_id, step)
         args, kwargs = step.undo.call_args(due.result, *step.called_with(due.prev))
-        options = dict(step.undo.options)
+        options = _allowed(step.undo.options)
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
                    'compensate_step': step.index,
@@ -97,14 +98,25 @@ class Coordinator:
         so a forged record cannot run arbitrary tasks.
 
         Raises:
-            UndoRefused: naming the task.
+            TaskRefused: naming the task.
         """
         name = step.undo.name if step.undo else None
         if (not isinstance(name, str) or name not in self.app.tasks
                 or name.startswith('celery.')):
-            raise UndoRefused(
+            raise TaskRefused(
                 f'saga {saga_id}: the undo of {step.describe()}, {name!r}, is '
                 'not a task registered in this app: not sent')
+
+    def check_task(self, saga_id: str, what: str, name: Any) -> None:
+        """Refuse a forward step naming one of Celery's own tasks (a step
+        may name a task this worker does not have: it runs elsewhere).
+
+        Raises:
+            TaskRefused: naming the task.
+        """
+        if not isinstance(name, str) or name.startswith('celery.'):
+            raise TaskRefused(f'saga {saga_id}: {what} names {name!r}, which '
+                              'a saga may not run: not sent')
 
     def publish_next_stage(self, saga_id: str, outcome: Outcome) -> None:
         """Publish the stage after a completed one, passing its result on
@@ -280,7 +292,7 @@ class Coordinator:
         # and the sweep sends it again when its lease lapses.
         try:
             self.publish_undo(saga_id, due, countdown=countdown)
-        except UndoRefused as exc:
+        except TaskRefused as exc:
             logger.error('%s', exc)
             self._refuse(saga_id, due, str(exc))
         except Exception:  # noqa: BLE001
@@ -361,6 +373,10 @@ class Coordinator:
             else:
                 logger.warning('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
+
+
+def _allowed(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in FORBIDDEN_OPTIONS}
 
 
 def _describe(exc: BaseException) -> str:

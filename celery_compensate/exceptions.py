@@ -7,7 +7,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 __all__ = (
     'CompensateError', 'ImproperlyConfigured', 'InvalidSaga', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
-    'ResultNotSerializable', 'CorruptSagaRecord', 'UndoRefused',
+    'ResultNotSerializable', 'CorruptSagaRecord', 'TaskRefused',
 )
 
 
@@ -59,7 +59,8 @@ class SagaTimeoutError(CompensateError, CeleryTimeoutError, TimeoutError):
     :exc:`celery.exceptions.TimeoutError`."""
 
 
-class UndoRefused(CompensateError):
-    """A saga record names an undo that is not a task registered in the app
-    (or is one of Celery's own ``celery.*`` tasks): it is never sent, and
-    the saga becomes ``COMPENSATION_FAILED`` for an operator to look at."""
+class TaskRefused(CompensateError):
+    """A saga record names a task a saga may not run: an undo that is not a
+    task registered in the app, or a step or undo that is one of Celery's
+    own ``celery.*`` tasks.  It is never sent; a refused undo makes the saga
+    ``COMPENSATION_FAILED``, a refused step fails and compensates."""

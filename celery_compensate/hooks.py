@@ -114,7 +114,14 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         # kombu restored this message after a worker died, or it waited
         # past its lease: run the body only if the saga has no record of
         # how the step ended (a round trip paid by such messages only)
-        code, result = state.store.step_status(info.saga_id, info.index)
+        try:
+            code, result = state.store.step_status(info.saga_id, info.index)
+        except SagaStoreUnavailable as exc:
+            # cannot tell whether the step already ended: do not run the
+            # body now, and do not fail the step either
+            raise task.retry(exc=exc, max_retries=None,
+                             countdown=state.settings.heartbeat_interval
+                             ) from exc
         if code in (StepState.DONE, StepState.FAILED):
             logger.info('saga %s: step %d not run again (%s): it is already '
                         '%s', info.saga_id, info.index, why,
@@ -168,8 +175,14 @@ def _may_be_settled(state: AppState, request: Any) -> str:
 def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
     token = new_token()
-    verdict = state.store.undo_begin(info.saga_id, info.index, info.attempt,
-                                     token)
+    try:
+        verdict = state.store.undo_begin(info.saga_id, info.index,
+                                         info.attempt, token)
+    except SagaStoreUnavailable as exc:
+        # the body has not run: not a failed attempt; try again later
+        raise task.retry(exc=exc, max_retries=None,
+                         countdown=state.settings.heartbeat_interval
+                         ) from exc
     if verdict != 'run':
         logger.info('saga %s: undo of step %d attempt %d not run: %s',
                     info.saga_id, info.index, info.attempt, verdict)

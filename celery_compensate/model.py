@@ -136,12 +136,15 @@ class StepSpec:
     call: TaskRef
     undo: UndoSpec | None = None
     compensate_on_failure: bool = False
-    #: seconds the step may go without a live holder before it is
-    #: recovered (its ``compensate_timeout`` plus any countdown); ``None``:
-    #: the app's ``compensate_step_timeout``
+    #: its lease: seconds the step may go without a live worker renewing
+    #: it before it is recovered (``compensate_timeout``); ``None``: the
+    #: app's ``compensate_step_timeout``
     timeout: float | None = None
     #: the same for its undo
     undo_timeout: float | None = None
+    #: seconds it waits in the broker by design (countdown, eta), added to
+    #: the time it may wait there
+    delay: float = 0.0
 
     @property
     def undo_flag(self) -> str:
@@ -158,6 +161,7 @@ class StepSpec:
             'undo': self.undo.to_dict() if self.undo else None,
             'compensate_on_failure': self.compensate_on_failure,
             'timeout': self.timeout, 'undo_timeout': self.undo_timeout,
+            'delay': self.delay,
         }
 
     @classmethod
@@ -170,6 +174,7 @@ class StepSpec:
             compensate_on_failure=bool(d.get('compensate_on_failure')),
             timeout=_opt_float(d.get('timeout')),
             undo_timeout=_opt_float(d.get('undo_timeout')),
+            delay=float(d.get('delay') or 0.0),
         )
 
     def called_with(self, prev: Sequence[Any]
@@ -212,7 +217,7 @@ class Plan:
     @classmethod
     def from_stages(cls, stages: Sequence[Sequence[tuple[Any, ...]]]) -> Plan:
         """Number the steps of ``stages``: lists of ``(call, undo, cof)``
-        or ``(call, undo, cof, timeout, undo_timeout)``."""
+        or ``(call, undo, cof, timeout, undo_timeout, delay)``."""
         built: list[tuple[StepSpec, ...]] = []
         index = 0
         for k, stage in enumerate(stages):
@@ -286,6 +291,16 @@ def parse_task_id(task_id: str | None) -> TaskIdInfo | None:
         return TaskIdInfo(m.group('saga'), int(m.group('step')), False)
     return TaskIdInfo(m.group('saga'), int(m.group('undo')), True,
                       int(m.group('attempt')))
+
+
+#: Publishing options a record may never carry (they would start tasks
+#: outside the plan or break the saga's own ids): dropped when a step or an
+#: undo read back from Redis is published.
+FORBIDDEN_OPTIONS = frozenset({
+    'link', 'link_error', 'callbacks', 'errbacks', 'chain', 'chord',
+    'task_id', 'parent_id', 'root_id', 'group_id', 'group_index',
+    'reply_to', 'subtask_type', 'immutable',
+})
 
 
 def _opt_float(value: Any) -> float | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import redis
 from celery.utils.log import get_logger
@@ -36,17 +36,32 @@ logger = get_logger(__name__)
 SWEEP_BATCH = 100
 
 
-def held_by_this_worker() -> Iterator[tuple[str, int, int | None]]:
+def _snapshot(requests: Iterable[Any]) -> list[Any]:
+    # the worker's event loop adds and discards requests while we copy
+    for _ in range(10):
+        try:
+            return list(requests)
+        except RuntimeError:  # set changed size during iteration
+            continue
+    return []
+
+
+def held_by_this_worker(active_only: bool = False
+                        ) -> Iterator[tuple[str, int, int | None]]:
     """The saga steps and undo attempts this worker process holds: reserved
     (prefetched, or waiting for their ETA) or running.
 
+    Arguments:
+        active_only: only those running (a worker shutting down).
     Yields:
         tuple: ``(saga id, step index, undo attempt or None)``.
     """
     from celery.worker import state
-    requests: set[Any] = set()
-    for name in ('active_requests', 'reserved_requests', 'scheduled_requests'):
-        requests.update(getattr(state, name, ()))
+    names = ('active_requests',) if active_only else (
+        'active_requests', 'reserved_requests', 'scheduled_requests')
+    requests: list[Any] = []
+    for name in names:
+        requests.extend(_snapshot(getattr(state, name, ())))
     for request in requests:
         info = parse_task_id(getattr(request, 'id', None))
         if info is not None:
@@ -81,9 +96,10 @@ def check_persistence(client: redis.Redis, safe_url: str) -> list[str]:
 class Recovery:
     """Lease renewal and, optionally, the recovery sweep of one worker.
 
-    It runs in a thread of the worker's main process (which outlives pool
-    children), with its own Redis connections, so a slow Redis never
-    stalls the worker's event loop.
+    Each runs in its own thread of the worker's main process (which
+    outlives pool children), with its own Redis connections, so a slow
+    Redis never stalls the worker's event loop and a long sweep never
+    delays this worker's renewals.
 
     Arguments:
         app: the worker's app.
@@ -99,29 +115,44 @@ class Recovery:
         self.store = SagaStore(settings)
         self.coordinator = Coordinator(app, settings, self.store)
         # one sweeper at a time; another takes over within lock_ttl of its
-        # death, so a gap longer than that means nobody could sweep
+        # death.  A shard not swept for two intervals means Redis (or every
+        # sweeper) was away: the leases that lapsed meanwhile are not
+        # trusted until live workers had ``hold`` seconds to renew them.
         self.lock_ttl = max(1.0, 3 * settings.recovery_interval)
-        self.gap = self.lock_ttl + 2 * settings.recovery_interval
+        self.gap = 2 * settings.recovery_interval
         self.hold = 2 * settings.heartbeat_interval
         self.lock = self.store.client.lock(
             self.store.lock_key(), timeout=self.lock_ttl, blocking=False,
             thread_local=False)
         self._owner = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()      # stop sweeping
+        self._drained = threading.Event()   # stop renewing
+        self._draining = False
+        self._threads: list[threading.Thread] = []
         self._unreachable_since: float | None = None
+        self._last_error = float('-inf')
+        #: whether the last sweep held off (see :meth:`sweep`)
+        self.was_held = False
 
     # -- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, daemon=True,
-                                        name='compensate-recovery')
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._renew_loop, daemon=True,
+                                          name='compensate-leases')]
+        if self.sweep_enabled:
+            self._threads.append(threading.Thread(
+                target=self._sweep_loop, daemon=True, name='compensate-sweep'))
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop sweeping now.  Renewal goes on while tasks still run (a warm
+        shutdown waits for them after this bootstep stopped), and ends when
+        none is left."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._draining = True
+        for thread in self._threads[1:]:
+            thread.join(timeout)
         if self._owner:
             try:
                 self.lock.release()
@@ -129,30 +160,39 @@ class Recovery:
                 pass
             self._owner = False
 
-    def run(self) -> None:
+    def close(self) -> None:
+        """Stop everything now (tests)."""
+        self.stop()
+        self._drained.set()
+        if self._threads:
+            self._threads[0].join(5.0)
+
+    def _renew_loop(self) -> None:
         self._warn_persistence()
-        next_renew = next_sweep = time.monotonic()
+        while not self._drained.is_set():
+            started = time.monotonic()
+            if self._draining and not any(held_by_this_worker(True)):
+                break
+            self._guard(self.renew)
+            self._drained.wait(max(0.0, self.settings.heartbeat_interval
+                                   - (time.monotonic() - started)))
+
+    def _sweep_loop(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_renew:
-                self._guard(self.renew)
-                next_renew = now + self.settings.heartbeat_interval
-            if self.sweep_enabled and now >= next_sweep:
-                self._guard(self.sweep)
-                next_sweep = now + self.settings.recovery_interval
-            wake = min(next_renew, next_sweep if self.sweep_enabled
-                       else next_renew)
-            self._stop.wait(max(0.0, wake - time.monotonic()))
+            started = time.monotonic()
+            self._guard(self.sweep)
+            self._stop.wait(max(0.0, self.settings.recovery_interval
+                                - (time.monotonic() - started)))
 
     # -- the work -----------------------------------------------------------
 
     def renew(self) -> int:
-        """Renew the leases of what this worker holds (one round trip).
+        """Renew the leases of what this worker holds (one pipeline).
 
         Returns:
             int: how many leases were renewed.
         """
-        held = list(held_by_this_worker())
+        held = list(held_by_this_worker(active_only=self._draining))
         return self.store.renew(held) if held else 0
 
     def sweep(self) -> int:
@@ -164,26 +204,46 @@ class Recovery:
         if not self._lead():
             return 0
         held, due, full = self.store.due(SWEEP_BATCH, self.gap, self.hold)
+        self.was_held = bool(held)
         if held:
             logger.info('celery_compensate: the sweep waits %.1fs: no sweep '
                         'ran for a while (Redis unreachable, or no worker), '
                         'so live workers renew their leases first', held)
+            return 0
+        if time.monotonic() - self._last_error < self.hold:
+            # this worker just saw the store fail: leases may have lapsed
+            # only because nobody could renew them
+            self.was_held = True
+            return 0
         done = 0
+        extended = time.monotonic()
         for saga_id in due:
+            if self._stop.is_set():
+                break
+            if time.monotonic() - extended > self.lock_ttl / 3:
+                self._lead()   # a long sweep keeps its lock
+                extended = time.monotonic()
             try:
-                self.coordinator.recover(saga_id)
+                outcome = self.coordinator.recover(saga_id)
                 done += 1
             except SagaStoreUnavailable:
                 raise
             except SagaStoreError as exc:
-                logger.error('saga %s: the sweep cannot process it (%s); '
-                             'moved to %s', saga_id, exc,
-                             self.store.quarantine_key(shard_of(saga_id)))
-                self.store.quarantine(saga_id)
+                self._quarantine(saga_id, str(exc))
+                continue
+            if outcome.status == 'stuck':
+                self._quarantine(saga_id, 'it is neither settled nor has '
+                                 'anything in flight')
         if full:
             logger.info('celery_compensate: more sagas are due in %d shards; '
                         'the next sweep takes them', len(full))
         return done
+
+    def _quarantine(self, saga_id: str, why: str) -> None:
+        logger.error('saga %s: the sweep cannot process it (%s); moved to %s',
+                     saga_id, why,
+                     self.store.quarantine_key(shard_of(saga_id)))
+        self.store.quarantine(saga_id)
 
     def _lead(self) -> bool:
         """Hold (or take) the sweeper lock."""
@@ -206,11 +266,13 @@ class Recovery:
                 self._unreachable_since = None
         except (SagaStoreUnavailable, redis.ConnectionError,
                 redis.TimeoutError) as exc:
+            self._last_error = time.monotonic()
             if self._unreachable_since is None:
                 self._unreachable_since = time.monotonic()
                 logger.warning('celery_compensate: leases and recovery wait '
                                'for the saga store: %s', exc)
         except Exception:  # noqa: BLE001
+            self._last_error = time.monotonic()
             logger.exception('celery_compensate: %s failed',
                              getattr(fn, '__name__', fn))
 

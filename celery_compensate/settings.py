@@ -19,11 +19,14 @@ Setting                             Default                 Meaning
 ``compensate_record_retry_timeout`` ``30.0``                how long a worker keeps trying to record a
                                                             completed step or undo while Redis is
                                                             unreachable
-``compensate_step_timeout``         ``300.0``               seconds a dispatched step or undo may go
-                                                            without a live worker renewing its lease
-                                                            (queued, or held by a dead worker) before
-                                                            the recovery sweep acts; the task option
-                                                            ``compensate_timeout`` overrides it
+``compensate_step_timeout``         ``300.0``               the lease of a step or undo a worker holds:
+                                                            seconds without a renewal (its worker is
+                                                            gone) before the recovery sweep acts; the
+                                                            task option ``compensate_timeout``
+                                                            overrides it
+``compensate_queue_timeout``        ``1800.0``              seconds a step or undo may wait in the
+                                                            broker before any worker takes it (plus
+                                                            its countdown) before it counts as lost
 ``compensate_heartbeat_interval``   ``10.0``                how often each worker renews the leases of
                                                             the saga tasks it holds
 ``compensate_recovery_interval``    ``10.0``                how often the recovery sweep runs (one
@@ -53,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     'compensate_redis_socket_timeout': 5.0,
     'compensate_record_retry_timeout': 30.0,
     'compensate_step_timeout': 300.0,
+    'compensate_queue_timeout': 1800.0,
     'compensate_heartbeat_interval': 10.0,
     'compensate_recovery_interval': 10.0,
 }
@@ -74,8 +78,14 @@ class Settings:
     redis_socket_timeout: float
     record_retry_timeout: float
     step_timeout: float
+    queue_timeout: float
     heartbeat_interval: float
     recovery_interval: float
+
+    @property
+    def min_lease(self) -> float:
+        """The shortest lease the sweep can tell from a Redis outage."""
+        return 2 * self.heartbeat_interval + 2 * self.recovery_interval
 
     @property
     def safe_redis_url(self) -> str:
@@ -139,15 +149,22 @@ class Settings:
         _require(_is_number(heartbeat) and heartbeat > 0,
                  'compensate_heartbeat_interval', 'a positive number of '
                  'seconds', heartbeat)
-        step_timeout = get('compensate_step_timeout')
-        _require(_is_number(step_timeout) and step_timeout >= 2 * heartbeat,
-                 'compensate_step_timeout', 'a number of seconds at least '
-                 'twice compensate_heartbeat_interval '
-                 f'({2 * heartbeat:g}s)', step_timeout)
         sweep = get('compensate_recovery_interval')
         _require(_is_number(sweep) and sweep > 0,
                  'compensate_recovery_interval', 'a positive number of '
                  'seconds', sweep)
+        # a Redis outage long enough to lapse a lease must be longer than
+        # the sweep's gap detection (2 intervals), plus a heartbeat
+        minimum = 2 * heartbeat + 2 * sweep
+        step_timeout = get('compensate_step_timeout')
+        _require(_is_number(step_timeout) and step_timeout >= minimum,
+                 'compensate_step_timeout', 'a number of seconds of at least '
+                 '2 x compensate_heartbeat_interval + 2 x '
+                 f'compensate_recovery_interval ({minimum:g}s)', step_timeout)
+        queue_timeout = get('compensate_queue_timeout')
+        _require(_is_number(queue_timeout) and queue_timeout >= minimum,
+                 'compensate_queue_timeout', 'a number of seconds of at least '
+                 f'{minimum:g}', queue_timeout)
         return cls(
             redis_url=url, key_prefix=prefix,
             result_expires=max(1, int(expires)), undo_queue=queue,
@@ -156,6 +173,7 @@ class Settings:
             redis_socket_timeout=float(timeout),
             record_retry_timeout=float(record),
             step_timeout=float(step_timeout),
+            queue_timeout=float(queue_timeout),
             heartbeat_interval=float(heartbeat),
             recovery_interval=float(sweep),
         )

@@ -74,10 +74,32 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Step i's forward task or undo must be renewed by a live worker within
--- ``secs`` or the recovery sweep takes it for lost.
-local function lease(i, secs)
-  redis.call('HSET', h, 'd' .. i, string.format('%.3f', clock() + tonumber(secs)))
+-- Step i's forward task or undo was just sent: until a worker holds it,
+-- it may wait in the broker for ``qt`` seconds (plus ``extra``: its
+-- countdown) before the recovery sweep takes it for lost.
+local function wait_lease(i, extra)
+  local d = clock() + tonumber(hget('qt')) + tonumber(extra or 0)
+  redis.call('HSET', h, 'd' .. i, string.format('%.3f', d))
+  redis.call('HDEL', h, 'h' .. i)
+end
+
+-- A live worker holds it: it must renew within ``o<i>`` (``ou<i>`` for
+-- the undo) seconds.
+local function hold_lease(i, field)
+  local d = clock() + tonumber(hget(field .. i))
+  redis.call('HSET', h, 'd' .. i, string.format('%.3f', d), 'h' .. i, 1)
+end
+
+-- The fields every script relies on for step i, checked before anything
+-- is written (a Lua error would leave the writes made before it).
+local function damaged(i)
+  local k = tonumber(hget('k' .. i) or '')
+  local w = k and hget('w' .. k)
+  if not k or not hget('g' .. k) or (w and not tonumber(w))
+      or not hget('p' .. i) or not hget('u' .. i) then
+    return redis.error_reply('CORRUPT step ' .. i .. ' of the saga record '
+                             .. 'lacks its stage, spec or counters')
+  end
 end
 
 local function inflight(x) return x == 'Q' or x == 'R' or x == 'W' end
@@ -85,7 +107,7 @@ local function inflight(x) return x == 'Q' or x == 'R' or x == 'W' end
 -- Keep the saga's entry in the deadline index at the earliest lease of
 -- what it has in flight; take it out when nothing is (final states, and
 -- COMPENSATION_FAILED, which waits for an operator).
-local function rescore()
+local function earliest()
   local st, best = hget('state'), nil
   local function consider(i)
     local d = tonumber(hget('d' .. i) or '')
@@ -108,6 +130,11 @@ local function rescore()
       end
     end
   end
+  return best
+end
+
+local function rescore()
+  local best = earliest()
   if best then
     redis.call('ZADD', idx, string.format('%.3f', best), hget('id'))
   else
@@ -131,15 +158,16 @@ end
 -- Make step i's undo due (first attempt).
 local function due(i, out)
   redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, 1)
-  lease(i, hget('ou' .. i))
+  wait_lease(i, 0)
   out[#out + 1] = describe(i, 1)
 end
 
 -- Undo step i out of order (attempt ``attempt``): it completed after its
 -- stage had been settled without it.
 local function late_undo(i, attempt, out)
+  if hget('state') == 'COMPENSATION_FAILED' then return end
   redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, attempt, 'l' .. i, 1)
-  lease(i, hget('ou' .. i))
+  wait_lease(i, 0)
   redis.call('HINCRBY', h, 'late', 1)
   out[#out + 1] = describe(i, attempt)
   if hget('state') == 'COMPENSATED' then
@@ -171,6 +199,7 @@ end
 -- and opted in to compensate_on_failure) and has an undo not yet due
 -- gets it now.  Idempotent.
 local function open_stage(k, out)
+  if hget('state') == 'COMPENSATION_FAILED' then return end
   for i in string.gmatch(hget('g' .. k) or '', '%d+') do
     local u = hget('u' .. i)
     if u ~= '0' and (hget('x' .. i) or '') == '' then
@@ -309,10 +338,11 @@ redis.call('HSET', h, 'tok', ARGV[1], 'id', ARGV[2])
 for j = 3, #ARGV, 1000 do
   redis.call('HSET', h, unpack(ARGV, j, math.min(j + 999, #ARGV)))
 end
--- the first stage is dispatched: its leases start now
+-- the first stage is dispatched: it may wait qt (+ countdown) in the broker
 local first
+local qt = tonumber(redis.call('HGET', h, 'qt'))
 for i in string.gmatch(redis.call('HGET', h, 'g0'), '%d+') do
-  local d = now + tonumber(redis.call('HGET', h, 'o' .. i))
+  local d = now + qt + tonumber(redis.call('HGET', h, 'c' .. i) or '0')
   redis.call('HSET', h, 'd' .. i, string.format('%.3f', d))
   if first == nil or d < first then first = d end
 end
@@ -331,6 +361,8 @@ if not st then return {'missing'} end
 local i = ARGV[4]
 local s = hget('s' .. i)
 if not s then return {'unknown-step', st, st} end
+local bad = damaged(i)
+if bad then return bad end
 local k = tonumber(hget('k' .. i))
 
 -- stage k is complete: finish the saga, or mark the next stage dispatched
@@ -349,7 +381,7 @@ local function next_stage()
   end
   for j in string.gmatch(hget('g' .. nk), '%d+') do
     redis.call('HSET', h, 's' .. j, 'R')
-    lease(j, hget('o' .. j))
+    wait_lease(j, hget('c' .. j))
     nxt[#nxt + 1] = {tonumber(j), hget('p' .. j)}
   end
   redis.call('HSET', h, 'cur', nk, 'w' .. nk, #nxt)
@@ -424,6 +456,8 @@ if s == 'F' then
   if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
   return replay('replayed', st, 'claim', 'RUNNING')
 end
+local bad = damaged(i)
+if bad then return bad end
 local k = hget('k' .. i)
 redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
            'tk' .. i, token)
@@ -457,7 +491,7 @@ if x == 'R' then
   return 'running'
 end
 redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, now, 'tb' .. i, token)
-lease(i, hget('ou' .. i))
+hold_lease(i, 'ou')
 rescore()
 return 'run'
 """
@@ -471,7 +505,7 @@ return 'run'
 local i = ARGV[4]
 if hget('x' .. i) == 'R' and hget('tb' .. i) == ARGV[5] then
   redis.call('HSET', h, 'x' .. i, 'Q')
-  lease(i, hget('ou' .. i))
+  wait_lease(i, 0)
   rescore()
   return 1
 end
@@ -492,6 +526,8 @@ if x == 'D' then
   return replay('undone', st, 'fin', 'COMPENSATING')
 end
 if x == '' then return {'not-due', st, st} end
+local bad = damaged(i)
+if bad then return bad end
 redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, now, 'tu' .. i, token)
 if hget('l' .. i) == '1' then
   redis.call('HINCRBY', h, 'late', -1)
@@ -546,7 +582,7 @@ if a >= tonumber(ARGV[7]) then
   return {'failed', st, 'COMPENSATION_FAILED'}
 end
 redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
-lease(i, tonumber(hget('ou' .. i)) + tonumber(ARGV[9]))
+wait_lease(i, ARGV[9])
 rescore()
 return {'retry', st, st, {}, {}, {describe(i, a + 1)}}
 """
@@ -567,6 +603,12 @@ else
     return 0
   end
   field = 'ou'
+end
+if hget('h' .. i) ~= '1' then
+  -- a worker took it from the broker: from now on its lease is short
+  hold_lease(i, field)
+  rescore()
+  return 1
 end
 local d = clock() + tonumber(hget(field .. i))
 if d > tonumber(hget('d' .. i) or '0') then
@@ -616,14 +658,19 @@ for _, i in ipairs(candidates) do
   local s, x = hget('s' .. i), hget('x' .. i) or ''
   if d and d <= t then
     if s == 'R' then
-      local why = 'lost: no live worker held it for ' .. hget('o' .. i) .. 's'
+      local why = 'lost: its worker died (no lease renewal for ' ..
+                  hget('o' .. i) .. 's)'
+      if hget('h' .. i) ~= '1' then
+        why = 'lost: no worker took it from the broker within ' ..
+              hget('qt') .. 's'
+      end
       redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, why, 't' .. i, now,
                  'tk' .. i, token)
       redis.call('HINCRBY', h, 'w' .. hget('k' .. i), -1)
       if hget('state') == 'RUNNING' then claim(i, why) end
       lost[#lost + 1] = tonumber(i)
     elseif x == 'Q' or x == 'W' then
-      lease(i, hget('ou' .. i))
+      wait_lease(i, 0)
       out[#out + 1] = describe(i, num('a' .. i))
     elseif x == 'R' and hget('state') ~= 'COMPENSATION_FAILED' then
       local a = num('a' .. i)
@@ -634,7 +681,7 @@ for _, i in ipairs(candidates) do
                    'COMPENSATION_FAILED', 'ended', now, 'cf', token)
       else
         redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
-        lease(i, hget('ou' .. i))
+        wait_lease(i, 0)
         out[#out + 1] = describe(i, a + 1)
       end
     end
@@ -642,35 +689,55 @@ for _, i in ipairs(candidates) do
 end
 if hget('state') == 'COMPENSATING' and cur >= 0 then open_stage(cur, out) end
 advance(out)
+local now_st = hget('state')
+if (now_st == 'RUNNING' or now_st == 'COMPENSATING') and not earliest() then
+  -- nothing in flight, yet not settled: a damaged record; the caller
+  -- quarantines it rather than let it vanish from the index
+  return {'stuck', st, now_st, {}, {}, out, lost}
+end
 rescore()
-return {'recovered', st, hget('state'), {}, {}, out, lost}
+return {'recovered', st, now_st, {}, {}, out, lost}
 """
 
-    #: An operator aborts a running saga: its in-flight forward steps are
-    #: given up (the caller revokes them) and compensation is claimed.
+    #: An operator aborts a running saga: compensation is claimed and the
+    #: caller revokes its in-flight forward steps (a step no worker holds
+    #: yet is given up at once; a held one settles as it ends).
     #: ARGV[1-3] token, now, ttl; ARGV[4] reason.
     #: Returns {status ('aborted', 'not-running', 'missing'), old state,
     #: new state, {}, {}, undos due, steps to revoke}.
     ABORT = _LIB + r"""
 local st = hget('state')
 if not st then return {'missing'} end
+local cur = num('cur')
+-- the steps to revoke: those still running (a resent call gets them again)
+local function running()
+  local ids = {}
+  for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+    if hget('s' .. i) == 'R' then ids[#ids + 1] = tonumber(i) end
+  end
+  return ids
+end
 if st ~= 'RUNNING' then
   if hget('claim') == token then
     local r = replay('aborted', st, 'claim', 'RUNNING')
-    r[7] = {}
+    r[7] = running()
     return r
   end
   return {'not-running', st, st}
 end
-local cur, stopped = num('cur'), {}
-for i in string.gmatch(hget('g' .. cur), '%d+') do
-  if hget('s' .. i) == 'R' then
+local stopped = running()
+for _, i in ipairs(stopped) do
+  if hget('h' .. i) ~= '1' then
+    -- still in the broker: it never started; give it up now (the revoke
+    -- stops it; if it runs anyway it is undone as a late completer)
     redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[4], 't' .. i, now,
                'tk' .. i, token)
     redis.call('HINCRBY', h, 'w' .. cur, -1)
-    stopped[#stopped + 1] = tonumber(i)
   end
 end
+-- a step a worker holds stays running until its revoke (terminate) is
+-- reported, it completes anyway (then it is undone first), or its lease
+-- lapses: its undo must not run while its effect may still happen
 claim(nil, ARGV[4])
 local out = {}
 open_stage(cur, out)
@@ -770,6 +837,7 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         default = self.settings.step_timeout
         fields: list[Any] = [
             'state', SagaState.RUNNING.value, 'created', repr(time.time()),
+            'qt', self.settings.queue_timeout,
             'n', len(plan), 'ns', len(plan.stages), 'cur', 0,
             'w0', len(plan.stages[0]),
         ]
@@ -784,6 +852,8 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
                            's%d' % i, 'R' if k == 0 else 'P',
                            'o%d' % i, step.timeout or default,
                            'ou%d' % i, step.undo_timeout or default]
+                if step.delay:
+                    fields += ['c%d' % i, step.delay]
         return bool(self._run(self._start, keys=self._keys(saga_id),
                               args=[new_token(), saga_id, *fields]))
 
@@ -945,17 +1015,26 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
     def _change(self, script: Any, saga_id: str, token: str | None,
                 *args: Any) -> Any:
         """Run a script that changes a saga: token, now, ttl, then ``args``."""
-        return self._run(script, keys=self._keys(saga_id), args=[
-            token or new_token(), repr(time.time()),
-            self.settings.result_expires, *args])
+        try:
+            return self._run(script, keys=self._keys(saga_id), args=[
+                token or new_token(), repr(time.time()),
+                self.settings.result_expires, *args])
+        except CorruptSagaRecord as exc:
+            raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except _TRANSIENT as exc:
             raise SagaStoreUnavailable(
                 f'saga store at {self.settings.safe_redis_url} is '
                 f'unreachable: {exc}') from exc
+        except redis.ResponseError as exc:
+            if str(exc).startswith('CORRUPT'):
+                raise CorruptSagaRecord(str(exc)[len('CORRUPT '):]) from exc
+            raise SagaStoreError(
+                f'saga store at {self.settings.safe_redis_url} failed: '
+                f'{exc}') from exc
         except redis.RedisError as exc:
             raise SagaStoreError(
                 f'saga store at {self.settings.safe_redis_url} failed: '
@@ -1002,6 +1081,17 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
                        forward, undos, stopped)
 
+
+#: Errors after which the same call may succeed: connection trouble, a
+#: replica promoted (READONLY), a full Redis (OOM under noeviction), a
+#: cluster resharding (TRYAGAIN), a Redis loading its data.
+_TRANSIENT = tuple(cls for cls in (
+    redis.ConnectionError, redis.TimeoutError,
+    getattr(redis.exceptions, 'ReadOnlyError', None),
+    getattr(redis.exceptions, 'OutOfMemoryError', None),
+    getattr(redis.exceptions, 'TryAgainError', None),
+    getattr(redis.exceptions, 'BusyLoadingError', None),
+) if cls is not None)
 
 #: Shards of the deadline index.  Fixed: a saga's keys are found from its
 #: id through it.

@@ -108,9 +108,9 @@ VISIBILITY_TIMEOUT = 20.0
 MUST_BE_ZERO = ('double-undo', 'missing-undo', 'wrong-order', 'lost',
                 'undo-without-do', 'undo-not-due', 'completed-bad',
                 'forward-not-due', 'bad-idem', 'cf-unexpected', 'cf-missed',
-                'double-do', 'ledger-mismatch')
+                'double-do', 'ledger-mismatch', 'orphan-ran', 'orphan-stuck')
 OTHER = ('forward-not-due', 'bad-idem', 'cf-unexpected', 'cf-missed',
-         'double-do', 'ledger-mismatch')
+         'double-do', 'ledger-mismatch', 'orphan-ran', 'orphan-stuck')
 
 
 class SetupError(RuntimeError):
@@ -430,12 +430,18 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
                 problem('lost', att, None, 'apply_async returned but the '
                         'saga record is gone')
             elif logs:
-                info['orphans-ran'] += 1
+                # a step ran for a saga that was never recorded: the record
+                # must come before anything is published
+                problem('orphan-ran', att, None, 'tasks ran for a saga '
+                        'whose apply_async raised and that has no record')
             continue
         if not att.acked:
+            # apply_async raised, yet the record was written (its reply was
+            # lost): a real saga, which must finish like any other
             info['orphans-recorded'] += 1
             if rec.state not in FINAL_STATES:
-                info['orphans-stuck'] += 1
+                problem('orphan-stuck', att, None, 'a recorded saga whose '
+                        'apply_async raised never reached a final state')
                 continue
         state = rec.state
         never_ran = {i for i in plan.never_steps()
@@ -809,8 +815,9 @@ class Driver:
         from celery_compensate.model import FINAL_STATES
         assert self.r is not None
         store = get_state(self.app).store
+        # also submissions whose apply_async raised: their record may exist
         todo = [a for a in self.attempts.values()
-                if a.acked and a.state not in FINAL_STATES]
+                if a.state not in FINAL_STATES]
         if not todo:
             return
         try:
@@ -830,7 +837,9 @@ class Driver:
         from celery_compensate.model import FINAL_STATES
         acked = self.acked()
         return (len(acked) == len(self.plans)
-                and all(a.state in FINAL_STATES for a in acked))
+                and all(a.state in FINAL_STATES for a in acked)
+                and all(a.state is None or a.state in FINAL_STATES
+                        for a in self.attempts.values() if not a.acked))
 
     # -- the run --------------------------------------------------------------
 

@@ -74,9 +74,10 @@ app.conf.update(
     # flaky undos fail at most twice; two more attempts of slack for a lost
     # pool child or worker hitting an undo
     compensate_undo_max_attempts=5,
-    # the crash-recovery settings (ignored by a celery_compensate without
-    # the recovery sweep)
+    # short leases so dead workers are noticed within seconds; a message
+    # may wait 20 s in the broker (the run's backlog) before it is lost
     compensate_step_timeout=3,
+    compensate_queue_timeout=20,
     compensate_heartbeat_interval=0.5,
     compensate_recovery_interval=1,
 )

@@ -18,7 +18,8 @@ app.conf.update(
     compensate_undo_retry_backoff_max=0.2,
     broker_connection_retry_on_startup=True,
 )
-for name in ('step_timeout', 'heartbeat_interval', 'recovery_interval'):
+for name in ('step_timeout', 'queue_timeout', 'heartbeat_interval',
+             'recovery_interval'):
     value = os.environ.get(f'COMPENSATE_TEST_{name.upper()}')
     if value:
         app.conf[f'compensate_{name}'] = float(value)

@@ -37,6 +37,7 @@ def measure(url: str, lease: float, heartbeat: float, sweep: float,
     queue, hang_queue = f'{prefix}-q', f'{prefix}-hang'
     conf = {'compensate_key_prefix': prefix, 'task_default_queue': queue,
             'compensate_step_timeout': lease,
+            'compensate_queue_timeout': 4 * lease,
             'compensate_heartbeat_interval': heartbeat,
             'compensate_recovery_interval': sweep}
     app = Celery('timings', broker=url, set_as_current=False)

@@ -19,7 +19,8 @@ from . import tasks
 from .conftest import ledger, wait_for
 from .test_compensation import undone
 
-FAST = dict(compensate_step_timeout=1.0, compensate_heartbeat_interval=0.2,
+FAST = dict(compensate_step_timeout=1.0, compensate_queue_timeout=1.0,
+            compensate_heartbeat_interval=0.2,
             compensate_recovery_interval=0.2)
 
 

@@ -8,6 +8,7 @@ in-process threads worker with short leases.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +34,8 @@ from .test_compensation import undone
 ROOT = Path(__file__).resolve().parent.parent
 
 #: short leases so recovery is quick: a lease of 1 s, renewed every 0.2 s
-FAST = dict(compensate_step_timeout=1.0, compensate_heartbeat_interval=0.2,
+FAST = dict(compensate_step_timeout=1.0, compensate_queue_timeout=1.0,
+            compensate_heartbeat_interval=0.2,
             compensate_recovery_interval=0.2)
 #: the prefork workers' settings (string values for the environment)
 LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
@@ -50,6 +52,7 @@ def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
     app.conf.update(compensate_key_prefix=prefix,
                     task_default_queue=f'{prefix}-q',
                     compensate_step_timeout=LEASE,
+                    compensate_queue_timeout=2 * LEASE,
                     compensate_heartbeat_interval=HEARTBEAT,
                     compensate_recovery_interval=SWEEP)
     install(app)
@@ -226,6 +229,17 @@ def test_abort_of_a_saga_that_is_not_running_changes_nothing(
 
 # -- the sweep itself, step by step (no worker) ------------------------------
 
+def settle(recovery: Recovery) -> int:
+    """Sweep at the sweep interval until a sweep is not held (the first
+    sweep of a fresh key prefix is: it finds no record of a previous one)."""
+    deadline = time.monotonic() + 10
+    while True:
+        done = recovery.sweep()
+        if not recovery.was_held or time.monotonic() > deadline:
+            return done
+        time.sleep(recovery.settings.recovery_interval)
+
+
 def _lapse(rds: redis.Redis, store, saga_id: str, index: int = 0) -> None:
     """Make step ``index``'s lease lapse now."""
     rds.hset(store.key(saga_id), f'd{index}', 1)
@@ -243,12 +257,12 @@ def test_a_long_gap_in_sweeps_is_not_taken_for_dead_workers(celery_app, rds):
     recovery = Recovery(celery_app, store.settings)
     try:
         assert recovery.sweep() == 0            # first sweep in a while: held
+        assert recovery.was_held
         store.renew([('held', 0, None)])        # a live worker renews
-        time.sleep(recovery.hold)
-        assert recovery.sweep() == 0            # renewed: nothing due
+        assert settle(recovery) == 0            # renewed: nothing due
         assert store.get_state('held') is SagaState.RUNNING
         _lapse(rds, store, 'held')              # now nobody renews
-        assert recovery.sweep() == 1
+        assert settle(recovery) == 1
         assert store.get_state('held') is SagaState.COMPENSATED
         assert 'lost' in store.read('held').steps[0].failure
     finally:
@@ -267,10 +281,8 @@ def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
     rds.hset(store.key('bad'), 'p0', '{"index": 0, "trunc')
     recovery = Recovery(celery_app, store.settings)
     try:
-        recovery.sweep()                         # the first sweep holds
-        time.sleep(recovery.hold)
         with caplog.at_level(logging.ERROR):
-            recovery.sweep()
+            settle(recovery)
     finally:
         recovery.stop()
     assert store.get_state('good') is SagaState.COMPENSATING  # undo sent
@@ -297,9 +309,7 @@ def test_a_sweep_acts_on_the_due_sagas_only(celery_app, rds):
     original = recovery.coordinator.recover
     recovery.coordinator.recover = lambda sid: acted.append(sid) or original(sid)
     try:
-        recovery.sweep()                        # the first sweep holds
-        time.sleep(recovery.hold)
-        assert recovery.sweep() == 1
+        assert settle(recovery) == 1
     finally:
         recovery.stop()
     assert acted == ['due']
@@ -320,3 +330,72 @@ def test_a_worker_without_recovery_renews_but_does_not_sweep(cluster):
     assert res.wait(timeout=20) is SagaState.COMPLETED
     assert store.get_state('orphan') is SagaState.RUNNING
     assert not rds.exists(store.lock_key())
+
+
+@pytest.mark.prefork
+def test_a_warm_shutdown_keeps_renewing_until_its_tasks_finish(cluster):
+    """SIGTERM: the worker stops sweeping at once but finishes the step it
+    runs (4 leases long) and keeps its lease alive meanwhile."""
+    app, rds, start = cluster
+    first = start('first')
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=LEASE * 2),
+               app=app).apply_async()
+    wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15)
+    start('second')
+    first.proc.send_signal(signal.SIGTERM)  # the main process, as systemd
+    assert res.wait(timeout=20) is SagaState.COMPLETED
+    assert undone(entries(app, rds, res.id)) == []
+    first.proc.wait(20)
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_redis_stall_longer_than_a_lease_is_not_a_dead_worker(
+        celery_app, celery_worker, rds):
+    """Redis accepts no writes for 1.5 leases while a step runs: nobody can
+    renew, but the sweep sees the gap and waits for the renewals."""
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=3.0)).apply_async()
+    wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
+    time.sleep(0.3)                     # renewed once: held
+    rds.execute_command('CLIENT', 'PAUSE', 1500, 'WRITE')
+    assert res.wait(timeout=15) is SagaState.COMPLETED
+    assert undone(ledger(rds, celery_app, res.id)) == []
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_abort_leaves_a_held_step_running_until_it_ends(celery_app, rds):
+    """A step a worker holds is revoked, not given up: the undo of a
+    compensate_on_failure step must not run while its effect may still
+    land.  A resent abort (reply lost) revokes it again."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
+                               False)],
+                             [(TaskRef('t.do', ('b',)), UndoSpec('t.undo'),
+                               True)]])
+    store.create('ab', plan)
+    store.step_done('ab', 0, '"ra"')
+    store.renew([('ab', 1, None)])              # a worker holds step b
+    first = store.abort('ab', 'aborted: test', token='tok')
+    again = store.abort('ab', 'aborted: test', token='tok')
+    assert first.stopped == again.stopped == [1]
+    assert first.undos == [] and store.read('ab').steps[1].state == 'R'
+    revoked = store.step_failed('ab', 1, 'revoked (terminated by SIGTERM)')
+    assert [d.step.index for d in revoked.undos] == [1]   # now b, then a
+    assert store.abort('ab', 'x').status == 'not-running'
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_record_with_nothing_in_flight_is_quarantined(celery_app, rds):
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), None, False)],
+                             [(TaskRef('t.do', ('b',)), None, False)]])
+    store.create('limbo', plan)
+    rds.hset(store.key('limbo'), 's0', 'D')     # recorded, never advanced
+    rds.zadd(store.index_key(shard_of('limbo')), {'limbo': 1})
+    recovery = Recovery(celery_app, store.settings)
+    try:
+        settle(recovery)
+    finally:
+        recovery.stop()
+    assert rds.zscore(store.quarantine_key(shard_of('limbo')), 'limbo')
+    assert rds.zscore(store.index_key(shard_of('limbo')), 'limbo') is None
+    rds.delete(store.quarantine_key(shard_of('limbo')))

@@ -31,7 +31,7 @@ def test_sagas_in_flight_survive_a_redis_kill_and_restart():
     server = RedisProcess().start()
     prefix = f'cctest-rr-{uuid.uuid4().hex[:8]}'
     conf = dict(compensate_key_prefix=prefix, task_default_queue=f'{prefix}-q',
-                compensate_step_timeout=3.0,
+                compensate_step_timeout=3.0, compensate_queue_timeout=5.0,
                 compensate_heartbeat_interval=0.25,
                 compensate_recovery_interval=0.5)
     app = Celery('rr-producer', broker=server.url, set_as_current=False)

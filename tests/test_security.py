@@ -195,3 +195,25 @@ def test_a_store_that_evicts_or_has_no_aof_is_warned_about(redis_url, rds):
         rds.config_set('maxmemory-policy', before['maxmemory-policy'])
         rds.config_set('appendonly', aof)
         client.close()
+
+
+def test_a_forged_forward_step_cannot_run_celery_tasks_or_callbacks(
+        celery_app, rds):
+    """A forward step read back from Redis may not name one of Celery's own
+    tasks, and callbacks in a record's options are dropped."""
+    from celery_compensate.dispatch import _allowed
+    state = get_state(celery_app)
+    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
+                               False)], [(TaskRef('t.do', ('b',)), None, False)]])
+    state.store.create('forged-fwd', plan)
+    spec = loads(rds.hget(state.store.key('forged-fwd'), 'p1'))
+    spec['call']['task'] = 'celery.backend_cleanup'
+    rds.hset(state.store.key('forged-fwd'), 'p1', dumps(spec))
+    state.coordinator.step_done(TaskIdInfo('forged-fwd', 0, False), 'ra')
+    record = state.store.read('forged-fwd')
+    assert record.state is SagaState.COMPENSATING      # a's undo is queued
+    assert 'may not run' in record.steps[1].failure
+    queued = rds.lrange(celery_app.conf.task_default_queue, 0, -1)
+    assert len(queued) == 1 and 'celery.backend_cleanup' not in queued[0]
+    assert _allowed({'link': {'task': 'x'}, 'link_error': 1, 'queue': 'q',
+                     'task_id': 'y'}) == {'queue': 'q'}

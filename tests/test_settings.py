@@ -42,8 +42,8 @@ def test_default_undo_retry_policy_suits_an_interactive_system():
      'compensate_undo_queue'),
     ({'broker_url': 'redis://x', 'compensate_step_timeout': 5,
       'compensate_heartbeat_interval': 10},
-     r'compensate_step_timeout must be .* at least twice '
-     r'compensate_heartbeat_interval \(20s\), got 5'),
+     r'compensate_step_timeout must be .* at least 2 x compensate_heartbeat'
+     r'_interval \+ 2 x compensate_recovery_interval \(40s\), got 5'),
     ({'broker_url': 'redis://x', 'compensate_heartbeat_interval': 0},
      'compensate_heartbeat_interval must be'),
     ({'broker_url': 'redis://x', 'compensate_recovery_interval': '10'},
@@ -64,5 +64,5 @@ def test_timedelta_and_password_masking():
 
 def test_recovery_defaults():
     s = Settings.from_conf({'broker_url': 'redis://h'})
-    assert (s.step_timeout, s.heartbeat_interval, s.recovery_interval) == (
-        300.0, 10.0, 10.0)
+    assert (s.step_timeout, s.queue_timeout, s.heartbeat_interval,
+            s.recovery_interval) == (300.0, 1800.0, 10.0, 10.0)

@@ -56,7 +56,8 @@ def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
 
 def test_a_resent_start_is_not_a_duplicate_saga(celery_app, rds):
     store = get_state(celery_app).store
-    args = ['tok', 'x', 'state', 'RUNNING', 'n', 1, 'g0', '0', 'o0', 5]
+    args = ['tok', 'x', 'state', 'RUNNING', 'n', 1, 'g0', '0', 'o0', 5,
+            'qt', 5]
     assert store._start(keys=store._keys('x'), args=args) == 1
     assert store._start(keys=store._keys('x'), args=args) == 1
     assert store._start(keys=store._keys('x'), args=['other', *args[1:]]) == 0
