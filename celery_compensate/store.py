@@ -1,12 +1,16 @@
 """The saga store: one Redis hash per saga, advanced only by Lua scripts.
 
-Every saga lives in a single hash, ``<prefix>:{<saga_id>}``, so each script
-touches exactly one key (one Redis Cluster slot) and a finished saga
-expires as a whole.  Fields (``i`` a step index, ``k`` a stage index):
+Every saga lives in a single hash, ``<prefix>:{<shard>}:saga:<saga_id>``,
+next to its shard's deadline index ``<prefix>:{<shard>}:due`` (a sorted
+set of saga ids scored by the earliest lease of what they have in
+flight).  Both share the hash tag ``{<shard>}``, so each script touches one
+Redis Cluster slot; a finished saga leaves the index and expires as a
+whole.  Fields (``i`` a step index, ``k`` a stage index):
 
 =========== ==============================================================
-``state``   a :class:`~celery_compensate.model.SagaState` value
-``n/ns``    number of steps / stages
+``id``      the saga id; ``state`` a :class:`~celery_compensate.model.SagaState`
+``n/ns``    number of steps / stages; ``qt`` seconds a message may wait
+            in the broker before a worker takes it
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -15,11 +19,15 @@ expires as a whole.  Fields (``i`` a step index, ``k`` a stage index):
 ``late``    undos of late completers run out of order, not yet done
 ``p<i>``    the step's spec (JSON)
 ``k<i>``    its stage; ``u<i>`` 0 no undo, 1 undo, 2 undo also on failure
+``o<i>``    its lease once held; ``ou<i>`` its undo's; ``c<i>`` countdown
+``d<i>``    deadline of what is in flight for step ``i`` (forward task or
+            undo); ``h<i>`` ``1`` once a worker holds it
 ``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
             when settled; ``fe<i>`` why it failed
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``b<i>``
             started; ``z<i>`` undone at; ``e<i>`` last undo error;
-            ``l<i>`` ``1`` when it is a late, out-of-order undo
+            ``l<i>`` ``1`` when it is a late, out-of-order undo; ``rd<i>``
+            ``1``: undo again once the running undo ends
 tokens      of the call that made a change, so that a resent call (its
             reply lost) answers again: ``tok`` created, ``tk<i>`` settled
             step ``i``, ``dn<k>`` completed stage ``k``, ``claim`` claimed
