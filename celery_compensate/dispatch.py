@@ -6,6 +6,7 @@ every undo carries the same headers and task ids.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
@@ -255,13 +256,31 @@ class Coordinator:
         if outcome.status != 'aborted':
             return outcome
         if outcome.stopped:
-            ids = [step_task_id(saga_id, i) for i in outcome.stopped]
+            self._revoke(saga_id, [step_task_id(saga_id, i)
+                                   for i in outcome.stopped])
+        self.apply(saga_id, outcome, reason=reason)
+        return outcome
+
+    def _revoke(self, saga_id: str, ids: list[str],
+                wait: float = 5.0) -> None:
+        """Broadcast a revoke (terminate) of ``ids``, waiting at most
+        ``wait`` seconds: kombu retries a broadcast for as long as the
+        broker is down, and an abort must not hang.  The abort is recorded
+        either way; a step the revoke never reaches ends by its lease."""
+        def revoke() -> None:
             try:
                 self.app.control.revoke(ids, terminate=True)
             except Exception:  # noqa: BLE001 - the abort itself is recorded
                 logger.exception('saga %s: could not revoke %s', saga_id, ids)
-        self.apply(saga_id, outcome, reason=reason)
-        return outcome
+
+        thread = threading.Thread(target=revoke, daemon=True,
+                                  name='compensate-revoke')
+        thread.start()
+        thread.join(wait)
+        if thread.is_alive():
+            logger.warning('saga %s: the revoke of %s is not sent yet (broker '
+                           'unreachable); it goes out when the broker is back',
+                           saga_id, ids)
 
     # -- outcome ----------------------------------------------------------
 

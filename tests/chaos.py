@@ -693,6 +693,11 @@ class Driver:
         self.at(self.clock() + pause, restart)
 
     def revoke(self, task_id: str) -> None:
+        if self.redis is None or not self.redis.running():
+            # kombu retries a broadcast forever while the broker is down:
+            # the driver would never get to restart Redis
+            self.warn(f'revoke {task_id} skipped: Redis is down')
+            return
         try:
             self.app.control.revoke(task_id, terminate=True,
                                     signal=self.rng.choice(('SIGTERM',
@@ -704,7 +709,8 @@ class Driver:
     def abort(self, att: Attempt) -> None:
         from celery_compensate import SagaResult
         res = SagaResult(att.sid, app=self.app)
-        if not hasattr(res, 'abort'):
+        if self.redis is None or not self.redis.running():
+            self.warn(f'abort {att.sid} skipped: Redis is down')
             return
         try:
             if res.abort():
