@@ -119,9 +119,7 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         except SagaStoreUnavailable as exc:
             # cannot tell whether the step already ended: do not run the
             # body now, and do not fail the step either
-            raise task.retry(exc=exc, max_retries=None,
-                             countdown=state.settings.heartbeat_interval
-                             ) from exc
+            raise _retry_later(state, task, exc) from exc
         if code in (StepState.DONE, StepState.FAILED):
             logger.info('saga %s: step %d not run again (%s): it is already '
                         '%s', info.saga_id, info.index, why,
@@ -180,9 +178,7 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
                                          info.attempt, token)
     except SagaStoreUnavailable as exc:
         # the body has not run: not a failed attempt; try again later
-        raise task.retry(exc=exc, max_retries=None,
-                         countdown=state.settings.heartbeat_interval
-                         ) from exc
+        raise _retry_later(state, task, exc) from exc
     if verdict != 'run':
         logger.info('saga %s: undo of step %d attempt %d not run: %s',
                     info.saga_id, info.index, info.attempt, verdict)
@@ -204,6 +200,13 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
         _mark_handled(exc)
         raise
     return retval
+
+
+def _retry_later(state: AppState, task: Task, exc: Exception) -> Retry:
+    """Have Celery send this message again after a heartbeat, whatever the
+    task's own retry budget (the body has not run)."""
+    return task.retry(exc=exc, max_retries=task.request.retries + 1,
+                      countdown=state.settings.heartbeat_interval)
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> None:

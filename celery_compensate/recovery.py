@@ -160,13 +160,6 @@ class Recovery:
                 pass
             self._owner = False
 
-    def close(self) -> None:
-        """Stop everything now (tests)."""
-        self.stop()
-        self._drained.set()
-        if self._threads:
-            self._threads[0].join(5.0)
-
     def _renew_loop(self) -> None:
         self._warn_persistence()
         while not self._drained.is_set():

@@ -73,10 +73,12 @@ class SagaResult:
     def abort(self, reason: str = 'by an operator') -> bool:
         """Stop a running saga and compensate what completed.
 
-        Its in-flight steps are given up at once and revoked (terminated if
-        they already run; a step that finishes anyway is undone as a late
-        completer), and the undos of the completed steps run in reverse
-        order as after a failure.
+        Compensation starts and its in-flight steps are revoked with
+        ``terminate=True``: one no worker has taken yet is given up at once;
+        one a worker holds settles when it ends (killed, or undone first if
+        it completes anyway, or by its lease if its worker is gone).  The
+        undos of the completed steps run in reverse order as after a
+        failure.
 
         Arguments:
             reason: recorded as the saga's reason (``aborted: <reason>``).

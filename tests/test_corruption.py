@@ -96,3 +96,29 @@ def test_a_finished_undo_is_recorded_through_a_redis_stall(celery_app, rds):
     assert outcome.status == 'undone'
     assert outcome.new_state is SagaState.COMPENSATED
     assert store.read('stall').steps[0].undo_attempts == 1
+
+
+@pytest.mark.compensate_conf(compensate_heartbeat_interval=0.2)
+def test_a_pre_check_that_cannot_reach_redis_retries_the_step(
+        celery_app, celery_worker, rds, monkeypatch):
+    """A message that must check the record first (redelivered, or late)
+    while Redis is unreachable is sent again later: the body neither runs
+    unchecked nor counts as a failure."""
+    from celery_compensate import SagaStoreUnavailable, hooks
+    store = get_state(celery_app).store
+    calls: list[tuple] = []
+    original = store.step_status
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise SagaStoreUnavailable('saga store unreachable (test)')
+        return original(*args)
+
+    monkeypatch.setattr(hooks, '_may_be_settled', lambda state, req: 'test')
+    monkeypatch.setattr(store, 'step_status', flaky)
+    res = saga(tasks.do.si('a'), tasks.do.si('b')).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPLETED
+    log = ledger(rds, celery_app, res.id)
+    assert log.count('start:a') == 1 and undone(log) == []
+    assert len(calls) >= 3          # a twice (the retry), then b
