@@ -5,6 +5,7 @@ lost (README, "Bad input and corruption")."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -122,3 +123,37 @@ def test_a_pre_check_that_cannot_reach_redis_retries_the_step(
     log = ledger(rds, celery_app, res.id)
     assert log.count('start:a') == 1 and undone(log) == []
     assert len(calls) >= 3          # a twice (the retry), then b
+
+
+@pytest.mark.compensate_conf(compensate_record_retry_timeout=10)
+def test_a_full_redis_is_waited_out_like_an_outage(celery_app, rds):
+    """OOM under noeviction (as READONLY during a failover) is retried like
+    a lost connection: the completed step is recorded once Redis has room."""
+    import threading
+
+    from celery_compensate.store import new_token
+    state = get_state(celery_app)
+    store = state.store
+    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
+                               False)], [(TaskRef('t.do', ('b',)), None,
+                                          False)]])
+    store.create('full', plan)
+    before = rds.config_get('maxmemory*')
+    rds.config_set('maxmemory-policy', 'noeviction')
+    rds.config_set('maxmemory', 1)
+    timer = threading.Timer(1.0, rds.config_set, ('maxmemory',
+                                                  before['maxmemory']))
+    timer.start()
+    token = new_token()
+    started = time.monotonic()
+    try:
+        outcome = state.coordinator.persist(
+            lambda: store.step_done('full', 0, '"ra"', token),
+            TaskIdInfo('full', 0, False), 'the completion of step')
+    finally:
+        timer.join()
+    assert time.monotonic() - started > 0.8    # it waited for the room
+        rds.config_set('maxmemory', before['maxmemory'])
+        rds.config_set('maxmemory-policy', before['maxmemory-policy'])
+    assert outcome.status == 'next'
+    assert store.read('full').steps[0].state == 'D'
