@@ -74,7 +74,8 @@ class Coordinator:
         """Publish one attempt of a step's undo."""
         step = due.step
         assert step.undo is not None
-        self.check_undo(saga_id, step)
+        self.check_task(saga_id, f'the undo of {step.describe()}',
+                        step.undo.name, undo=True)
         args, kwargs = step.undo.call_args(due.result, *step.called_with(due.prev))
         options = _allowed(step.undo.options)
         headers = {**(options.pop('headers', None) or {}),
@@ -91,33 +92,23 @@ class Coordinator:
             task_id=undo_task_id(saga_id, step.index, due.attempt),
             headers=headers, **options)
 
-    def check_undo(self, saga_id: str, step: StepSpec) -> None:
-        """Refuse to invoke an undo that is not a task of this app.
+    def check_task(self, saga_id: str, what: str, name: Any,
+                   undo: bool = False) -> None:
+        """Refuse to send a task a saga record names that a saga may not run.
 
-        Undo specs are read back from Redis: only a task registered in the
-        app, and not one of Celery's own (``celery.*``), may run as an undo,
-        so a forged record cannot run arbitrary tasks.
+        Specs are read back from Redis, so a forged record must not run
+        arbitrary tasks: never one of Celery's own (``celery.*``), and an
+        undo only if it is a task registered in this app (a forward step may
+        name a task this process does not have: it runs elsewhere).
 
         Raises:
             TaskRefused: naming the task.
         """
-        name = step.undo.name if step.undo else None
-        if (not isinstance(name, str) or name not in self.app.tasks
-                or name.startswith('celery.')):
+        if (not isinstance(name, str) or name.startswith('celery.')
+                or (undo and name not in self.app.tasks)):
             raise TaskRefused(
-                f'saga {saga_id}: the undo of {step.describe()}, {name!r}, is '
-                'not a task registered in this app: not sent')
-
-    def check_task(self, saga_id: str, what: str, name: Any) -> None:
-        """Refuse a forward step naming one of Celery's own tasks (a step
-        may name a task this worker does not have: it runs elsewhere).
-
-        Raises:
-            TaskRefused: naming the task.
-        """
-        if not isinstance(name, str) or name.startswith('celery.'):
-            raise TaskRefused(f'saga {saga_id}: {what} names {name!r}, which '
-                              'a saga may not run: not sent')
+                f'saga {saga_id}: {what} names {name!r}, which a saga may not '
+                'run here: not sent')
 
     def publish_next_stage(self, saga_id: str, outcome: Outcome) -> None:
         """Publish the stage after a completed one, passing its result on
@@ -237,20 +228,19 @@ class Coordinator:
         """Act on a saga whose leases lapsed (the sweep found it due)."""
         outcome = self.store.recover(saga_id)
         for index in outcome.stopped:
-            logger.warning('saga %s: step %d lost: no live worker renewed its '
-                           'lease', saga_id, index)
+            logger.warning('saga %s: step %d given up: its lease lapsed',
+                           saga_id, index)
         for due in outcome.undos:
-            logger.warning('saga %s: undo of step %d (attempt %d) sent again: '
-                           'its lease lapsed', saga_id, due.step.index,
-                           due.attempt)
+            logger.info('saga %s: the sweep sends attempt %d of the undo of '
+                        'step %d', saga_id, due.attempt, due.step.index)
         first = outcome.stopped[0] if outcome.stopped else None
         self.apply(saga_id, outcome, step=first,
                    reason='lost: no live worker renewed its lease')
         return outcome
 
     def abort(self, saga_id: str, reason: str) -> Outcome:
-        """Stop a running saga: give up and revoke its in-flight steps,
-        then compensate what completed."""
+        """Stop a running saga: claim compensation and revoke its
+        in-flight steps."""
         token = new_token()
         outcome = self.store.abort(saga_id, reason, token)
         if outcome.status != 'aborted':
