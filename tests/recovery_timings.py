@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 
 from celery_compensate import SagaState, install, saga
+from celery_compensate.install import get_state
 from celery_compensate.testing import WorkerProcess, delete_keys, redis_server
 
 from . import tasks
@@ -69,7 +70,10 @@ def measure(url: str, lease: float, heartbeat: float, sweep: float,
             key = tasks.ledger_key(app, res.id)
             while 'start:b' not in rds.lrange(key, 0, -1):
                 time.sleep(0.01)
-            time.sleep(heartbeat * 2)   # the victim has renewed its lease
+            # the victim holds the step (its first renewal landed)
+            record = get_state(app).store.key(res.id)
+            while rds.hget(record, 'h1') != '1':
+                time.sleep(0.01)
             victim.kill()
             killed = time.monotonic()
             while res.state is not SagaState.COMPENSATED:

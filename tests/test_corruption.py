@@ -20,6 +20,11 @@ from . import tasks
 from .conftest import ledger, wait_for
 from .test_compensation import undone
 
+#: step a (undone by t.undo), then step b (no undo)
+A_THEN_B = Plan.from_stages([
+    [(TaskRef('t.do', ('a',)), UndoSpec('t.undo'), False)],
+    [(TaskRef('t.do', ('b',)), None, False)]])
+
 FAST = dict(compensate_step_timeout=1.0, compensate_queue_timeout=1.0,
             compensate_heartbeat_interval=0.2,
             compensate_recovery_interval=0.2)
@@ -82,9 +87,7 @@ def test_a_finished_undo_is_recorded_through_a_redis_stall(celery_app, rds):
     resent until Redis answers; the undo is not counted as failed."""
     state = get_state(celery_app)
     store = state.store
-    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
-                               False)], [(TaskRef('t.do', ('b',)), None,
-                                          False)]])
+    plan = A_THEN_B
     store.create('stall', plan)
     store.step_done('stall', 0, '"ra"')
     store.step_failed('stall', 1, 'boom')
@@ -134,9 +137,7 @@ def test_a_full_redis_is_waited_out_like_an_outage(celery_app, rds):
     from celery_compensate.store import new_token
     state = get_state(celery_app)
     store = state.store
-    plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
-                               False)], [(TaskRef('t.do', ('b',)), None,
-                                          False)]])
+    plan = A_THEN_B
     store.create('full', plan)
     before = rds.config_get('maxmemory*')
     rds.config_set('maxmemory-policy', 'noeviction')

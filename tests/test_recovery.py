@@ -355,7 +355,8 @@ def test_a_redis_stall_longer_than_a_lease_is_not_a_dead_worker(
     renew, but the sweep sees the gap and waits for the renewals."""
     res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=3.0)).apply_async()
     wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
-    time.sleep(0.3)                     # renewed once: held
+    store = get_state(celery_app).store
+    wait_for(lambda: rds.hget(store.key(res.id), 'h1') == '1')  # held
     rds.execute_command('CLIENT', 'PAUSE', 1500, 'WRITE')
     assert res.wait(timeout=15) is SagaState.COMPLETED
     assert undone(ledger(rds, celery_app, res.id)) == []
