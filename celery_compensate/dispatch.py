@@ -251,6 +251,17 @@ class Coordinator:
         self.apply(saga_id, outcome, reason=reason)
         return outcome
 
+    def retry(self, saga_id: str) -> Outcome:
+        """Re-drive a COMPENSATION_FAILED saga from the undos that failed
+        (status ``retried``; ``wrong-state``/``missing`` change nothing)."""
+        outcome = self.store.retry(saga_id, new_token())
+        if outcome.status == 'retried':
+            steps = ', '.join(str(d.step.index) for d in outcome.undos)
+            self.apply(saga_id, outcome,
+                       reason=f'retried by an operator (undos of steps '
+                              f'{steps or "none"} sent again)')
+        return outcome
+
     def _revoke(self, saga_id: str, ids: list[str],
                 wait: float = 5.0) -> None:
         """Broadcast a revoke (terminate) of ``ids``, waiting at most
@@ -373,8 +384,15 @@ class Coordinator:
             signals.compensation_started.send(step=step, reason=reason, **send)
         # an abort names no failed step, only its reason
         why = reason if step is None else f'step {step} failed: {reason}'
-        if new is SagaState.COMPENSATING and old is SagaState.RUNNING:
-            logger.warning('saga %s: COMPENSATING: %s', saga_id, why)
+        if new is SagaState.COMPENSATING:
+            if old is SagaState.RUNNING:
+                logger.warning('saga %s: COMPENSATING: %s', saga_id, why)
+            else:
+                # an operator's retry, or a step that completed after its
+                # stage had been compensated (undone out of order)
+                logger.warning('saga %s: COMPENSATING again: %s', saga_id,
+                               reason or f'step {step} completed late and is '
+                               'undone')
         elif new is SagaState.COMPENSATED:
             if old is SagaState.RUNNING:
                 logger.warning('saga %s: COMPENSATED: %s; nothing to undo',
@@ -382,7 +400,6 @@ class Coordinator:
             else:
                 logger.warning('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
-
 
 def _allowed(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in FORBIDDEN_OPTIONS}

@@ -62,12 +62,22 @@ class SagaResult:
 
     def info(self) -> SagaRecord:
         """The whole record: state, failed step, and every step's state,
-        result and undo attempts."""
+        result and undo attempts.
+
+        Raises:
+            SagaNotFound: no saga with this id.
+            CorruptSagaRecord: the record cannot be decoded.
+        """
         return self._store.read(self.id)
 
     @property
     def steps(self) -> list[StepRecord]:
-        """Each step's task, state, result and undo state, in plan order."""
+        """Each step's task, task id, state, timings and result, and its
+        undo's state, attempts and last error, in plan order.
+
+        Raises:
+            SagaNotFound: no saga with this id.
+        """
         return self.info().steps
 
     def abort(self, reason: str = 'by an operator') -> bool:
@@ -96,6 +106,30 @@ class SagaResult:
         if outcome.status == 'not-running':
             logger.warning('saga %s: not aborted: it is %s, not RUNNING',
                            self.id, outcome.old_state)
+            return False
+        return True
+
+    def retry(self) -> bool:
+        """Re-drive a ``COMPENSATION_FAILED`` saga from the undo that failed.
+
+        Every undo that spent its attempts is sent again with a fresh
+        budget of ``compensate_undo_max_attempts`` (its next attempt
+        number, so a new task id); undos that finished are never repeated,
+        and compensation then carries on backwards as before.
+
+        Returns:
+            bool: ``True`` if the saga was ``COMPENSATION_FAILED`` and is
+            ``COMPENSATING`` again; ``False`` if it was in another state
+            (nothing changed; a warning names its state).
+        Raises:
+            SagaNotFound: no saga with this id.
+        """
+        outcome = get_state(self.app).coordinator.retry(self.id)
+        if outcome.status == 'missing':
+            raise SagaNotFound(self.id)
+        if outcome.status == 'wrong-state':
+            logger.warning('saga %s: not retried: it is %s, not '
+                           'COMPENSATION_FAILED', self.id, outcome.old_state)
             return False
         return True
 

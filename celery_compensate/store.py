@@ -1,16 +1,27 @@
 """The saga store: one Redis hash per saga, advanced only by Lua scripts.
 
 Every saga lives in a single hash, ``<prefix>:{<shard>}:saga:<saga_id>``,
-next to its shard's deadline index ``<prefix>:{<shard>}:due`` (a sorted
-set of saga ids scored by the earliest lease of what they have in
-flight).  Both share the hash tag ``{<shard>}``, so each script touches one
-Redis Cluster slot; a finished saga leaves the index and expires as a
-whole.  Fields (``i`` a step index, ``k`` a stage index):
+next to its shard's sorted sets of saga ids:
+
+- ``:due``: sagas with something in flight, scored by its earliest lease
+  (the recovery sweep reads it);
+- ``:live``: sagas not finished (running, compensating, waiting for an
+  operator), scored by creation time (``compensate list``);
+- ``:sagas``: every stored saga, scored by creation time, and ``:ends``:
+  finished ones scored by when their record expires (the sweep trims both).
+
+All share the hash tag ``{<shard>}``, so each script touches one Redis
+Cluster slot; a finished saga expires as a whole.  Fields (``i`` a step
+index, ``k`` a stage index):
 
 =========== ==============================================================
 ``id``      the saga id; ``state`` a :class:`~celery_compensate.model.SagaState`
 ``n/ns``    number of steps / stages; ``qt`` seconds a message may wait
             in the broker before a worker takes it
+``created`` when started; ``ended`` when finished (or became
+            COMPENSATION_FAILED); ``reason`` why it compensates (then the
+            last undo error once COMPENSATION_FAILED); ``failed`` the
+            failed step; ``retries`` operator retries
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -24,7 +35,8 @@ whole.  Fields (``i`` a step index, ``k`` a stage index):
             undo); ``h<i>`` ``1`` once a worker holds it
 ``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
             when settled; ``fe<i>`` why it failed
-``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``b<i>``
+``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``ab<i>``
+            attempts spent before the last operator retry; ``b<i>``
             started; ``z<i>`` undone at; ``e<i>`` last undo error;
             ``l<i>`` ``1`` when it is a late, out-of-order undo; ``rd<i>``
             ``1``: undo again once the running undo ends
@@ -33,19 +45,22 @@ tokens      of the call that made a change, so that a resent call (its
             step ``i``, ``dn<k>`` completed stage ``k``, ``claim`` claimed
             compensation, ``fin`` finished the saga, ``cf`` made it
             COMPENSATION_FAILED, ``tb<i>`` let the running copy of an undo
-            in, ``tu<i>`` settled an undo attempt
+            in, ``tu<i>`` settled an undo attempt, ``rt`` retried by an
+            operator
 =========== ==============================================================
 
 Transitions are written once, in Lua; Python only reads their replies.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import time
 import uuid
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import redis
 from celery.utils.log import get_logger
@@ -56,10 +71,13 @@ from redis.retry import Retry
 from .exceptions import (
     CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
 )
-from .model import Plan, SagaState, StepSpec, StepState, UndoState
+from .model import (
+    Plan, SagaState, StepSpec, StepState, UndoState, step_task_id, undo_task_id,
+)
 from .settings import Settings
 
 __all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord',
+           'Listed',
            'SHARDS', 'shard_of', 'new_token', 'make_client')
 
 logger = get_logger(__name__)
@@ -70,7 +88,7 @@ logger = get_logger(__name__)
 # twice (redis-py resends a command whose reply was lost): the second run
 # finds its own token and answers again instead of reporting a duplicate.
 _LIB = r"""
-local h, idx = KEYS[1], KEYS[2]
+local h, idx, live, ends = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 local function hget(f) return redis.call('HGET', h, f) end
 local function num(f) return tonumber(redis.call('HGET', h, f) or '0') end
@@ -170,6 +188,14 @@ local function due(i, out)
   out[#out + 1] = describe(i, 1)
 end
 
+-- A finished saga has work again (a late undo): it stops expiring.
+local function reopen()
+  local id = hget('id')
+  redis.call('PERSIST', h)
+  redis.call('ZREM', ends, id)
+  redis.call('ZADD', live, hget('created'), id)
+end
+
 -- Undo step i out of order (attempt ``attempt``): it completed after its
 -- stage had been settled without it.
 local function late_undo(i, attempt, out)
@@ -180,7 +206,7 @@ local function late_undo(i, attempt, out)
   out[#out + 1] = describe(i, attempt)
   if hget('state') == 'COMPENSATED' then
     redis.call('HSET', h, 'state', 'COMPENSATING')
-    redis.call('PERSIST', h)
+    reopen()
   end
 end
 
@@ -198,10 +224,14 @@ local function queued(out)
 end
 
 local function finish(state)
+  local id = hget('id')
   redis.call('HSET', h, 'state', state, 'ended', now, 'fin', token)
   redis.call('EXPIRE', h, ttl)
-  redis.call('ZREM', idx, hget('id'))
+  redis.call('ZREM', idx, id)
+  redis.call('ZREM', live, id)
+  redis.call('ZADD', ends, string.format('%.3f', clock() + tonumber(ttl)), id)
 end
+
 
 -- Stage k is being compensated: every member that completed (or failed
 -- and opted in to compensate_on_failure) and has an undo not yet due
@@ -286,20 +316,34 @@ class Outcome:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What the store knows about one step and its undo."""
+    """What the store knows about one step and its undo.
+
+    Times are Unix timestamps; ``started_at`` is when the step's stage was
+    dispatched (the saga's start, or when the stage before it completed).
+    """
 
     index: int
     stage: int
     task_name: str
+    task_id: str
     undo_name: str | None
     state: StepState
-    result: Any
+    result: Any             #: what the step returned: its undo gets it
+    started_at: float | None
     settled_at: float | None
     failure: str | None
     undo_state: UndoState
-    undo_attempts: int
-    undo_error: str | None
+    undo_attempts: int      #: attempts made, over every operator retry
+    undo_task_id: str | None    #: of the current (last) attempt
+    undo_started_at: float | None   #: when the current attempt began
+    undo_error: str | None  #: the last attempt's error
     undone_at: float | None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the step or its undo is dispatched and not settled."""
+        return self.state is StepState.RUNNING or self.undo_state in (
+            UndoState.QUEUED, UndoState.RUNNING, UndoState.WAITING)
 
 
 @dataclass(frozen=True)
@@ -313,6 +357,33 @@ class SagaRecord:
     failed_step: int | None
     reason: str | None
     steps: list[StepRecord]
+    #: operator retries (``compensate retry``) so far
+    retries: int = 0
+
+    @property
+    def current(self) -> list[StepRecord]:
+        """What the saga waits for: its steps in flight (running forward,
+        or their undos queued or running), else the undos that failed for
+        good (COMPENSATION_FAILED)."""
+        busy = [s for s in self.steps if s.in_flight]
+        return busy or [s for s in self.steps
+                        if s.undo_state is UndoState.FAILED]
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One saga found by :meth:`SagaStore.list_sagas`: its record, or why
+    the record could not be read."""
+
+    saga_id: str
+    created: float
+    record: SagaRecord | None
+    error: str | None = None
+
+    @property
+    def state(self) -> str:
+        """The saga's state, or ``CORRUPT`` when its record is damaged."""
+        return self.record.state.value if self.record else 'CORRUPT'
 
 
 def _state(value: Any) -> SagaState | None:
@@ -326,11 +397,14 @@ class SagaStore:
         settings: the app's validated settings.
     """
 
-    # Every script takes KEYS[1] the saga hash and KEYS[2] the deadline
-    # index of the saga's shard: the same hash tag, so one Cluster slot.
+    # Every script that changes a saga takes the same KEYS, all of the
+    # saga's shard (one hash tag, so one Cluster slot): KEYS[1] the saga
+    # hash, KEYS[2] the deadline index (``:due``), KEYS[3] the unfinished
+    # sagas (``:live``), KEYS[4] the expiry index (``:ends``), KEYS[5] all
+    # sagas (``:sagas``).
 
-    #: KEYS[1] saga hash, KEYS[2] deadline index; ARGV[1] token, ARGV[2]
-    #: saga id, then field, value, ... .
+    #: KEYS[1-5] as above; ARGV[1] token, ARGV[2] saga id, then field,
+    #: value, ... .
     #: Returns 1 when created (also for the same call sent again), 0 when
     #: the saga id already exists.
     START = r"""
@@ -355,6 +429,9 @@ for i in string.gmatch(redis.call('HGET', h, 'g0'), '%d+') do
   if first == nil or d < first then first = d end
 end
 redis.call('ZADD', KEYS[2], string.format('%.3f', first), ARGV[2])
+local created = redis.call('HGET', h, 'created') or string.format('%.6f', now)
+redis.call('ZADD', KEYS[3], created, ARGV[2])
+redis.call('ZADD', KEYS[5], created, ARGV[2])
 return 1
 """
 
@@ -580,7 +657,7 @@ if x == '' or x == 'D' or x == 'F' then return {'ignored', st, st} end
 if tonumber(ARGV[5]) ~= a then return {'stale', st, st} end
 if x == 'R' and ARGV[8] == '0' then return {'running', st, st} end
 redis.call('HSET', h, 'e' .. i, ARGV[6], 'tu' .. i, token)
-if a >= tonumber(ARGV[7]) then
+if a - num('ab' .. i) >= tonumber(ARGV[7]) then
   redis.call('HSET', h, 'x' .. i, 'F', 'reason', ARGV[6])
   if st ~= 'COMPENSATION_FAILED' then
     redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
@@ -641,6 +718,7 @@ return 1
     RECOVER = _LIB + r"""
 if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', idx, ARGV[4])
+  redis.call('ZREM', live, ARGV[4])
   return {'missing'}
 end
 local st = hget('state')
@@ -684,7 +762,7 @@ for _, i in ipairs(candidates) do
       local a = num('a' .. i)
       local why = 'lost: the worker running attempt ' .. a .. ' died'
       redis.call('HSET', h, 'e' .. i, why, 'tu' .. i, token)
-      if a >= tonumber(ARGV[5]) then
+      if a - num('ab' .. i) >= tonumber(ARGV[5]) then
         redis.call('HSET', h, 'x' .. i, 'F', 'reason', why, 'state',
                    'COMPENSATION_FAILED', 'ended', now, 'cf', token)
       else
@@ -758,14 +836,22 @@ return {'aborted', st, hget('state'), {}, {}, out, stopped}
     #: lapsed.  A long gap since the last sweep means Redis was unreachable
     #: (or no worker swept): then nothing is returned until ``hold``
     #: seconds have passed, so live workers renew their leases first.
+    #: Also drops expired sagas from the listing index (at most ARGV[1]).
     #: KEYS[1] deadline index, KEYS[2] the shard's sweep record (it expires
-    #: after ARGV[4] seconds: a missing one also means a gap); ARGV[1]
-    #: limit, ARGV[2] gap, ARGV[3] hold, ARGV[4] record TTL.
+    #: after ARGV[4] seconds: a missing one also means a gap), KEYS[3] all
+    #: sagas, KEYS[4] expiry index; ARGV[1] limit, ARGV[2] gap, ARGV[3]
+    #: hold, ARGV[4] record TTL.
     #: Returns {seconds still held (0 when sweeping), saga ids due}.
     SCAN = r"""
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf',
+                        string.format('%.3f', now), 'LIMIT', 0, ARGV[1])
+if #gone > 0 then
+  redis.call('ZREM', KEYS[3], unpack(gone))
+  redis.call('ZREM', KEYS[4], unpack(gone))
+end
 local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '')
 local hold = tonumber(redis.call('HGET', KEYS[2], 'hold') or '0')
 if last == nil or now - last > tonumber(ARGV[2]) then
@@ -777,6 +863,40 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 if now < hold then return {string.format('%.3f', hold - now), {}} end
 return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
                         string.format('%.3f', now), 'LIMIT', 0, ARGV[1])}
+"""
+
+    #: An operator re-drives a COMPENSATION_FAILED saga: every undo that
+    #: spent its attempts gets a new budget and is queued again (the next
+    #: attempt number, so its task id is new); finished undos are never
+    #: repeated.  Undos still queued are sent again (only one copy of an
+    #: attempt can begin).
+    #: ARGV[1-3] token, now, ttl.
+    #: Returns {status ('retried', 'wrong-state', 'missing'), old state,
+    #: new state, {}, {}, undos due}.
+    RETRY = _LIB + r"""
+local st = hget('state')
+if not st then return {'missing'} end
+if st ~= 'COMPENSATION_FAILED' then
+  if hget('rt') == token then
+    return replay('retried', st, 'rt', 'COMPENSATION_FAILED')
+  end
+  return {'wrong-state', st, st}
+end
+for i = 0, num('n') - 1 do
+  if hget('x' .. i) == 'F' then
+    local a = num('a' .. i)
+    redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, a + 1, 'ab' .. i, a)
+    wait_lease(i, 0)
+  end
+end
+redis.call('HSET', h, 'state', 'COMPENSATING', 'rt', token)
+redis.call('HINCRBY', h, 'retries', 1)
+redis.call('HDEL', h, 'ended')
+local out = {}
+queued(out)
+advance(out)
+rescore()
+return {'retried', st, hget('state'), {}, {}, out}
 """
 
     def __init__(self, settings: Settings) -> None:
@@ -793,6 +913,7 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         self._renew = register(self.RENEW)
         self._recover = register(self.RECOVER)
         self._abort = register(self.ABORT)
+        self._retry = register(self.RETRY)
         self._scan = register(self.SCAN)
 
     # -- keys -------------------------------------------------------------
@@ -816,6 +937,19 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         """When one shard was last swept, and until when it is held."""
         return f'{self._tag(shard)}:sweep'
 
+    def live_key(self, shard: int) -> str:
+        """Sagas of one shard not finished (running, compensating or
+        waiting for an operator), scored by creation time."""
+        return f'{self._tag(shard)}:live'
+
+    def all_key(self, shard: int) -> str:
+        """Every stored saga of one shard, scored by creation time."""
+        return f'{self._tag(shard)}:sagas'
+
+    def ends_key(self, shard: int) -> str:
+        """Finished sagas of one shard, scored by when they expire."""
+        return f'{self._tag(shard)}:ends'
+
     def quarantine_key(self, shard: int) -> str:
         """Sagas the sweep could not read (corrupt records), by time."""
         return f'{self._tag(shard)}:bad'
@@ -825,7 +959,9 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         return f'{self.settings.key_prefix}:sweeper'
 
     def _keys(self, saga_id: str) -> list[str]:
-        return [self.key(saga_id), self.index_key(shard_of(saga_id))]
+        shard = shard_of(saga_id)
+        return [self.key(saga_id), self.index_key(shard), self.live_key(shard),
+                self.ends_key(shard), self.all_key(shard)]
 
     # -- writes ---------------------------------------------------------
 
@@ -946,7 +1082,8 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         """
         pipe = self.client.pipeline(transaction=False)
         for shard in range(SHARDS):
-            self._scan(keys=[self.index_key(shard), self.sweep_key(shard)],
+            self._scan(keys=[self.index_key(shard), self.sweep_key(shard),
+                             self.all_key(shard), self.ends_key(shard)],
                        args=[limit, gap, hold, math.ceil(2 * gap) + 1],
                        client=pipe)
         held, ids, full = 0.0, [], []
@@ -978,6 +1115,13 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         compensation (status ``aborted``, or ``not-running``/``missing``)."""
         return self._decoded(saga_id, self._change(self._abort, saga_id, token,
                                           reason[:2000]))
+
+    def retry(self, saga_id: str, token: str | None = None) -> Outcome:
+        """Re-drive a COMPENSATION_FAILED saga from the undos that failed
+        (status ``retried``, or ``wrong-state``/``missing``, which change
+        nothing)."""
+        return self._decoded(saga_id, self._change(self._retry, saga_id,
+                                                   token))
 
     # -- reads ----------------------------------------------------------
 
@@ -1017,6 +1161,91 @@ return {'0', redis.call('ZRANGEBYSCORE', KEYS[1], '-inf',
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptSagaRecord(
                 f'saga {saga_id!r} has a corrupt record: {exc!r}') from exc
+
+    def list_sagas(self, state: SagaState | None = None, limit: int = 50,
+                   page: int = 100) -> list[Listed]:
+        """The newest sagas first, read from the per-shard indexes (never
+        ``KEYS``): the unfinished ones when ``state`` is RUNNING,
+        COMPENSATING or COMPENSATION_FAILED, else every stored one.
+
+        Arguments:
+            state: only sagas in this state (a damaged record, listed as
+                ``CORRUPT``, only shows without one).
+            limit: at most this many.
+            page: ids read per shard and records per round trip.
+        Raises:
+            SagaStoreUnavailable: Redis cannot be reached.
+        """
+        live = state in (SagaState.RUNNING, SagaState.COMPENSATING,
+                         SagaState.COMPENSATION_FAILED)
+        keys = [self.live_key(s) if live else self.all_key(s)
+                for s in range(SHARDS)]
+        found: list[Listed] = []
+        batch: list[tuple[str, float]] = []
+        seen: set[str] = set()  # ranks shift as sagas start: no repeats
+
+        def flush() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for saga_id, _ in batch:
+                pipe.hgetall(self.key(saga_id))
+            try:
+                raws = self._run(pipe.execute, raise_on_error=False)
+            except CorruptSagaRecord:
+                # a record that is not UTF-8 text: find which, one by one
+                raws = [self._hgetall_or_error(saga_id) for saga_id, _ in batch]
+            for (saga_id, created), raw in zip(batch, raws):
+                entry = _listed(saga_id, created, raw)
+                if entry is not None and (
+                        state is None or entry.state == state.value):
+                    found.append(entry)
+            batch.clear()
+
+        for saga_id, created in self._newest(keys, page):
+            if saga_id in seen:
+                continue
+            seen.add(saga_id)
+            batch.append((saga_id, created))
+            if len(batch) >= page:
+                flush()
+                if len(found) >= limit:
+                    break
+        if batch and len(found) < limit:
+            flush()
+        found.sort(key=lambda e: e.created, reverse=True)
+        return found[:limit]
+
+    def _newest(self, keys: list[str], page: int
+                ) -> Iterator[tuple[str, float]]:
+        """Merge sorted sets scored by time, newest first, reading ``page``
+        entries of each at a time (the first page of all in one round
+        trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrevrange(key, 0, page - 1, withscores=True)
+        buffers = [deque(entries) for entries in self._run(pipe.execute)]
+        offsets = [len(b) for b in buffers]
+        more = [len(b) == page for b in buffers]
+        heap = [(-b[0][1], b[0][0], n) for n, b in enumerate(buffers) if b]
+        heapq.heapify(heap)
+        while heap:
+            score, saga_id, n = heapq.heappop(heap)
+            yield saga_id, -score
+            buf = buffers[n]
+            buf.popleft()
+            if not buf and more[n]:
+                buf.extend(self._run(
+                    self.client.zrevrange, keys[n], offsets[n],
+                    offsets[n] + page - 1, withscores=True))
+                offsets[n] += len(buf)
+                more[n] = len(buf) == page
+            if buf:
+                heapq.heappush(heap, (-buf[0][1], buf[0][0], n))
+
+    def _hgetall_or_error(self, saga_id: str) -> Any:
+        try:
+            return self._run(self.client.hgetall, self.key(saga_id))
+        except CorruptSagaRecord as exc:
+            return exc
 
     # -- plumbing -------------------------------------------------------
 
@@ -1131,30 +1360,63 @@ def make_client(settings: Settings) -> redis.Redis:
     )
 
 
+def _listed(saga_id: str, created: float, raw: Any) -> Listed | None:
+    """Decode one record for a listing (``None``: it has expired)."""
+    if isinstance(raw, Exception):
+        return Listed(saga_id, created, None, str(raw))
+    if not raw:
+        return None
+    try:
+        return Listed(saga_id, created, _decode_record(saga_id, raw))
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        return Listed(saga_id, created, None, repr(exc))
+
+
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
 def _decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
+    created = float(raw['created'])
+    specs = [StepSpec.from_dict(loads(raw['p%d' % i]))
+             for i in range(int(raw['n']))]
+    # a stage is dispatched when the one before it completes: its last
+    # member's settle time
+    settled = [_float(raw.get('t%d' % i)) for i in range(len(specs))]
+    starts: dict[int, float | None] = {0: created}
+    for spec in specs:
+        if spec.stage > 0 and spec.stage not in starts:
+            before = [settled[s.index] for s in specs
+                      if s.stage == spec.stage - 1]
+            starts[spec.stage] = (max(before) if before and None not in before
+                                  else None)
     steps = []
-    for i in range(int(raw['n'])):
-        spec = StepSpec.from_dict(loads(raw['p%d' % i]))
+    for i, spec in enumerate(specs):
+        state = StepState(raw['s%d' % i])
+        attempts = int(raw.get('a%d' % i, 0))
         steps.append(StepRecord(
             index=i, stage=spec.stage, task_name=spec.call.name,
+            task_id=step_task_id(saga_id, i),
             undo_name=spec.undo.name if spec.undo else None,
-            state=StepState(raw['s%d' % i]),
+            state=state,
             result=loads(raw['r%d' % i]) if 'r%d' % i in raw else None,
-            settled_at=_float(raw.get('t%d' % i)),
+            started_at=(None if state is StepState.PENDING
+                        else starts.get(spec.stage)),
+            settled_at=settled[i],
             failure=raw.get('fe%d' % i),
             undo_state=UndoState(raw.get('x%d' % i, '')),
-            undo_attempts=int(raw.get('a%d' % i, 0)),
+            undo_attempts=attempts,
+            undo_task_id=(undo_task_id(saga_id, i, attempts) if attempts
+                          else None),
+            undo_started_at=_float(raw.get('b%d' % i)),
             undo_error=raw.get('e%d' % i),
             undone_at=_float(raw.get('z%d' % i)),
         ))
     failed = raw.get('failed')
     return SagaRecord(
         saga_id=saga_id, state=SagaState(raw['state']),
-        created=float(raw['created']), ended=_float(raw.get('ended')),
+        created=created, ended=_float(raw.get('ended')),
         failed_step=int(failed) if failed else None,
         reason=raw.get('reason'), steps=steps,
+        retries=int(raw.get('retries', 0)),
     )

@@ -11,7 +11,7 @@ from celery import signals as celery_signals
 from celery_compensate import SagaState, UndoState, saga, signals
 from celery_compensate.install import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
-from celery_compensate.store import SagaStore
+from celery_compensate.store import SagaStore, shard_of
 
 from . import tasks
 from .conftest import ledger, wait_for
@@ -216,10 +216,13 @@ def test_unserializable_result_fails_the_step(celery_app, celery_worker, rds):
     assert undone(ledger(rds, celery_app, res.id)) == ['a']
 
 
-@pytest.mark.compensate_conf(compensate_result_expires=1)
+@pytest.mark.compensate_conf(compensate_result_expires=1,
+                              compensate_recovery_interval=0.2,
+                              compensate_heartbeat_interval=0.1)
 def test_finished_sagas_expire_to_baseline(celery_app, celery_worker, rds):
     """Invariant 9: one hash per saga; finished sagas leave the deadline
-    index and expire, so the key count returns to baseline."""
+    and unfinished-saga indexes and expire, and the sweep then drops them
+    from the listing index, so the key count returns to baseline."""
     prefix = celery_app.conf.compensate_key_prefix
     store = get_state(celery_app).store
     ok = saga(tasks.do.si('a'), group(tasks.do.si('b'), tasks.do.si('c')))
@@ -227,13 +230,21 @@ def test_finished_sagas_expire_to_baseline(celery_app, celery_worker, rds):
     results = [ok.apply_async(), bad.apply_async()]
     assert [r.wait(timeout=15) for r in results] == [
         SagaState.COMPLETED, SagaState.COMPENSATED]
+    shards = {shard_of(r.id) for r in results}
     saga_keys = {store.key(r.id) for r in results}
-    # the sweeper's per-shard records are the baseline: they expire too
-    keys = {k for k in rds.scan_iter(f'{prefix}:*')
-            if not k.endswith(':sweep') and not k.endswith(':sweeper')}
-    assert keys == saga_keys
-    wait_for(lambda: not set(rds.scan_iter(f'{prefix}:*')) & saga_keys,
-             timeout=5)
+    listing = ({store.all_key(s) for s in shards}
+               | {store.ends_key(s) for s in shards})
+
+    def keys() -> set[str]:
+        # the sweeper's per-shard records are the baseline: they expire too
+        return {k for k in rds.scan_iter(f'{prefix}:*')
+                if not k.endswith(':sweep') and not k.endswith(':sweeper')}
+
+    assert keys() <= saga_keys | listing
+    assert saga_keys <= keys()
+    assert not any(rds.exists(store.live_key(s), store.index_key(s))
+                   for s in shards)
+    wait_for(lambda: not keys(), timeout=10)
 
 
 def test_every_script_touches_one_slot():
@@ -241,20 +252,22 @@ def test_every_script_touches_one_slot():
     from redis.crc import key_slot
 
     from celery_compensate.settings import Settings
-    from celery_compensate.store import SHARDS, shard_of
+    from celery_compensate.store import SHARDS
     store = SagaStore(Settings.from_conf({
         'compensate_redis_url': 'redis://localhost:1/0'}))
     for name in ('START', 'STEP_DONE', 'STEP_FAILED', 'UNDO_BEGIN',
                  'UNDO_RELEASE', 'UNDO_DONE', 'UNDO_FAILED', 'RENEW',
-                 'RECOVER', 'ABORT', 'SCAN'):
+                 'RECOVER', 'ABORT', 'RETRY', 'SCAN'):
         script = getattr(SagaStore, name)
-        assert 'KEYS[3]' not in script and 'KEYS[1]' in script, name
+        # every key a script names comes from KEYS (checked below)
+        assert 'KEYS[6]' not in script and 'KEYS[1]' in script, name
     shards = set()
     for n in range(500):
         sid = f'saga-{n}'
         shards.add(shard_of(sid))
         slots = {key_slot(k.encode()) for k in store._keys(sid)}
         slots.add(key_slot(store.sweep_key(shard_of(sid)).encode()))
+        slots.add(key_slot(store.quarantine_key(shard_of(sid)).encode()))
         assert len(slots) == 1, sid
     assert len(shards) == SHARDS  # the sagas spread over every shard
 
