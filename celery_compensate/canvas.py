@@ -269,7 +269,7 @@ class Saga:
         if not state.store.create(saga_id, plan, specs):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
         state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
-        logger.info('saga %s: started with %d steps in %d stages',
+        logger.info('saga %s: RUNNING: started with %d steps in %d stages',
                     saga_id, len(plan), len(plan.stages))
         signals.saga_started.send(sender=self.app, saga_id=saga_id,
                                   steps=len(plan))

@@ -398,7 +398,8 @@ class Coordinator:
                 logger.warning('saga %s: COMPENSATED: %s; nothing to undo',
                                saga_id, why)
             else:
-                logger.warning('saga %s: COMPENSATED', saga_id)
+                # the failure was reported when compensation began
+                logger.info('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
 
 def _allowed(options: Mapping[str, Any]) -> dict[str, Any]:

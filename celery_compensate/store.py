@@ -19,9 +19,9 @@ index, ``k`` a stage index):
 ``n/ns``    number of steps / stages; ``qt`` seconds a message may wait
             in the broker before a worker takes it
 ``created`` when started; ``ended`` when finished (or became
-            COMPENSATION_FAILED); ``reason`` why it compensates (then the
-            last undo error once COMPENSATION_FAILED); ``failed`` the
-            failed step; ``retries`` operator retries
+            COMPENSATION_FAILED); ``reason`` why it compensates (an undo's
+            errors are its ``e<i>``); ``failed`` the failed step;
+            ``retries`` operator retries
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -658,7 +658,7 @@ if tonumber(ARGV[5]) ~= a then return {'stale', st, st} end
 if x == 'R' and ARGV[8] == '0' then return {'running', st, st} end
 redis.call('HSET', h, 'e' .. i, ARGV[6], 'tu' .. i, token)
 if a - num('ab' .. i) >= tonumber(ARGV[7]) then
-  redis.call('HSET', h, 'x' .. i, 'F', 'reason', ARGV[6])
+  redis.call('HSET', h, 'x' .. i, 'F')
   if st ~= 'COMPENSATION_FAILED' then
     redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
                'cf', token)
@@ -763,7 +763,7 @@ for _, i in ipairs(candidates) do
       local why = 'lost: the worker running attempt ' .. a .. ' died'
       redis.call('HSET', h, 'e' .. i, why, 'tu' .. i, token)
       if a - num('ab' .. i) >= tonumber(ARGV[5]) then
-        redis.call('HSET', h, 'x' .. i, 'F', 'reason', why, 'state',
+        redis.call('HSET', h, 'x' .. i, 'F', 'state',
                    'COMPENSATION_FAILED', 'ended', now, 'cf', token)
       else
         redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)

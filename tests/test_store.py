@@ -11,7 +11,7 @@ import pytest
 from celery_compensate import SagaState
 from celery_compensate.install import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
-from celery_compensate.store import SagaStore
+from celery_compensate.store import SagaStore, shard_of
 
 
 def make(celery_app, stages, sid='s') -> SagaStore:
@@ -180,3 +180,64 @@ def test_a_step_of_an_undispatched_stage_is_not_recorded(celery_app, rds):
     assert store.step_done('s', 0, '"ra"').status == 'next'
     assert store.read('s').steps[1].state == 'R'
     assert store.step_done('s', 7, '"x"').status == 'unknown-step'
+
+
+def test_listing_merges_the_shards_newest_first_page_by_page(celery_app, rds):
+    """``list_sagas`` reads the per-shard indexes a page at a time and
+    merges them: newest first, no repeats, filters by state."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('a'), UndoSpec('t.undo'), False)]])
+    ids = [f'list-{n:02d}' for n in range(40)]
+    for sid in ids:         # created in this order: the last is the newest
+        assert store.create(sid, plan)
+    for sid in ids[::4]:
+        store.step_done(sid, 0, '"ok"')     # completes: leaves the live index
+    assert len({shard_of(s) for s in ids}) > 10
+
+    listed = store.list_sagas(limit=100, page=3)
+    assert [e.saga_id for e in listed] == ids[::-1]
+    assert [e.saga_id for e in store.list_sagas(limit=7, page=2)] == \
+        ids[::-1][:7]
+    running = store.list_sagas(SagaState.RUNNING, limit=100, page=3)
+    assert [e.saga_id for e in running] == [
+        s for s in ids[::-1] if s not in ids[::4]]
+    completed = store.list_sagas(SagaState.COMPLETED, limit=100, page=3)
+    assert [e.saga_id for e in completed] == ids[::4][::-1]
+    assert all(e.state == 'COMPLETED' and e.record.current == []
+               for e in completed)
+
+    # a damaged record is listed as such, not skipped and not fatal
+    rds.hdel(store.key(ids[1]), 'n')
+    entry = next(e for e in store.list_sagas(limit=100) if e.saga_id == ids[1])
+    assert entry.state == 'CORRUPT' and entry.record is None and entry.error
+    assert ids[1] not in {e.saga_id for e in store.list_sagas(
+        SagaState.RUNNING, limit=100)}
+
+
+def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app):
+    store = make(celery_app, [['a', 'b'], ['c']], sid='r')
+    store.step_done('r', 0, '"ra"')
+    store.step_done('r', 1, '"rb"')
+    store.step_failed('r', 2, 'boom')     # stage 0's undos are both due
+    budget = get_state(celery_app).settings.undo_max_attempts
+    assert store.undo_done('r', 1).status == 'undone'
+    for attempt in range(1, budget + 1):
+        out = store.undo_failed('r', 0, attempt, f'e{attempt}')
+    assert out.new_state is SagaState.COMPENSATION_FAILED
+
+    first = store.retry('r', 'tok-retry')
+    assert first.status == 'retried'
+    assert (first.old_state, first.new_state) == (
+        SagaState.COMPENSATION_FAILED, SagaState.COMPENSATING)
+    assert [(d.step.index, d.attempt) for d in first.undos] == [
+        (0, budget + 1)]
+    # the same call resent after its reply was lost answers the same
+    resent = again(store, store._retry, 'r', 'tok-retry')
+    assert resent.status == 'retried'
+    assert resent.old_state is SagaState.COMPENSATION_FAILED
+    assert [(d.step.index, d.attempt) for d in resent.undos] == [
+        (0, budget + 1)]
+    # a different retry of a saga that is no longer failed changes nothing
+    assert store.retry('r').status == 'wrong-state'
+    # the fresh budget: the next failure is not the last
+    assert store.undo_failed('r', 0, budget + 1, 'again').status == 'retry'

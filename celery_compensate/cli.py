@@ -1,0 +1,316 @@
+"""``celery -A proj compensate``: list, show, retry and abort sagas.
+
+Registered through the ``celery.commands`` entry point, so Celery loads
+the app (``-A``, ``--broker`` ...) exactly as for ``celery inspect``.
+Every command takes ``--json`` for scripts.  Exit codes:
+
+=== ==========================================================
+0   done
+1   an error: the saga store is unreachable, a record is corrupt,
+    the app is not installed
+2   bad usage (click's own code): unknown option, malformed id
+3   no saga with this id (never started, or expired)
+4   the saga is in the wrong state for ``retry``/``abort``;
+    nothing was changed
+=== ==========================================================
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Callable, NoReturn, Sequence
+
+import click
+
+from .exceptions import CompensateError, InvalidSaga, SagaNotFound
+from .install import AppState, get_state
+from .model import SagaState, StepState, UndoState, undo_task_id, validate_saga_id
+from .store import Listed, SagaRecord
+
+__all__ = ('compensate', 'EXIT_ERROR', 'EXIT_NOT_FOUND', 'EXIT_WRONG_STATE')
+
+EXIT_ERROR = 1
+EXIT_NOT_FOUND = 3
+EXIT_WRONG_STATE = 4
+
+_json_option = click.option('--json', 'as_json', is_flag=True,
+                            help='Print JSON instead of a table.')
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, error: str, message: str,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.error, self.message, self.extra = (
+            code, error, message, extra)
+
+
+def _run(ctx: click.Context, as_json: bool, body: Callable[[AppState], Any]
+         ) -> None:
+    """Run ``body`` with the app's state; print its result (or error) as
+    text or JSON and exit with the documented code."""
+    try:
+        out = body(get_state(ctx.obj.app))
+    except _Exit as exc:
+        _fail(as_json, exc.code, exc.error, exc.message, **exc.extra)
+    except SagaNotFound as exc:
+        _fail(as_json, EXIT_NOT_FOUND, 'not-found', str(exc),
+              saga_id=exc.saga_id)
+    except CompensateError as exc:
+        _fail(as_json, EXIT_ERROR, type(exc).__name__, str(exc))
+    if as_json:
+        click.echo(json.dumps(out[0], indent=2, default=_jsonable))
+    else:
+        click.echo(out[1])
+
+
+def _fail(as_json: bool, code: int, error: str, message: str,
+          **extra: Any) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({'error': error, 'message': message, **extra},
+                              indent=2, default=_jsonable))
+    click.echo(f'Error: {message}', err=True)
+    sys.exit(code)
+
+
+def _saga_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return validate_saga_id(value)
+    except (InvalidSaga, ValueError) as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+_saga_arg = click.argument('saga_id', callback=_saga_id)
+
+
+@click.group(name='compensate')
+def compensate() -> None:
+    """Inspect and repair sagas (celery_compensate)."""
+
+
+@compensate.command(name='list')
+@click.option('--state', type=click.Choice([s.value for s in SagaState],
+                                           case_sensitive=False),
+              help='Only sagas in this state.')
+@click.option('--limit', type=click.IntRange(min=1), default=50,
+              show_default=True, help='At most this many sagas.')
+@_json_option
+@click.pass_context
+def list_(ctx: click.Context, state: str | None, limit: int,
+          as_json: bool) -> None:
+    """Sagas, newest first: id, state, age and what each waits for."""
+    def body(st: AppState) -> tuple[Any, str]:
+        want = SagaState(state.upper()) if state else None
+        found = st.store.list_sagas(want, limit)
+        now = time.time()
+        data = [{'saga_id': e.saga_id, 'state': e.state,
+                 'created': e.created, 'age': round(now - e.created, 3),
+                 'current': _current(e), 'error': e.error} for e in found]
+        if not found:
+            return data, f'no sagas{f" in state {want.value}" if want else ""}'
+        return data, _table(('SAGA ID', 'STATE', 'AGE', 'CURRENT'), [
+            (e.saga_id, e.state, _age(now - e.created), _current(e))
+            for e in found])
+    _run(ctx, as_json, body)
+
+
+@compensate.command()
+@_saga_arg
+@_json_option
+@click.pass_context
+def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
+    """A saga's plan: each step's task, task id, state, timings and result,
+    and each undo's attempts and last error."""
+    def body(st: AppState) -> tuple[Any, str]:
+        record = st.store.read(saga_id)
+        return _record_json(record), _show(record)
+    _run(ctx, as_json, body)
+
+
+@compensate.command()
+@_saga_arg
+@_json_option
+@click.pass_context
+def retry(ctx: click.Context, saga_id: str, as_json: bool) -> None:
+    """Re-drive a COMPENSATION_FAILED saga from the undo that failed
+    (finished undos are never repeated)."""
+    def body(st: AppState) -> tuple[Any, str]:
+        outcome = st.coordinator.retry(saga_id)
+        _check(outcome.status, saga_id, outcome.old_state,
+               SagaState.COMPENSATION_FAILED, 'retry')
+        undos = [{'step': d.step.index, 'task': d.step.undo.name
+                  if d.step.undo else None, 'attempt': d.attempt,
+                  'task_id': undo_task_id(saga_id, d.step.index, d.attempt)}
+                 for d in outcome.undos]
+        text = [f'saga {saga_id}: {outcome.old_state} -> '
+                f'{outcome.new_state}; undos sent again:']
+        text += [f'  step {u["step"]} {u["task"]} attempt {u["attempt"]} '
+                 f'({u["task_id"]})' for u in undos]
+        return ({'saga_id': saga_id, 'retried': True,
+                 'old_state': outcome.old_state,
+                 'new_state': outcome.new_state, 'undos': undos},
+                '\n'.join(text))
+    _run(ctx, as_json, body)
+
+
+@compensate.command()
+@_saga_arg
+@click.option('--reason', default='by an operator', show_default=True,
+              help='Recorded as the saga\'s reason ("aborted: <reason>").')
+@_json_option
+@click.pass_context
+def abort(ctx: click.Context, saga_id: str, reason: str,
+          as_json: bool) -> None:
+    """Stop a RUNNING saga: revoke its in-flight steps and compensate what
+    completed (as SagaResult.abort())."""
+    def body(st: AppState) -> tuple[Any, str]:
+        outcome = st.coordinator.abort(saga_id, f'aborted: {reason}')
+        _check(outcome.status, saga_id, outcome.old_state,
+               SagaState.RUNNING, 'abort')
+        revoked = ', '.join(str(i) for i in outcome.stopped) or 'none'
+        return ({'saga_id': saga_id, 'aborted': True,
+                 'old_state': outcome.old_state,
+                 'new_state': outcome.new_state,
+                 'revoked_steps': outcome.stopped,
+                 'undos': [d.step.index for d in outcome.undos]},
+                f'saga {saga_id}: {outcome.old_state} -> '
+                f'{outcome.new_state} (aborted: {reason}); steps revoked: '
+                f'{revoked}')
+    _run(ctx, as_json, body)
+
+
+def _check(status: str, saga_id: str, state: SagaState | None,
+           needed: SagaState, verb: str) -> None:
+    if status == 'missing':
+        raise SagaNotFound(saga_id)
+    if status in ('wrong-state', 'not-running'):
+        raise _Exit(EXIT_WRONG_STATE, 'wrong-state',
+                    f'saga {saga_id} is {state}, not {needed}: cannot {verb} '
+                    'it; nothing was changed', saga_id=saga_id,
+                    state=state)
+
+
+# -- presentation ----------------------------------------------------------
+
+def _current(entry: Listed) -> str:
+    """What a listed saga waits for, in a few words."""
+    if entry.record is None:
+        return f'unreadable record: {entry.error}'
+    return _doing(entry.record)
+
+
+def _doing(record: SagaRecord) -> str:
+    parts = []
+    for step in record.current:
+        if step.state is StepState.RUNNING:
+            parts.append(f'step {step.index} {step.task_name} running')
+        elif step.undo_state is UndoState.FAILED:
+            parts.append(f'undo of step {step.index} {step.undo_name} failed '
+                         f'after {step.undo_attempts} attempts: '
+                         f'{_cut(step.undo_error, 60)}')
+        else:
+            parts.append(f'undo of step {step.index} {step.undo_name} '
+                         f'{step.undo_state.name.lower()} (attempt '
+                         f'{step.undo_attempts})')
+    return '; '.join(parts) or '-'
+
+
+def _show(record: SagaRecord) -> str:
+    now = time.time()
+    lines = [
+        f'saga     {record.saga_id}',
+        f'state    {record.state}',
+        f'created  {_when(record.created)} ({_age(now - record.created)} ago)',
+    ]
+    if record.ended:
+        lines.append(f'ended    {_when(record.ended)} (took '
+                     f'{_age(record.ended - record.created)})')
+    if record.reason:
+        lines.append(f'reason   {record.reason}')
+    if record.failed_step is not None:
+        failed = record.steps[record.failed_step]
+        lines.append(f'failed   step {failed.index} {failed.task_name}')
+    if record.retries:
+        lines.append(f'retried  {record.retries} time(s) by an operator')
+    lines.append(f'waiting  {_doing(record)}')
+    lines += ['', _table(
+        ('STEP', 'STAGE', 'TASK', 'TASK ID', 'STATE', 'STARTED', 'TOOK',
+         'RESULT (FOR ITS UNDO) / ERROR'),
+        [(s.index, s.stage, s.task_name, s.task_id, s.state.name,
+          _offset(s.started_at, record.created),
+          _took(s.started_at, s.settled_at),
+          _cut(json.dumps(s.result) if s.state is StepState.DONE
+               else s.failure or '', 50))
+         for s in record.steps])]
+    undos = [s for s in record.steps if s.undo_attempts]
+    if undos:
+        lines += ['', _table(
+            ('UNDO OF', 'TASK', 'TASK ID', 'STATE', 'ATTEMPTS', 'STARTED',
+             'DONE', 'LAST ERROR'),
+            [(s.index, s.undo_name, s.undo_task_id, s.undo_state.name,
+              s.undo_attempts, _offset(s.undo_started_at, record.created),
+              _offset(s.undone_at, record.created),
+              _cut(s.undo_error or '', 60)) for s in undos])]
+    return '\n'.join(lines)
+
+
+def _record_json(record: SagaRecord) -> dict[str, Any]:
+    data = asdict(record)
+    data['current'] = _doing(record)
+    for step, raw in zip(record.steps, data['steps']):
+        raw['state'] = step.state.name
+        raw['undo_state'] = step.undo_state.name
+    return data
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns aligned to their widest cell (the last one left ragged)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[n]) for r in cells) for n in range(len(headers))]
+    return '\n'.join(
+        '  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        for r in cells)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f'{seconds:.1f}s'
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f'{minutes}m{sec:02d}s'
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f'{hours}h{minutes:02d}m'
+    days, hours = divmod(hours, 24)
+    return f'{days}d{hours:02d}h'
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime(
+        '%Y-%m-%d %H:%M:%S UTC')
+
+
+def _offset(ts: float | None, start: float) -> str:
+    """A time as seconds after the saga started."""
+    return '-' if ts is None else f'+{ts - start:.3f}s'
+
+
+def _took(start: float | None, end: float | None) -> str:
+    return '-' if start is None or end is None else f'{end - start:.3f}s'
+
+
+def _cut(text: str | None, width: int) -> str:
+    text = (text or '').replace('\n', ' ')
+    return text if len(text) <= width else text[:width - 3] + '...'
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    return str(value)
+
