@@ -28,8 +28,13 @@ class CompensateRecovery(bootsteps.StartStopStep):
 
     def __init__(self, w: Any, without_compensate_recovery: bool = False,
                  **kwargs: Any) -> None:
+        from .install import get_state
         super().__init__(w, **kwargs)
         self.sweep = not without_compensate_recovery
+        # recorded here, before the pool starts: prefork children inherit it
+        state = get_state(w.app)
+        state.task_events = bool(getattr(w, 'task_events', False))
+        state.hostname = getattr(w, 'hostname', None)
 
     def create(self, w: Any) -> Recovery:
         from .install import get_state

@@ -78,6 +78,11 @@ class Coordinator:
                         step.undo.name, undo=True)
         args, kwargs = step.undo.call_args(due.result, *step.called_with(due.prev))
         options = _allowed(step.undo.options)
+        # the undo is called with its step's arguments: what the step hides
+        # from monitors (argsrepr/kwargsrepr), its undo hides too
+        for key in ('argsrepr', 'kwargsrepr'):
+            if key in step.call.options and key not in options:
+                options[key] = step.call.options[key]
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
                    'compensate_step': step.index,

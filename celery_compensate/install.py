@@ -8,6 +8,7 @@ from celery.utils.log import get_logger
 
 from .bootsteps import WORKER_OPTIONS, CompensateRecovery
 from .dispatch import Coordinator
+from .events import connect_events
 from .exceptions import ImproperlyConfigured
 from .hooks import CallAnnotation, connect_signals, wrap_app_tasks
 from .settings import Settings
@@ -36,6 +37,10 @@ class AppState:
         self._lock = threading.Lock()
         #: the signal handlers, connected weakly: they live as long as this
         self.handlers: tuple[Any, ...] = ()
+        #: set by the worker bootstep before the pool starts: whether this
+        #: worker sends task events (``-E``), and its node name
+        self.task_events: bool = False
+        self.hostname: str | None = None
         self._store: SagaStore | None = None
         self._coordinator: Coordinator | None = None
 
@@ -74,7 +79,7 @@ def install(app: Celery) -> AppState:
     state = AppState(app, Settings.from_conf(app.conf))
     setattr(app, _ATTR, state)
     _annotate(app)
-    state.handlers = connect_signals(app)
+    state.handlers = (*connect_signals(app), *connect_events(app))
     app.steps['worker'].add(CompensateRecovery)
     for option in WORKER_OPTIONS:
         app.user_options['worker'].add(option)

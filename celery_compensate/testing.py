@@ -8,6 +8,8 @@
   a test can ``kill -9`` and restart.
 - :class:`WorkerProcess`: a real ``celery worker`` subprocess (prefork
   pool unless told otherwise), stopped with everything it started.
+- :class:`FlowerProcess`: a real Flower (``celery --broker=URL flower``)
+  on a loopback port, its REST API open for the caller.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -217,6 +220,66 @@ class WorkerProcess:
             except KeyboardInterrupt:  # Ctrl-C while stopping: stop now
                 self.kill()
                 raise
+        self.log.unlink(missing_ok=True)
+
+
+class FlowerProcess:
+    """Flower 2.x watching ``broker`` (``celery --broker=URL flower``, what
+    the ``flower`` command runs), with its REST API open
+    (``FLOWER_UNAUTHENTICATED_API``) on a loopback port.
+
+    Arguments:
+        broker: the broker URL the workers use (they need ``-E``).
+        port: the HTTP port (default: a free one).
+        address: the address to listen on.
+        args: more ``flower`` options.
+    """
+
+    def __init__(self, broker: str, *args: str, port: int | None = None,
+                 address: str = '127.0.0.1') -> None:
+        self.port = port or free_port()
+        self.url = f'http://{address}:{self.port}'
+        self.log = Path(tempfile.mkstemp(prefix='compensate-flower-',
+                                         suffix='.log')[1])
+        self.cmd = [sys.executable, '-m', 'celery', f'--broker={broker}',
+                    'flower', f'--port={self.port}', f'--address={address}',
+                    *args]
+        self.env = {**os.environ, 'FLOWER_UNAUTHENTICATED_API': 'true'}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> FlowerProcess:
+        """Start Flower and wait until its HTTP server answers."""
+        with self.log.open('wb') as log:
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent())
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get('/healthcheck')
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f'flower did not start:\n{self.output()}') from None
+                time.sleep(0.1)
+
+    def get(self, path: str, timeout: float = 5.0) -> bytes:
+        """GET ``path`` from Flower's HTTP server."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+            return resp.read()
+
+    def output(self) -> str:
+        return self.log.read_text(errors='replace')
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
         self.log.unlink(missing_ok=True)
 
 

@@ -1,0 +1,229 @@
+"""What monitors see of sagas: task messages and task events.
+
+Flower 2.x shows only ``task-*`` events and displays and searches the
+``argsrepr``/``kwargsrepr`` a task message carries, never our custom
+headers.  So, without changing any task signature:
+
+- every saga step and undo message gets a ``kwargsrepr`` that starts with
+  the saga identity, as a Python-literal dict::
+
+      {'compensate_saga_id': '<id>', 'compensate_step': 2, 'amount': 40}
+      {'compensate_saga_id': '<id>', 'compensate_step': 1,
+       'compensate_attempt': 3, 'amount': 40}
+
+  Searching the saga id in Flower (or ``kwargs:compensate_saga_id=<id>``)
+  lists all of a saga's tasks.  The saga keys come first so that no
+  1,024-character cut removes them.  A ``kwargsrepr`` the caller set
+  (to hide secrets) is kept: the saga keys are put in front of it and the
+  real kwargs are never shown.  This is done in ``before_task_publish``, so
+  it also covers Celery's retries of a step or undo.
+- when a saga becomes ``COMPENSATION_FAILED``, a worker that sends task
+  events (``-E``) sends a ``task-compensation_failed`` event for the undo
+  attempt that failed last (its task id and name), which Flower counts in
+  ``flower_events_total{type="task-compensation_failed", task=<undo>}``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from celery import signals as celery_signals
+from celery.utils.log import get_logger
+from celery.utils.saferepr import saferepr
+
+from . import signals
+from .model import UndoState, undo_task_id
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ('COMPENSATION_FAILED_EVENT', 'KWARGSREPR_MAXSIZE',
+           'saga_kwargsrepr', 'send_compensation_failed', 'connect_events')
+
+logger = get_logger(__name__)
+
+#: Type of the event sent when a saga becomes ``COMPENSATION_FAILED``.
+COMPENSATION_FAILED_EVENT = 'task-compensation_failed'
+
+#: Longest ``kwargsrepr`` written for real kwargs (as ``celery/app/amqp.py``).
+KWARGSREPR_MAXSIZE = 1024
+
+#: Longest wait for the event to be sent; the rest happens in the
+#: background (a failed compensation must not stall a worker).
+SEND_TIMEOUT = 2.0
+
+_RETRY_POLICY = {'max_retries': 2, 'interval_start': 0,
+                 'interval_step': 0.2, 'interval_max': 0.5}
+
+_IDENTITY = ('compensate_saga_id', 'compensate_step', 'compensate_attempt')
+
+
+def saga_kwargsrepr(headers: Mapping[str, Any], kwargs: Any,
+                    maxlevels: int = 3) -> str | None:
+    """The ``kwargsrepr`` of a saga message: the saga identity first, then
+    the kwargs (or the caller's own ``kwargsrepr``).
+
+    Arguments:
+        headers: the message's protocol 2 headers; ``kwargsrepr`` in them
+            is the one Celery computed or the one the caller set.
+        kwargs: the message's real keyword arguments.
+        maxlevels: ``task_repr_maxlevels``.
+
+    Returns:
+        str: the new ``kwargsrepr``, or ``None`` when the message is not a
+        saga's or already has one.
+    """
+    saga_id = headers.get('compensate_saga_id')
+    if not isinstance(saga_id, str) or not isinstance(kwargs, Mapping):
+        return None
+    identity = {key: headers[key] for key in _IDENTITY if key in headers}
+    prefix = saferepr(identity, maxlevels=maxlevels)[:-1]  # without the '}'
+    current = headers.get('kwargsrepr')
+    if isinstance(current, str) and current.startswith((f'{prefix},',
+                                                        f'{prefix}}}')):
+        return None  # another app's handler did it, or the same message again
+    if current is None or current == saferepr(
+            kwargs, KWARGSREPR_MAXSIZE, maxlevels=maxlevels):
+        return saferepr(
+            {**identity, **{k: v for k, v in kwargs.items()
+                            if k not in identity}},
+            KWARGSREPR_MAXSIZE, maxlevels=maxlevels)
+    # the caller's own kwargsrepr: it may hide secrets, keep it as it is
+    theirs = str(current).strip()
+    if theirs.startswith('{') and theirs.endswith('}'):
+        inner = theirs[1:-1].strip()
+        return f'{prefix}, {inner}}}' if inner else f'{prefix}}}'
+    return f"{prefix}, 'kwargsrepr': {theirs!r}}}"
+
+
+def send_compensation_failed(
+        app: Celery, saga_id: str, step: int | None, error: Any,
+        hostname: str | None = None,
+        timeout: float = SEND_TIMEOUT) -> threading.Thread:
+    """Send a ``task-compensation_failed`` event for ``saga_id``.
+
+    The event names the undo attempt that failed last (``uuid``
+    ``<saga>.u<step>.<attempt>``, ``name`` the undo task), read from the
+    saga's record, plus ``saga_id``, ``step``, ``attempt`` and ``error``.
+    It is sent from a thread, waited for at most ``timeout`` seconds;
+    failures are logged, never raised.
+
+    Arguments:
+        step: the step whose undo failed; ``None``: the step whose undo is
+            recorded failed.
+        hostname: the sending worker's node name.
+
+    Returns:
+        threading.Thread: the sending thread.
+    """
+    thread = threading.Thread(
+        target=_send_compensation_failed,
+        args=(app, saga_id, step, error, hostname), daemon=True,
+        name='compensate-event')
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning('saga %s: the %s event is not sent yet after %.1fs; '
+                       'it is sent in the background', saga_id,
+                       COMPENSATION_FAILED_EVENT, timeout)
+    return thread
+
+
+def _send_compensation_failed(app: Celery, saga_id: str, step: int | None,
+                              error: Any, hostname: str | None) -> None:
+    try:
+        fields = _failed_undo(app, saga_id, step)
+        fields.update(saga_id=saga_id,
+                      error=None if error is None else str(error)[:2000])
+        with app.connection_for_write() as conn:
+            # kombu would otherwise wait for the broker forever
+            conn.ensure_connection(max_retries=_RETRY_POLICY['max_retries'],
+                                   interval_start=0, interval_step=0.2,
+                                   interval_max=0.5)
+            dispatcher = app.events.Dispatcher(
+                conn, hostname=hostname, enabled=True,
+                buffer_while_offline=False)
+            try:
+                dispatcher.send(COMPENSATION_FAILED_EVENT, retry=True,
+                                retry_policy=_RETRY_POLICY, **fields)
+            finally:
+                dispatcher.close()
+    except Exception as exc:  # noqa: BLE001 - monitoring only
+        logger.warning('saga %s: could not send the %s event: %r', saga_id,
+                       COMPENSATION_FAILED_EVENT, exc)
+
+
+def _failed_undo(app: Celery, saga_id: str,
+                 step: int | None) -> dict[str, Any]:
+    """``uuid``, ``name``, ``step`` and ``attempt`` of the undo attempt that
+    failed last (the saga id as ``uuid`` if the record cannot tell)."""
+    from .install import get_state
+    try:
+        steps = get_state(app).store.read(saga_id).steps
+    except Exception as exc:  # noqa: BLE001
+        logger.warning('saga %s: cannot read the record for the %s event: %r',
+                       saga_id, COMPENSATION_FAILED_EVENT, exc)
+        return {'uuid': saga_id, 'step': step}
+    if step is None:
+        step = next((s.index for s in reversed(steps)
+                     if s.undo_state is UndoState.FAILED), None)
+    record = (steps[step] if step is not None and 0 <= step < len(steps)
+              else None)
+    if record is None or not record.undo_attempts:
+        return {'uuid': saga_id, 'step': step,
+                'name': record.undo_name if record else None}
+    return {'uuid': (record.undo_task_id
+                     or undo_task_id(saga_id, step, record.undo_attempts)),
+            'name': record.undo_name, 'step': step,
+            'attempt': record.undo_attempts}
+
+
+def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
+    """Connect the handlers that label ``app``'s saga messages and send
+    its ``task-compensation_failed`` events.
+
+    Returns:
+        tuple: the handlers.  They are connected weakly: the caller keeps
+        them alive as long as the app.
+    """
+    uid = f'celery_compensate.events.{id(app)}'
+
+    def on_before_publish(sender: Any = None, body: Any = None,
+                          headers: dict[str, Any] | None = None,
+                          **_: Any) -> None:
+        # the signal does not say which app publishes: every installed
+        # app's handler sees the message, the first one labels it
+        if not headers or 'compensate_saga_id' not in headers:
+            return
+        try:
+            if not (isinstance(body, (tuple, list)) and len(body) == 3):
+                return  # task protocol 1: no kwargsrepr to set
+            new = saga_kwargsrepr(headers, body[1],
+                                  app.conf.task_repr_maxlevels)
+            if new is not None:
+                headers['kwargsrepr'] = new
+        except Exception:  # noqa: BLE001 - must not stop the publish
+            logger.warning('celery_compensate: could not label message %s '
+                           'for monitors', headers.get('id'), exc_info=True)
+
+    def on_compensation_failed(sender: Any = None, saga_id: str | None = None,
+                               step: int | None = None, error: Any = None,
+                               **_: Any) -> None:
+        if sender is not app or not saga_id:
+            return
+        state = getattr(app, '_compensate_state', None)
+        if state is None or not (state.task_events
+                                 or app.conf.worker_send_task_events):
+            return
+        try:
+            send_compensation_failed(app, saga_id, step, error,
+                                     hostname=state.hostname)
+        except Exception:  # noqa: BLE001 - e.g. no thread could be started
+            logger.warning('saga %s: could not send the %s event', saga_id,
+                           COMPENSATION_FAILED_EVENT, exc_info=True)
+
+    celery_signals.before_task_publish.connect(
+        on_before_publish, dispatch_uid=f'{uid}.on_before_publish')
+    signals.compensation_failed.connect(
+        on_compensation_failed, dispatch_uid=f'{uid}.on_compensation_failed')
+    return on_before_publish, on_compensation_failed
