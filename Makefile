@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo chaos clean
+.PHONY: install test demo flower chaos clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# a worker, seven orders (two complete, five fail at different steps and
+# are undone), their trails and the books; REDIS_URL to use your Redis
 demo: $(STAMP)
 	$(PY) -m example_project.demo
+
+# the same orders with Flower watching (FLOWER_PORT, default 5555;
+# FLOWER_ADDRESS, default 127.0.0.1); runs until Ctrl-C
+flower: $(STAMP)
+	$(PY) -m example_project.demo --flower
 
 # 300 sagas against prefork workers and an AOF redis-server, with faults
 # injected at random (a 30-saga version runs inside `make test`)

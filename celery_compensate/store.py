@@ -333,10 +333,13 @@ class StepRecord:
     settled_at: float | None
     failure: str | None
     undo_state: UndoState
-    undo_attempts: int      #: attempts made, over every operator retry
+    #: number of the current (or last) attempt, counted over operator
+    #: retries; 0 while the undo is not due
+    undo_attempts: int
     undo_task_id: str | None    #: of the current (last) attempt
     undo_started_at: float | None   #: when the current attempt began
-    undo_error: str | None  #: the last attempt's error
+    #: the last failed attempt's error (kept after a later success)
+    undo_error: str | None
     undone_at: float | None
 
     @property

@@ -75,10 +75,13 @@ def redis_server(*extra: str, env_names: tuple[str, ...] = (
     if binary:
         port = free_port()
         workdir = tempfile.mkdtemp(prefix='compensate-redis-')
+        # its own session: a terminal's Ctrl-C reaches the caller, which
+        # stops its workers before this server; gone if the caller dies
         proc = subprocess.Popen(
             [binary, '--port', str(port), '--bind', '127.0.0.1', '--save', '',
              '--appendonly', 'no', '--dir', workdir, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=die_with_parent())
         url = f'redis://127.0.0.1:{port}/0'
         try:
             wait_ping(url)
