@@ -261,7 +261,7 @@ def _show(record: SagaRecord) -> str:
 def _record_json(record: SagaRecord) -> dict[str, Any]:
     data = asdict(record)
     data['current'] = _doing(record)
-    for step, raw in zip(record.steps, data['steps']):
+    for step, raw in zip(record.steps, data['steps'], strict=True):
         raw['state'] = step.state.name
         raw['undo_state'] = step.undo_state.name
     return data
@@ -272,7 +272,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[n]) for r in cells) for n in range(len(headers))]
     return '\n'.join(
-        '  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in cells)
 
 

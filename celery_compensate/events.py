@@ -32,7 +32,7 @@ from celery.utils.log import get_logger
 from celery.utils.saferepr import saferepr
 
 from . import signals
-from .model import UndoState, undo_task_id
+from .model import UndoState
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -172,8 +172,7 @@ def _failed_undo(app: Celery, saga_id: str,
     if record is None or not record.undo_attempts:
         return {'uuid': saga_id, 'step': step,
                 'name': record.undo_name if record else None}
-    return {'uuid': (record.undo_task_id
-                     or undo_task_id(saga_id, step, record.undo_attempts)),
+    return {'uuid': record.undo_task_id,
             'name': record.undo_name, 'step': step,
             'attempt': record.undo_attempts}
 

@@ -1196,7 +1196,7 @@ return {'retried', st, hget('state'), {}, {}, out}
             except CorruptSagaRecord:
                 # a record that is not UTF-8 text: find which, one by one
                 raws = [self._hgetall_or_error(saga_id) for saga_id, _ in batch]
-            for (saga_id, created), raw in zip(batch, raws):
+            for (saga_id, created), raw in zip(batch, raws, strict=True):
                 entry = _listed(saga_id, created, raw)
                 if entry is not None and (
                         state is None or entry.state == state.value):
@@ -1391,8 +1391,9 @@ def _decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         if spec.stage > 0 and spec.stage not in starts:
             before = [settled[s.index] for s in specs
                       if s.stage == spec.stage - 1]
-            starts[spec.stage] = (max(before) if before and None not in before
-                                  else None)
+            times = [t for t in before if t is not None]
+            starts[spec.stage] = (max(times) if times
+                                  and len(times) == len(before) else None)
     steps = []
     for i, spec in enumerate(specs):
         state = StepState(raw['s%d' % i])

@@ -280,7 +280,7 @@ def read_books() -> Books:
     def counts(kind: str) -> dict[str, int]:
         keys = sorted(db.scan_iter(f'shop:{kind}:*', count=1000))
         values = db.mget(keys) if keys else []
-        return {k.split(':', 2)[2]: int(v) for k, v in zip(keys, values)}
+        return {k.split(':', 2)[2]: int(v) for k, v in zip(keys, values, strict=True)}
 
     return Books(
         stock=counts('stock'), balances=counts('balance'),

@@ -96,7 +96,7 @@ def columns(line: str, header: str) -> list[str]:
     """Split a table line at its header's column starts (a header word
     after two spaces): values only land in the right column if aligned."""
     starts = [m.start() for m in re.finditer(r'(?:^|(?<=  ))\S', header)]
-    return [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+    return [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
 
 
 def test_list_newest_first_filtered_and_limited(env):
@@ -143,18 +143,20 @@ def test_show_prints_plan_timings_results_and_undo_attempts(env):
     assert 'reason   ValueError: c failed on purpose' in text
     assert 'failed   step 2 t.do' in text
     lines = text.splitlines()
-    steps_at = next(n for n, l in enumerate(lines) if l.startswith('STEP '))
-    step_rows = [columns(l, lines[steps_at])
-                 for l in lines[steps_at + 1:steps_at + 4]]
+    steps_at = next(n for n, line in enumerate(lines)
+                    if line.startswith('STEP '))
+    step_rows = [columns(line, lines[steps_at])
+                 for line in lines[steps_at + 1:steps_at + 4]]
     assert [r[:5] for r in step_rows] == [
         ['0', '0', 't.do', f'{res.id}.s0', 'DONE'],
         ['1', '1', 't.do', f'{res.id}.s1', 'DONE'],
         ['2', '2', 't.do', f'{res.id}.s2', 'FAILED']]
     assert step_rows[0][7] == '"res-a"' and step_rows[1][7] == '"res-b"'
     assert all(r[5].startswith('+') and r[6].endswith('s') for r in step_rows)
-    undos_at = next(n for n, l in enumerate(lines) if l.startswith('UNDO OF'))
-    undo_rows = {r[0]: r for r in (columns(l, lines[undos_at])
-                                   for l in lines[undos_at + 1:])}
+    undos_at = next(n for n, line in enumerate(lines)
+                    if line.startswith('UNDO OF'))
+    undo_rows = {r[0]: r for r in (columns(line, lines[undos_at])
+                                   for line in lines[undos_at + 1:])}
     assert undo_rows['0'][1:5] == ['t.undo', f'{res.id}.u0.2', 'FAILED', '2']
     assert undo_rows['0'][7].startswith('RuntimeError: undo of a failed')
     assert undo_rows['1'][1:5] == ['t.undo', f'{res.id}.u1.1', 'DONE', '1']
@@ -172,7 +174,9 @@ def test_show_prints_plan_timings_results_and_undo_attempts(env):
 
 def test_retry_redrives_from_the_failed_undo_only(env):
     res = env.compensation_failed()
-    log = lambda: env.rds.lrange(tasks.ledger_key(env.app, res.id), 0, -1)
+    def log() -> list[str]:
+        return env.rds.lrange(tasks.ledger_key(env.app, res.id), 0, -1)
+
     assert undone(log()) == ['b']
     env.fail_undo(res.id, 'a', 0)     # the cause is fixed
 
