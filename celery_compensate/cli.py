@@ -88,8 +88,14 @@ _saga_arg = click.argument('saga_id', callback=_saga_id)
 
 
 @click.group(name='compensate')
-def compensate() -> None:
+@click.pass_context
+def compensate(ctx: click.Context) -> None:
     """Inspect and repair sagas (celery_compensate)."""
+    # retry and abort publish undos, which must be registered tasks: import
+    # the app's task modules (``include``, ``imports``, autodiscovery) as a
+    # worker or ``celery shell`` would
+    if ctx.obj is not None and getattr(ctx.obj, 'app', None) is not None:
+        ctx.obj.app.loader.import_default_modules()
 
 
 @compensate.command(name='list')
@@ -142,6 +148,14 @@ def retry(ctx: click.Context, saga_id: str, as_json: bool) -> None:
         outcome = st.coordinator.retry(saga_id)
         _check(outcome.status, saga_id, outcome.old_state,
                SagaState.COMPENSATION_FAILED, 'retry')
+        after = st.store.read(saga_id)
+        if after.state is SagaState.COMPENSATION_FAILED:
+            # an undo was refused at once (not a task of this app?)
+            why = '; '.join(f'undo of step {s.index} {s.undo_name}: '
+                            f'{s.undo_error}' for s in after.current)
+            raise _Exit(EXIT_ERROR, 'failed-again',
+                        f'saga {saga_id} is COMPENSATION_FAILED again at '
+                        f'once: {why}', saga_id=saga_id)
         undos = [{'step': d.step.index, 'task': d.step.undo.name
                   if d.step.undo else None, 'attempt': d.attempt,
                   'task_id': undo_task_id(saga_id, d.step.index, d.attempt)}
@@ -232,8 +246,9 @@ def _show(record: SagaRecord) -> str:
     if record.reason:
         lines.append(f'reason   {record.reason}')
     if record.failed_step is not None:
-        failed = record.steps[record.failed_step]
-        lines.append(f'failed   step {failed.index} {failed.task_name}')
+        name = (record.steps[record.failed_step].task_name
+                if 0 <= record.failed_step < len(record.steps) else '?')
+        lines.append(f'failed   step {record.failed_step} {name}')
     if record.retries:
         lines.append(f'retried  {record.retries} time(s) by an operator')
     lines.append(f'waiting  {_doing(record)}')

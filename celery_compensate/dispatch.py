@@ -78,11 +78,12 @@ class Coordinator:
                         step.undo.name, undo=True)
         args, kwargs = step.undo.call_args(due.result, *step.called_with(due.prev))
         options = _allowed(step.undo.options)
-        # the undo is called with its step's arguments: what the step hides
-        # from monitors (argsrepr/kwargsrepr), its undo hides too
-        for key in ('argsrepr', 'kwargsrepr'):
-            if key in step.call.options and key not in options:
-                options[key] = step.call.options[key]
+        if not step.undo.immutable:
+            # called with its step's arguments: what the step hides from
+            # monitors (argsrepr/kwargsrepr), its undo hides too
+            for key in ('argsrepr', 'kwargsrepr'):
+                if key in step.call.options and key not in options:
+                    options[key] = step.call.options[key]
         headers = {**(options.pop('headers', None) or {}),
                    'compensate_saga_id': saga_id,
                    'compensate_step': step.index,
@@ -218,14 +219,25 @@ class Coordinator:
                 attempt=info.attempt, countdown=countdown, error=text)
             self._publish_undo_or_log(info.saga_id, due, countdown)
         elif outcome.status == 'failed':
-            logger.error(
-                'saga %s: COMPENSATION_FAILED: undo of step %d failed %d '
-                'times, last error: %s; the remaining undos wait for an '
-                'operator', info.saga_id, info.index, info.attempt, text)
-            if outcome.old_state is not SagaState.COMPENSATION_FAILED:
-                signals.compensation_failed.send(
-                    sender=self.app, saga_id=info.saga_id, step=info.index,
-                    error=text)
+            self._failed_for_good(
+                info.saga_id, info.index, outcome, text,
+                f'undo of step {info.index} failed {info.attempt} times, '
+                f'last error: {text}')
+
+    def _failed_for_good(self, saga_id: str, step: int, outcome: Outcome,
+                         error: str, what: str) -> None:
+        """An undo spent its attempts: log the saga's transition to
+        COMPENSATION_FAILED (error level, with the reason) and signal it;
+        when the saga already was (another undo of the stage), log it
+        without a second transition line."""
+        if outcome.old_state is SagaState.COMPENSATION_FAILED:
+            logger.error('saga %s: %s (the saga was already '
+                         'COMPENSATION_FAILED)', saga_id, what)
+            return
+        logger.error('saga %s: COMPENSATION_FAILED: %s; the remaining undos '
+                     'wait for an operator', saga_id, what)
+        signals.compensation_failed.send(sender=self.app, saga_id=saga_id,
+                                         step=step, error=error)
 
     # -- recovery and operators -------------------------------------------
 
@@ -318,7 +330,6 @@ class Coordinator:
         try:
             self.publish_undo(saga_id, due, countdown=countdown)
         except TaskRefused as exc:
-            logger.error('%s', exc)
             self._refuse(saga_id, due, str(exc))
         except Exception:  # noqa: BLE001
             logger.exception(
@@ -337,11 +348,10 @@ class Coordinator:
                 break
             attempt = outcome.undos[0].attempt
         if outcome.status == 'failed':
-            logger.error('saga %s: COMPENSATION_FAILED: %s', saga_id, text)
-            if outcome.old_state is not SagaState.COMPENSATION_FAILED:
-                signals.compensation_failed.send(
-                    sender=self.app, saga_id=saga_id, step=due.step.index,
-                    error=text)
+            self._failed_for_good(saga_id, due.step.index, outcome, text,
+                                  text.removeprefix(f'saga {saga_id}: '))
+        else:
+            logger.error('%s', text)
 
     def persist(self, record: Callable[[], _T], info: TaskIdInfo,
                 what: str) -> _T:
@@ -406,6 +416,7 @@ class Coordinator:
                 # the failure was reported when compensation began
                 logger.info('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
+
 
 def _allowed(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in FORBIDDEN_OPTIONS}

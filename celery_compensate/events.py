@@ -198,7 +198,7 @@ def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
             if not (isinstance(body, (tuple, list)) and len(body) == 3):
                 return  # task protocol 1: no kwargsrepr to set
             new = saga_kwargsrepr(headers, body[1],
-                                  app.conf.task_repr_maxlevels)
+                                  app.conf.get('task_repr_maxlevels', 3))
             if new is not None:
                 headers['kwargsrepr'] = new
         except Exception:  # noqa: BLE001 - must not stop the publish

@@ -228,18 +228,20 @@ class WorkerProcess:
 
 class FlowerProcess:
     """Flower 2.x watching ``broker`` (``celery --broker=URL flower``, what
-    the ``flower`` command runs), with its REST API open
-    (``FLOWER_UNAUTHENTICATED_API``) on a loopback port.
+    the ``flower`` command runs) on a loopback port, with its REST API open
+    (``FLOWER_UNAUTHENTICATED_API``) unless ``open_api`` is false.
 
     Arguments:
         broker: the broker URL the workers use (they need ``-E``).
         port: the HTTP port (default: a free one).
         address: the address to listen on.
         args: more ``flower`` options.
+        open_api: open the REST API without authentication (it can revoke
+            tasks and stop workers: only on a loopback address).
     """
 
     def __init__(self, broker: str, *args: str, port: int | None = None,
-                 address: str = '127.0.0.1') -> None:
+                 address: str = '127.0.0.1', open_api: bool = True) -> None:
         self.port = port or free_port()
         self.url = f'http://{address}:{self.port}'
         self.log = Path(tempfile.mkstemp(prefix='compensate-flower-',
@@ -247,7 +249,9 @@ class FlowerProcess:
         self.cmd = [sys.executable, '-m', 'celery', f'--broker={broker}',
                     'flower', f'--port={self.port}', f'--address={address}',
                     *args]
-        self.env = {**os.environ, 'FLOWER_UNAUTHENTICATED_API': 'true'}
+        self.env = dict(os.environ)
+        if open_api:
+            self.env['FLOWER_UNAUTHENTICATED_API'] = 'true'
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> FlowerProcess:

@@ -35,7 +35,11 @@ def start_flower(started: Started, console: Console,
         except OSError as exc:
             raise SystemExit(f'cannot serve Flower on {address}:{port} '
                              f'({exc.strerror}); set FLOWER_PORT') from None
-    flower = FlowerProcess(broker_url, port=port, address=address)
+    # Flower's unauthenticated API can revoke tasks and stop workers: only
+    # open it on this machine
+    loopback = address in ('127.0.0.1', 'localhost', '::1')
+    flower = FlowerProcess(broker_url, port=port, address=address,
+                           open_api=loopback)
     started.add('Flower', flower.stop)
     console.line(f'flower  starting on {address}:{port} ...')
     try:

@@ -50,11 +50,11 @@ class Env:
             'tests.prefork_app', self.env, '-P', 'prefork', '-c', '2', '-Q',
             f'{self.prefix}-q', name='cli', cwd=ROOT)
 
-    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess:
-        """Run ``celery -A tests.prefork_app compensate <args>``."""
+    def cli(self, *args: str, app: str = 'tests.prefork_app',
+            **env: str) -> subprocess.CompletedProcess:
+        """Run ``celery -A <app> compensate <args>``."""
         return subprocess.run(
-            [sys.executable, '-m', 'celery', '-A', 'tests.prefork_app',
-             'compensate', *args],
+            [sys.executable, '-m', 'celery', '-A', app, 'compensate', *args],
             cwd=ROOT, env={**os.environ, **self.env, **env},
             capture_output=True, text=True, timeout=60)
 
@@ -195,6 +195,28 @@ def test_retry_redrives_from_the_failed_undo_only(env):
     assert (f'saga {res.id} is COMPENSATED, not COMPENSATION_FAILED: cannot '
             'retry it; nothing was changed') in proc.stderr
     assert res.state is SagaState.COMPENSATED and undone(log()) == ['b', 'a']
+
+
+def test_retry_imports_the_apps_task_modules(env):
+    """The undos a retry sends must be tasks of the app: the command
+    imports the app's ``include`` modules as a worker would."""
+    res = env.compensation_failed()
+    env.fail_undo(res.id, 'a', 0)
+    proc = env.cli('retry', res.id, app='tests.include_app')
+    assert proc.returncode == 0, proc.stderr
+    assert res.wait(timeout=30) is SagaState.COMPENSATED
+
+
+def test_a_retry_refused_at_once_is_an_error(env):
+    """An app without the undo task refuses to send it: the saga is
+    COMPENSATION_FAILED again, and the command says so and fails."""
+    res = env.compensation_failed()
+    proc = env.cli('retry', res.id, app='tests.include_app',
+                   COMPENSATE_TEST_NO_TASKS='1')
+    assert proc.returncode == 1
+    assert f'saga {res.id} is COMPENSATION_FAILED again at once' in proc.stderr
+    assert "names 't.undo', which a saga may not run here" in proc.stderr
+    assert res.state is SagaState.COMPENSATION_FAILED
 
 
 def test_retry_gives_a_fresh_budget_and_can_fail_again(env):

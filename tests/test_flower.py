@@ -309,7 +309,9 @@ def test_sending_the_event_never_raises_nor_blocks_long(
     install(app)
     start = time.monotonic()
     thread = send_compensation_failed(app, 's', 0, 'boom', timeout=0.5)
-    assert time.monotonic() - start < 0.5 + 0.3
+    # back after its timeout (with room for a loaded machine), not after
+    # kombu's connection retries, which never end while the broker is down
+    assert time.monotonic() - start < 0.5 + 1.0
     thread.join(SEND_TIMEOUT + 10)
     assert not thread.is_alive()
     assert any(f'could not send the {COMPENSATION_FAILED_EVENT} event' in w

@@ -214,7 +214,8 @@ def test_listing_merges_the_shards_newest_first_page_by_page(celery_app, rds):
         SagaState.RUNNING, limit=100)}
 
 
-def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app):
+def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app,
+                                                               rds):
     store = make(celery_app, [['a', 'b'], ['c']], sid='r')
     store.step_done('r', 0, '"ra"')
     store.step_done('r', 1, '"rb"')
@@ -241,3 +242,59 @@ def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app):
     assert store.retry('r').status == 'wrong-state'
     # the fresh budget: the next failure is not the last
     assert store.undo_failed('r', 0, budget + 1, 'again').status == 'retry'
+
+
+def spend(store: SagaStore, sid: str, index: int, budget: int,
+          first: int = 1) -> None:
+    """Fail attempts ``first`` .. ``first + budget - 1`` of an undo."""
+    for attempt in range(first, first + budget):
+        store.undo_failed(sid, index, attempt, f'e{attempt}')
+
+
+def test_a_retry_undoes_what_completed_while_the_saga_waited(celery_app, rds):
+    """Nothing is sent while a saga is COMPENSATION_FAILED: a step of the
+    stage under compensation that completes late gets its undo when an
+    operator retries, and so does a given-up step that ran after all."""
+    budget = get_state(celery_app).settings.undo_max_attempts
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([
+        [(TaskRef('a'), UndoSpec('t.undo'), False)],
+        [(TaskRef('b1'), UndoSpec('t.undo'), False),
+         (TaskRef('b2'), UndoSpec('t.undo'), False),
+         (TaskRef('b3'), UndoSpec('t.undo'), False),
+         (TaskRef('b4'), UndoSpec('t.undo'), True)]])
+    assert store.create('w', plan)
+    store.step_done('w', 0, '"a"')
+    store.step_done('w', 1, '"b1"')
+    assert store.step_failed('w', 2, 'boom').status == 'claimed'
+    assert store.step_failed('w', 4, 'lost').undos[0].step.index == 4
+    assert store.undo_done('w', 4).status == 'undone'
+    spend(store, 'w', 1, budget)
+    assert store.get_state('w') is SagaState.COMPENSATION_FAILED
+    # while it waits: b3 completes late, b4 (undone as failed) ran after all
+    assert store.step_done('w', 3, '"b3"').undos == []
+    assert store.step_done('w', 4, '"b4"').undos == []
+
+    out = store.retry('w')
+    assert out.new_state is SagaState.COMPENSATING
+    assert sorted((d.step.index, d.attempt) for d in out.undos) == [
+        (1, budget + 1), (3, 1), (4, 2)]
+    for index in (1, 3, 4):
+        assert store.undo_done('w', index).status == 'undone'
+    assert [d.index for d in store.read('w').steps
+            if d.undo_state.name == 'QUEUED'] == [0]    # then stage 0
+    assert store.undo_done('w', 0).new_state is SagaState.COMPENSATED
+
+
+def test_a_reused_saga_id_stays_listed(celery_app, rds):
+    """The expiry entry of a finished saga whose id is used again must not
+    make the sweep drop the new saga from the listing."""
+    store = make(celery_app, [['a']], sid='again')
+    store.step_done('again', 0, '"ok"')
+    rds.delete(store.key('again'))      # expired before the sweep trimmed
+    assert rds.zscore(store.ends_key(shard_of('again')), 'again')
+    make(celery_app, [['a']], sid='again')
+    rds.zadd(store.ends_key(shard_of('again')), {'stale': 0})
+    store.due(10, 3600, 0)              # a sweep: trims what expired
+    assert rds.zscore(store.ends_key(shard_of('again')), 'again') is None
+    assert [e.saga_id for e in store.list_sagas()] == ['again']
