@@ -42,6 +42,9 @@ _json_option = click.option('--json', 'as_json', is_flag=True,
 
 
 class _Exit(Exception):
+    """Stop a command with ``code``, an error name for ``--json`` and a
+    message for people."""
+
     def __init__(self, code: int, error: str, message: str,
                  **extra: Any) -> None:
         super().__init__(message)
