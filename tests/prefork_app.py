@@ -26,6 +26,8 @@ for name in ('step_timeout', 'queue_timeout', 'heartbeat_interval',
 if os.environ.get('COMPENSATE_TEST_UNDO_MAX_ATTEMPTS'):
     app.conf.compensate_undo_max_attempts = int(
         os.environ['COMPENSATE_TEST_UNDO_MAX_ATTEMPTS'])
+if os.environ.get('COMPENSATE_TEST_UNDO_QUEUE'):
+    app.conf.compensate_undo_queue = os.environ['COMPENSATE_TEST_UNDO_QUEUE']
 if os.environ.get('COMPENSATE_TEST_VISIBILITY'):
     app.conf.broker_transport_options = {
         'visibility_timeout': float(os.environ['COMPENSATE_TEST_VISIBILITY'])}

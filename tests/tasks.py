@@ -42,6 +42,19 @@ def note(task: Task, entry: str) -> None:
     client_for(task.app).rpush(ledger_key(task.app, saga_id), entry)
 
 
+def hosts_key(app: Any, saga_id: str) -> str:
+    return f'{get_state(app).settings.key_prefix}-t:hosts:{saga_id}'
+
+
+def note_host(task: Task, name: str) -> None:
+    """Note which worker runs this task, as ``<name> <task id> <hostname>``,
+    in a list of its own (the ledger's entries stay as they are)."""
+    saga_id = getattr(task.request, 'compensate_saga_id', None) or 'none'
+    client_for(task.app).rpush(
+        hosts_key(task.app, saga_id),
+        f'{name} {task.request.id} {task.request.hostname}')
+
+
 def countdown_key(app: Any, saga_id: str, name: str) -> str:
     return f'{get_state(app).settings.key_prefix}-t:failures:{saga_id}:{name}'
 
@@ -52,6 +65,7 @@ def undo(self: Task, result: Any, name: str, *args: Any, **kwargs: Any) -> str:
     r = client_for(self.app)
     saga_id = self.request.compensate_saga_id
     note(self, f'undo-start:{name}')
+    note_host(self, name)
     r.hset(f'{get_state(self.app).settings.key_prefix}-t:idem:{saga_id}', name,
            str(getattr(self.request, 'compensate_idempotency_key', None)))
     if kwargs.get('undo_sleep'):
@@ -74,6 +88,7 @@ def do(self: Task, name: str, fail: bool = False, sleep: float = 0.0,
        **kwargs: Any) -> str:
     """A step with an undo; may sleep, fail, or kill its own process."""
     note(self, f'start:{name}')
+    note_host(self, name)
     if sleep:
         time.sleep(sleep)
     if kwargs.get('kill'):
