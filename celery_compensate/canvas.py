@@ -127,7 +127,8 @@ class Saga:
             except (TypeError, ValueError) as exc:
                 raise InvalidSaga(
                     f'{step.describe()}: arguments or options cannot be '
-                    f'stored (saga records are JSON): {exc}') from exc
+                    f'serialized as JSON (saga records are JSON): {exc}'
+                ) from exc
         return plan, specs
 
     def _freeze(self, sig: Signature, index: int, extra: Sequence[Any],
@@ -221,11 +222,14 @@ class Saga:
         return spec
 
     def _check_serializable(self, ref: TaskRef, where: str) -> None:
-        """The task's own serializer must encode the arguments too."""
+        """The task's own serializer must encode the arguments too (JSON
+        is checked by encoding the spec)."""
         task = self.app.tasks.get(ref.name)
         serializer = (ref.options.get('serializer')
                       or getattr(task, 'serializer', None)
                       or self.app.conf.task_serializer)
+        if serializer == 'json':
+            return
         try:
             kombu_dumps((list(ref.args), dict(ref.kwargs), {}),
                         serializer=serializer)

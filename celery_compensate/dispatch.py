@@ -14,6 +14,7 @@ from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
+from .events import label_kwargs
 from .exceptions import (
     ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
 )
@@ -64,6 +65,9 @@ class Coordinator:
                    # past this the sweep may have given the step up: the
                    # worker then checks the record before running it
                    'compensate_deadline': round(time.time() + lease, 3)}
+        options['kwargsrepr'] = self._label(
+            {'compensate_saga_id': saga_id, 'compensate_step': step.index},
+            kwargs, options.get('kwargsrepr'))
         self.app.signature(
             step.call.name, args=tuple(args), kwargs=dict(kwargs),
         ).apply_async(task_id=step_task_id(saga_id, step.index),
@@ -90,6 +94,10 @@ class Coordinator:
                    'compensate_attempt': due.attempt,
                    'compensate_idempotency_key': idempotency_key(
                        saga_id, step.index)}
+        options['kwargsrepr'] = self._label(
+            {'compensate_saga_id': saga_id, 'compensate_step': step.index,
+             'compensate_attempt': due.attempt}, kwargs,
+            options.get('kwargsrepr'))
         if self.settings.undo_queue:
             options['queue'] = self.settings.undo_queue
         if countdown:
@@ -97,6 +105,13 @@ class Coordinator:
         self.app.signature(step.undo.name, args=args, kwargs=kwargs).apply_async(
             task_id=undo_task_id(saga_id, step.index, due.attempt),
             headers=headers, **options)
+
+    def _label(self, identity: dict[str, Any], kwargs: Mapping[str, Any],
+               theirs: str | None) -> str:
+        """The ``kwargsrepr`` monitors show: the saga identity first (see
+        :mod:`celery_compensate.events`)."""
+        return label_kwargs(identity, kwargs, theirs,
+                            self.app.conf.get('task_repr_maxlevels', 3))
 
     def check_task(self, saga_id: str, what: str, name: Any,
                    undo: bool = False) -> None:

@@ -15,8 +15,9 @@ headers.  So, without changing any task signature:
   lists all of a saga's tasks.  The saga keys come first so that no
   1,024-character cut removes them.  A ``kwargsrepr`` the caller set
   (to hide secrets) is kept: the saga keys are put in front of it and the
-  real kwargs are never shown.  This is done in ``before_task_publish``, so
-  it also covers Celery's retries of a step or undo.
+  real kwargs are never shown.  The coordinator sets it when it publishes
+  (so Celery computes no repr of its own), and ``before_task_publish``
+  labels what Celery publishes again (retries of a step or undo).
 - when a saga becomes ``COMPENSATION_FAILED``, a worker that sends task
   events (``-E``) sends a ``task-compensation_failed`` event for the undo
   attempt that failed last (its task id and name), which Flower counts in
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ('COMPENSATION_FAILED_EVENT', 'KWARGSREPR_MAXSIZE',
-           'saga_kwargsrepr', 'send_compensation_failed', 'connect_events')
+           'label_kwargs', 'is_labelled', 'send_compensation_failed',
+           'connect_events')
 
 logger = get_logger(__name__)
 
@@ -56,44 +58,39 @@ _RETRY_POLICY = {'max_retries': 2, 'interval_start': 0,
                  'interval_step': 0.2, 'interval_max': 0.5}
 
 _IDENTITY = ('compensate_saga_id', 'compensate_step', 'compensate_attempt')
+_LABEL = "{'compensate_saga_id': "
 
 
-def saga_kwargsrepr(headers: Mapping[str, Any], kwargs: Any,
-                    maxlevels: int = 3) -> str | None:
+def label_kwargs(identity: Mapping[str, Any], kwargs: Mapping[str, Any],
+                 theirs: str | None = None, maxlevels: int = 3) -> str:
     """The ``kwargsrepr`` of a saga message: the saga identity first, then
-    the kwargs (or the caller's own ``kwargsrepr``).
+    the kwargs, or the caller's own ``kwargsrepr`` (which may hide
+    secrets: the real kwargs are then never shown).
 
     Arguments:
-        headers: the message's protocol 2 headers; ``kwargsrepr`` in them
-            is the one Celery computed or the one the caller set.
+        identity: ``compensate_saga_id``, ``compensate_step`` and, for an
+            undo, ``compensate_attempt`` (in that order).
         kwargs: the message's real keyword arguments.
+        theirs: a ``kwargsrepr`` the caller set.
         maxlevels: ``task_repr_maxlevels``.
-
-    Returns:
-        str: the new ``kwargsrepr``, or ``None`` when the message is not a
-        saga's or already has one.
     """
-    saga_id = headers.get('compensate_saga_id')
-    if not isinstance(saga_id, str) or not isinstance(kwargs, Mapping):
-        return None
-    identity = {key: headers[key] for key in _IDENTITY if key in headers}
-    prefix = saferepr(identity, maxlevels=maxlevels)[:-1]  # without the '}'
-    current = headers.get('kwargsrepr')
-    if isinstance(current, str) and current.startswith((f'{prefix},',
-                                                        f'{prefix}}}')):
-        return None  # another app's handler did it, or the same message again
-    if current is None or current == saferepr(
-            kwargs, KWARGSREPR_MAXSIZE, maxlevels=maxlevels):
-        return saferepr(
-            {**identity, **{k: v for k, v in kwargs.items()
-                            if k not in identity}},
-            KWARGSREPR_MAXSIZE, maxlevels=maxlevels)
-    # the caller's own kwargsrepr: it may hide secrets, keep it as it is
-    theirs = str(current).strip()
-    if theirs.startswith('{') and theirs.endswith('}'):
-        inner = theirs[1:-1].strip()
-        return f'{prefix}, {inner}}}' if inner else f'{prefix}}}'
-    return f"{prefix}, 'kwargsrepr': {theirs!r}}}"
+    # the identity is a str and ints: written out, not through saferepr
+    prefix = '{' + ', '.join(f'{k!r}: {v!r}' for k, v in identity.items())
+    if theirs is None:
+        rest = {k: v for k, v in kwargs.items() if k not in identity}
+        text = saferepr(rest, max(KWARGSREPR_MAXSIZE - len(prefix), 64),
+                        maxlevels=maxlevels) if rest else '{}'
+    else:
+        text = str(theirs).strip()
+        if not (text.startswith('{') and text.endswith('}')):
+            text = '{' + f"'kwargsrepr': {text!r}" + '}'
+    inner = text[1:-1].strip()
+    return f'{prefix}, {inner}}}' if inner else f'{prefix}}}'
+
+
+def is_labelled(kwargsrepr: Any) -> bool:
+    """Whether a ``kwargsrepr`` already starts with the saga identity."""
+    return isinstance(kwargsrepr, str) and kwargsrepr.startswith(_LABEL)
 
 
 def send_compensation_failed(
@@ -190,17 +187,21 @@ def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
     def on_before_publish(sender: Any = None, body: Any = None,
                           headers: dict[str, Any] | None = None,
                           **_: Any) -> None:
-        # the signal does not say which app publishes: every installed
-        # app's handler sees the message, the first one labels it
-        if not headers or 'compensate_saga_id' not in headers:
+        # the coordinator labels what it publishes; this catches what Celery
+        # publishes again for a saga task (self.retry(), autoretry_for),
+        # which gets a kwargsrepr of the real kwargs.  The signal does not
+        # say which app publishes: the first installed app labels it.
+        if (not headers or 'compensate_saga_id' not in headers
+                or is_labelled(headers.get('kwargsrepr'))):
             return
         try:
-            if not (isinstance(body, (tuple, list)) and len(body) == 3):
+            if not (isinstance(body, (tuple, list)) and len(body) == 3
+                    and isinstance(body[1], Mapping)):
                 return  # task protocol 1: no kwargsrepr to set
-            new = saga_kwargsrepr(headers, body[1],
-                                  app.conf.get('task_repr_maxlevels', 3))
-            if new is not None:
-                headers['kwargsrepr'] = new
+            identity = {k: headers[k] for k in _IDENTITY if k in headers}
+            headers['kwargsrepr'] = label_kwargs(
+                identity, body[1],
+                maxlevels=app.conf.get('task_repr_maxlevels', 3))
         except Exception:  # noqa: BLE001 - must not stop the publish
             logger.warning('celery_compensate: could not label message %s '
                            'for monitors', headers.get('id'), exc_info=True)

@@ -17,14 +17,13 @@ import pytest
 import redis
 from celery import Celery
 from celery import signals as celery_signals
-from celery.utils.saferepr import saferepr
 
 from celery_compensate import (
     SagaResult, SagaState, events, install, saga, signals,
 )
 from celery_compensate.events import (
-    COMPENSATION_FAILED_EVENT, KWARGSREPR_MAXSIZE, SEND_TIMEOUT,
-    saga_kwargsrepr, send_compensation_failed,
+    COMPENSATION_FAILED_EVENT, KWARGSREPR_MAXSIZE, SEND_TIMEOUT, is_labelled,
+    label_kwargs, send_compensation_failed,
 )
 from celery_compensate.testing import (
     FlowerProcess, WorkerProcess, delete_keys, free_port,
@@ -208,43 +207,45 @@ def test_a_failed_compensation_is_counted_in_flower_metrics(env: Env) -> None:
 STEP = {'compensate_saga_id': 'abc', 'compensate_step': 2}
 
 
-def celery_repr(kwargs: dict[str, Any]) -> str:
-    return saferepr(kwargs, KWARGSREPR_MAXSIZE, maxlevels=3)
-
-
 def test_kwargsrepr_of_an_undo_names_its_attempt() -> None:
-    headers = {**STEP, 'compensate_attempt': 3,
-               'kwargsrepr': celery_repr({'amount': 40})}
-    assert saga_kwargsrepr(headers, {'amount': 40}) == (
+    assert label_kwargs({**STEP, 'compensate_attempt': 3}, {'amount': 40}) == (
         "{'compensate_saga_id': 'abc', 'compensate_step': 2, "
         "'compensate_attempt': 3, 'amount': 40}")
+    assert label_kwargs(STEP, {}) == (
+        "{'compensate_saga_id': 'abc', 'compensate_step': 2}")
 
 
 def test_kwargsrepr_keeps_the_saga_keys_when_cut() -> None:
-    kwargs = {'blob': 'x' * 5000}
-    new = saga_kwargsrepr({**STEP, 'kwargsrepr': celery_repr(kwargs)}, kwargs)
+    new = label_kwargs(STEP, {'blob': 'x' * 5000})
     assert new.startswith(
         "{'compensate_saga_id': 'abc', 'compensate_step': 2, 'blob': 'xxx")
     assert len(new) < KWARGSREPR_MAXSIZE + 10
-    assert ast.literal_eval(new)['compensate_saga_id'] == 'abc'
+    assert is_labelled(new)
 
 
 def test_kwargsrepr_set_by_the_caller_hides_the_kwargs() -> None:
     real = {'card': '4111'}
-    hidden = "{'card': '***'}"
-    assert saga_kwargsrepr({**STEP, 'kwargsrepr': hidden}, real) == (
+    assert label_kwargs(STEP, real, "{'card': '***'}") == (
         "{'compensate_saga_id': 'abc', 'compensate_step': 2, 'card': '***'}")
-    assert saga_kwargsrepr({**STEP, 'kwargsrepr': '{}'}, real) == (
+    assert label_kwargs(STEP, real, '{}') == (
         "{'compensate_saga_id': 'abc', 'compensate_step': 2}")
-    assert saga_kwargsrepr({**STEP, 'kwargsrepr': '<hidden>'}, real) == (
+    assert label_kwargs(STEP, real, '<hidden>') == (
         "{'compensate_saga_id': 'abc', 'compensate_step': 2, "
         "'kwargsrepr': '<hidden>'}")
 
 
-def test_kwargsrepr_is_set_once_and_only_for_saga_messages() -> None:
+def test_only_unlabelled_saga_messages_are_labelled_on_publish(
+        celery_app: Celery) -> None:
+    """The hook labels what Celery publishes again (a retry), and leaves
+    alone what the coordinator labelled and what is not a saga's."""
     done = "{'compensate_saga_id': 'abc', 'compensate_step': 2, 'a': 1}"
-    assert saga_kwargsrepr({**STEP, 'kwargsrepr': done}, {'a': 1}) is None
-    assert saga_kwargsrepr({'kwargsrepr': '{}'}, {}) is None
+    for headers, expected in (
+            ({**STEP, 'kwargsrepr': "{'a': 1}"}, done),
+            ({**STEP, 'kwargsrepr': done}, done),
+            ({'kwargsrepr': "{'a': 1}"}, "{'a': 1}")):
+        celery_signals.before_task_publish.send(
+            sender='t.do', body=((), {'a': 1}, {}), headers=headers)
+        assert headers['kwargsrepr'] == expected
 
 
 def test_a_retried_step_is_labelled_too(celery_app: Celery, celery_worker: Any,
