@@ -130,31 +130,60 @@ end
 
 local function inflight(x) return x == 'Q' or x == 'R' or x == 'W' end
 
+-- HMGET, HSET and HDEL of many fields (unpack has a limit): 1000 at a time
+local function many(cmd, list)
+  local out = {}
+  for first = 1, #list, 1000 do
+    local last = math.min(first + 999, #list)
+    local r = redis.call(cmd, h, unpack(list, first, last))
+    if cmd == 'HMGET' then
+      for n = 1, last - first + 1 do out[first + n - 1] = r[n] end
+    end
+  end
+  return out
+end
+
 -- Keep the saga's entry in the deadline index at the earliest lease of
 -- what it has in flight; take it out when nothing is (final states, and
 -- COMPENSATION_FAILED, which waits for an operator).
 local function earliest()
-  local st, best = hget('state'), nil
-  local function consider(i)
-    local d = tonumber(hget('d' .. i) or '')
-    if d and (best == nil or d < best) then best = d end
+  local v = redis.call('HMGET', h, 'state', 'cur', 'late', 'n')
+  local best = nil
+  if v[1] ~= 'RUNNING' and v[1] ~= 'COMPENSATING' then return nil end
+  -- read s/x/d/l of ``steps`` a batch at a time (unpack has a limit)
+  local function scan(steps, late)
+    for first = 1, #steps, 250 do
+      local want = {}
+      for n = first, math.min(first + 249, #steps) do
+        local i = steps[n]
+        want[#want + 1] = 's' .. i
+        want[#want + 1] = 'x' .. i
+        want[#want + 1] = 'd' .. i
+        want[#want + 1] = 'l' .. i
+      end
+      local r = redis.call('HMGET', h, unpack(want))
+      for m = 0, #want / 4 - 1 do
+        local s, x = r[4 * m + 1], r[4 * m + 2] or ''
+        local d = tonumber(r[4 * m + 3] or '')
+        local counts
+        if late then counts = r[4 * m + 4] == '1' and inflight(x)
+        else counts = s == 'R' or inflight(x) end
+        if counts and d and (best == nil or d < best) then best = d end
+      end
+    end
   end
-  if st == 'RUNNING' or st == 'COMPENSATING' then
-    local cur = num('cur')
-    if cur >= 0 then
-      for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
-        if hget('s' .. i) == 'R' or inflight(hget('x' .. i) or '') then
-          consider(i)
-        end
-      end
+  local cur = tonumber(v[2] or '0')
+  if cur >= 0 then
+    local steps = {}
+    for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+      steps[#steps + 1] = i
     end
-    if num('late') > 0 then
-      for i = 0, num('n') - 1 do
-        if hget('l' .. i) == '1' and inflight(hget('x' .. i) or '') then
-          consider(i)
-        end
-      end
-    end
+    scan(steps, false)
+  end
+  if tonumber(v[3] or '0') > 0 then
+    local steps = {}
+    for i = 0, tonumber(v[4] or '0') - 1 do steps[#steps + 1] = i end
+    scan(steps, true)
   end
   return best
 end
@@ -412,8 +441,9 @@ class SagaStore:
     # sagas (``:live``), KEYS[4] the expiry index (``:ends``), KEYS[5] all
     # sagas (``:sagas``).
 
-    #: KEYS[1-5] as above; ARGV[1] token, ARGV[2] saga id, then field,
-    #: value, ... .
+    #: KEYS[1-5] as above; ARGV[1] token, ARGV[2] saga id, ARGV[3] a JSON
+    #: array of field, value, ... (strings; one argument packs far faster
+    #: than a hundred).
     #: Returns 1 when created (also for the same call sent again), 0 when
     #: the saga id already exists.
     START = r"""
@@ -426,8 +456,9 @@ if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', h, 'tok', ARGV[1], 'id', ARGV[2])
-for j = 3, #ARGV, 1000 do
-  redis.call('HSET', h, unpack(ARGV, j, math.min(j + 999, #ARGV)))
+local fields = cjson.decode(ARGV[3])
+for j = 1, #fields, 1000 do
+  redis.call('HSET', h, unpack(fields, j, math.min(j + 999, #fields)))
 end
 -- the first stage is dispatched: it may wait qt (+ countdown) in the broker
 local first
@@ -453,36 +484,65 @@ return 1
     #: Returns {status, old state, new state, results of the finished
     #: stage, {index, spec} of the next stage, undos due}.
     STEP_DONE = _LIB + r"""
-local st = hget('state')
-if not st then return {'missing'} end
+-- the common case costs few calls (each redis.call has its price): what it
+-- needs is read with HMGET and written with one HSET
 local i = ARGV[4]
-local s = hget('s' .. i)
+local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
+                     'u' .. i, 'ns', 'id')
+local st, s = f[1], f[2]
+if not st then return {'missing'} end
 if not s then return {'unknown-step', st, st} end
-local bad = damaged(i)
-if bad then return bad end
-local k = tonumber(hget('k' .. i))
+local k = tonumber(f[3] or '')
+local g = k and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
+if not k or not g[1] or (g[2] and not tonumber(g[2])) or not f[4]
+    or not f[5] then
+  return damaged(i)
+end
 
 -- stage k is complete: finish the saga, or mark the next stage dispatched
 -- (its leases start now) and hand it, with stage k's results, to the
 -- caller to publish
 local function next_stage()
-  redis.call('HSET', h, 'dn' .. k, token)
   local nk = k + 1
-  if nk >= num('ns') then
+  if nk >= tonumber(f[6]) then
+    redis.call('HSET', h, 'dn' .. k, token)
     if st ~= 'COMPLETED' then finish('COMPLETED') end
     return {'completed', 'RUNNING', 'COMPLETED'}
   end
-  local results, nxt = {}, {}
-  for j in string.gmatch(hget('g' .. k), '%d+') do
-    results[#results + 1] = hget('r' .. j)
+  if not g[3] then
+    return redis.error_reply('CORRUPT stage ' .. nk .. ' of the saga record '
+                             .. 'has no steps')
   end
-  for j in string.gmatch(hget('g' .. nk), '%d+') do
-    redis.call('HSET', h, 's' .. j, 'R')
-    wait_lease(j, hget('c' .. j))
-    nxt[#nxt + 1] = {tonumber(j), hget('p' .. j)}
+  local want = {}
+  for j in string.gmatch(g[1], '%d+') do want[#want + 1] = 'r' .. j end
+  local results = many('HMGET', want)
+  for n = 1, #want do results[n] = results[n] or 'null' end
+  local steps = {}
+  want = {'qt'}
+  for j in string.gmatch(g[3], '%d+') do
+    steps[#steps + 1] = j
+    want[#want + 1] = 'c' .. j
+    want[#want + 1] = 'p' .. j
   end
-  redis.call('HSET', h, 'cur', nk, 'w' .. nk, #nxt)
-  rescore()
+  local v = many('HMGET', want)
+  local t, qt, best = clock(), tonumber(v[1]), nil
+  local set = {'dn' .. k, token, 'cur', nk, 'w' .. nk, #steps}
+  local held, nxt = {}, {}
+  for n, j in ipairs(steps) do
+    -- each may wait qt (+ its countdown) in the broker: see wait_lease
+    local d = t + qt + tonumber(v[2 * n] or '0')
+    set[#set + 1] = 's' .. j
+    set[#set + 1] = 'R'
+    set[#set + 1] = 'd' .. j
+    set[#set + 1] = string.format('%.3f', d)
+    held[#held + 1] = 'h' .. j
+    nxt[#nxt + 1] = {tonumber(j), v[2 * n + 1]}
+    if best == nil or d < best then best = d end
+  end
+  many('HSET', set)   -- field-value pairs: 1000 keeps them whole
+  many('HDEL', held)
+  -- a running saga has nothing else in flight: its deadline is this stage's
+  redis.call('ZADD', idx, string.format('%.3f', best), f[7])
   return {'next', 'RUNNING', 'RUNNING', results, nxt}
 end
 
@@ -500,7 +560,7 @@ if s == 'P' and st == 'RUNNING' then
 end
 redis.call('HSET', h, 's' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now,
            'tk' .. i, token)
-local left = num('w' .. k)
+local left = tonumber(g[2] or '0')
 if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
   if left > 0 then
@@ -1028,7 +1088,8 @@ return {'retried', st, hget('state'), {}, {}, out}
                 if step.delay:
                     fields += ['c%d' % i, step.delay]
         return bool(self._run(self._start, keys=self._keys(saga_id),
-                              args=[new_token(), saga_id, *fields]))
+                              args=[new_token(), saga_id, dumps(
+                                  [str(f) for f in fields])]))
 
     def step_done(self, saga_id: str, index: int, result_json: str,
                   token: str | None = None) -> Outcome:

@@ -4,6 +4,7 @@ lost before they start, a second copy of an attempt, budgets spent in
 parallel)."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -56,8 +57,8 @@ def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
 
 def test_a_resent_start_is_not_a_duplicate_saga(celery_app, rds):
     store = get_state(celery_app).store
-    args = ['tok', 'x', 'state', 'RUNNING', 'n', 1, 'g0', '0', 'o0', 5,
-            'qt', 5]
+    args = ['tok', 'x', json.dumps(['state', 'RUNNING', 'n', '1', 'g0', '0',
+                                    'o0', '5', 'qt', '5'])]
     assert store._start(keys=store._keys('x'), args=args) == 1
     assert store._start(keys=store._keys('x'), args=args) == 1
     assert store._start(keys=store._keys('x'), args=['other', *args[1:]]) == 0
@@ -298,3 +299,18 @@ def test_a_reused_saga_id_stays_listed(celery_app, rds):
     store.due(10, 3600, 0)              # a sweep: trims what expired
     assert rds.zscore(store.ends_key(shard_of('again')), 'again') is None
     assert [e.saga_id for e in store.list_sagas()] == ['again']
+
+
+def test_a_stage_of_thousands_of_steps_is_recorded_and_dispatched(celery_app,
+                                                                   rds):
+    """The hot path reads and writes fields in batches: a parallel stage
+    larger than Lua's unpack limit still completes and hands on its
+    results."""
+    names = [f'm{n}' for n in range(3000)]
+    store = make(celery_app, [names, ['after']], sid='wide')
+    for n in range(len(names) - 1):
+        assert store.step_done('wide', n, str(n)).status == 'recorded'
+    out = store.step_done('wide', len(names) - 1, str(len(names) - 1))
+    assert out.status == 'next'
+    assert out.results == list(range(len(names)))
+    assert [s.index for s in out.forward] == [len(names)]
