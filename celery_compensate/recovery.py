@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import redis
 from celery.utils.log import get_logger
 
+from .clients import servers
 from .dispatch import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
 from .model import parse_task_id
-from .store import SagaStore, shard_of
+from .store import _TRANSIENT, SagaStore, shard_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -69,27 +70,30 @@ def held_by_this_worker(active_only: bool = False
                    info.attempt if info.is_undo else None)
 
 
-def check_persistence(client: redis.Redis, safe_url: str) -> list[str]:
-    """Warnings about a saga store that can lose records.
+def check_persistence(client: Any, safe_url: str) -> list[str]:
+    """Warnings about a saga store that can lose records: every primary of
+    a Redis Cluster is checked, and the primary behind Sentinels.
 
     Returns:
         list: one line per problem (empty when AOF is on and nothing is
         evicted).
     """
     problems = []
-    memory = client.info('memory')
-    policy = memory.get('maxmemory_policy', 'noeviction')
-    if int(memory.get('maxmemory', 0) or 0) and policy != 'noeviction':
-        problems.append(
-            f'the saga store at {safe_url} evicts keys (maxmemory-policy '
-            f'{policy}): an evicted saga is a lost compensation; set '
-            'maxmemory-policy noeviction')
-    persistence = client.info('persistence')
-    if not int(persistence.get('aof_enabled', 0) or 0):
-        problems.append(
-            f'the saga store at {safe_url} has no append-only file: a Redis '
-            'restart loses the sagas recorded since its last snapshot; set '
-            'appendonly yes')
+    for node, server in servers(client):
+        where = safe_url if node is None else f'{safe_url} (node {node})'
+        memory = server.info('memory')
+        policy = memory.get('maxmemory_policy', 'noeviction')
+        if int(memory.get('maxmemory', 0) or 0) and policy != 'noeviction':
+            problems.append(
+                f'the saga store at {where} evicts keys (maxmemory-policy '
+                f'{policy}): an evicted saga is a lost compensation; set '
+                'maxmemory-policy noeviction')
+        persistence = server.info('persistence')
+        if not int(persistence.get('aof_enabled', 0) or 0):
+            problems.append(
+                f'the saga store at {where} has no append-only file: a Redis '
+                'restart loses the sagas recorded since its last snapshot; '
+                'set appendonly yes')
     return problems
 
 
@@ -257,8 +261,7 @@ class Recovery:
                 logger.info('celery_compensate: the saga store is reachable '
                             'again')
                 self._unreachable_since = None
-        except (SagaStoreUnavailable, redis.ConnectionError,
-                redis.TimeoutError) as exc:
+        except (SagaStoreUnavailable, *_TRANSIENT) as exc:
             self._last_error = time.monotonic()
             if self._unreachable_since is None:
                 self._unreachable_since = time.monotonic()

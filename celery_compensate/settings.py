@@ -3,8 +3,13 @@
 =================================== ======================= ==========================================
 Setting                             Default                 Meaning
 =================================== ======================= ==========================================
-``compensate_redis_url``            the broker URL, when it Redis holding the saga records
-                                    is a Redis URL
+``compensate_redis_url``            the broker URL, when it Redis holding the saga records: one
+                                    is a Redis or Sentinel  server, a Redis Cluster
+                                    URL                     (``redis+cluster://``) or the primary
+                                                            behind Sentinels (``sentinel://``)
+``compensate_redis_transport_options`` ``{}``               ``master_name`` (required with a
+                                                            ``sentinel://`` URL), ``sentinel_kwargs``,
+                                                            ``min_other_sentinels``
 ``compensate_key_prefix``           ``"compensate"``        prefix of every key the store writes
 ``compensate_result_expires``       ``86400`` (1 day)       seconds a ``COMPLETED``/``COMPENSATED``
                                                             saga is kept; failed compensations never
@@ -37,16 +42,20 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
-from kombu.utils.url import maybe_sanitize_url
-
+from .clients import (
+    CLUSTER_SCHEMES, SENTINEL_SCHEMES, is_cluster_url, is_sentinel_url,
+    parse_cluster_url, parse_sentinel_url, sanitize_url,
+)
 from .exceptions import ImproperlyConfigured
 
 __all__ = ('Settings', 'DEFAULTS')
 
 DEFAULTS: dict[str, Any] = {
     'compensate_redis_url': None,
+    'compensate_redis_transport_options': {},
     'compensate_key_prefix': 'compensate',
     'compensate_result_expires': 86400,
     'compensate_undo_queue': None,
@@ -62,6 +71,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _REDIS_SCHEMES = ('redis://', 'rediss://', 'redis+socket://', 'unix://')
+_STORE_SCHEMES = _REDIS_SCHEMES + CLUSTER_SCHEMES + SENTINEL_SCHEMES
+
+#: what ``compensate_redis_transport_options`` may hold (the Sentinel
+#: options of Celery's and kombu's transport options)
+_TRANSPORT_OPTIONS = ('master_name', 'sentinel_kwargs', 'min_other_sentinels')
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,11 @@ class Settings:
     queue_timeout: float
     heartbeat_interval: float
     recovery_interval: float
+    #: ``master_name``, ``sentinel_kwargs``, ``min_other_sentinels`` (read
+    #: only; ``sentinel_kwargs`` may hold a password)
+    redis_transport_options: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False,
+        compare=False)
 
     @property
     def min_lease(self) -> float:
@@ -90,7 +109,7 @@ class Settings:
     @property
     def safe_redis_url(self) -> str:
         """The Redis URL with any password masked, for logs and errors."""
-        return maybe_sanitize_url(self.redis_url)
+        return sanitize_url(self.redis_url)
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
@@ -103,14 +122,24 @@ class Settings:
             value = conf.get(key)
             return DEFAULTS[key] if value is None else value
 
-        url = get('compensate_redis_url') or _redis_broker_url(conf)
+        url = get('compensate_redis_url')
+        options = _transport_options(get('compensate_redis_transport_options'))
+        if not url:
+            url = _redis_broker_url(conf)
+            if url and is_sentinel_url(url):
+                # the broker's Sentinels: their options too, unless ours
+                # say otherwise
+                broker = conf.get('broker_transport_options') or {}
+                options = _transport_options({
+                    **{k: broker[k] for k in _TRANSPORT_OPTIONS
+                       if isinstance(broker, Mapping) and k in broker},
+                    **options}, 'broker_transport_options')
         if not url:
             raise ImproperlyConfigured(
                 'compensate_redis_url is not set and the broker URL is not a '
-                'Redis URL: set compensate_redis_url = "redis://host:6379/0"')
-        _require(isinstance(url, str) and url.startswith(_REDIS_SCHEMES),
-                 'compensate_redis_url', 'a redis://, rediss:// or '
-                 'redis+socket:// URL', maybe_sanitize_url(str(url)))
+                'Redis or Sentinel URL: set compensate_redis_url = '
+                '"redis://host:6379/0"')
+        _check_url(url, options)
         prefix = get('compensate_key_prefix')
         _require(isinstance(prefix, str) and bool(prefix) and not
                  set('{} \t\n') & set(prefix), 'compensate_key_prefix',
@@ -176,18 +205,80 @@ class Settings:
             queue_timeout=float(queue_timeout),
             heartbeat_interval=float(heartbeat),
             recovery_interval=float(sweep),
+            redis_transport_options=options,
         )
 
 
 def _redis_broker_url(conf: Mapping[str, Any]) -> str | None:
     url = conf.get('broker_url')
     if isinstance(url, (list, tuple)):
-        url = url[0] if url else None
+        url = ';'.join(u for u in url if isinstance(u, str)) or None
     if isinstance(url, str):
+        if is_sentinel_url(url):
+            # kombu's list of Sentinels: all of them
+            return ';'.join(u.strip() for u in url.split(';')
+                            if is_sentinel_url(u))
         url = url.split(';')[0].strip()
         if url.startswith(_REDIS_SCHEMES):
             return url
     return None
+
+
+def _transport_options(value: Any, key: str = 'compensate_redis_transport_'
+                       'options') -> Mapping[str, Any]:
+    """Validate the transport options; a read-only copy."""
+    _require(isinstance(value, Mapping), key, 'a dict', type(value).__name__)
+    unknown = sorted(str(k) for k in value if k not in _TRANSPORT_OPTIONS)
+    if unknown and key != 'broker_transport_options':
+        raise ImproperlyConfigured(
+            f'{key} has unknown keys {unknown}: it takes '
+            f'{", ".join(_TRANSPORT_OPTIONS)}')
+    options: dict[str, Any] = {}
+    if 'master_name' in value:
+        name = value['master_name']
+        _require(isinstance(name, str) and bool(name), f"{key}['master_name']",
+                 'a non-empty string', name)
+        options['master_name'] = name
+    if 'sentinel_kwargs' in value:
+        kwargs = value['sentinel_kwargs']
+        # never shown: it may hold the Sentinels' password
+        _require(kwargs is None or (isinstance(kwargs, Mapping) and all(
+            isinstance(k, str) for k in kwargs)), f"{key}['sentinel_kwargs']",
+            'a dict of redis-py connection options',
+            f'a {type(kwargs).__name__}')
+        options['sentinel_kwargs'] = MappingProxyType(dict(kwargs or {}))
+    if 'min_other_sentinels' in value:
+        count = value['min_other_sentinels']
+        _require(isinstance(count, int) and not isinstance(count, bool)
+                 and count >= 0, f"{key}['min_other_sentinels']",
+                 'an integer >= 0', count)
+        options['min_other_sentinels'] = count
+    return MappingProxyType(options)
+
+
+def _check_url(url: Any, options: Mapping[str, Any]) -> None:
+    """Raises: ImproperlyConfigured naming what is wrong (password masked)."""
+    _require(isinstance(url, str) and url.lstrip().startswith(_STORE_SCHEMES),
+             'compensate_redis_url', 'a redis://, rediss://, redis+socket://, '
+             'redis+cluster://, rediss+cluster:// or sentinel:// URL',
+             sanitize_url(str(url)))
+    try:
+        if is_cluster_url(url):
+            parse_cluster_url(url)
+        elif is_sentinel_url(url):
+            parse_sentinel_url(url)
+    except ValueError as exc:
+        raise ImproperlyConfigured(
+            f'compensate_redis_url {sanitize_url(url)!r} cannot be used: '
+            f'{exc}') from None
+    if is_sentinel_url(url) and not options.get('master_name'):
+        raise ImproperlyConfigured(
+            f"compensate_redis_transport_options['master_name'] is not set: a "
+            f'sentinel:// URL ({sanitize_url(url)}) needs the name the '
+            "Sentinels monitor the primary under, e.g. "
+            "compensate_redis_transport_options = {'master_name': 'mymaster'} "
+            "(with the broker's Sentinels, broker_transport_options' "
+            'master_name is used)')
 
 
 def _is_number(value: Any) -> bool:

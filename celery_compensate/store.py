@@ -65,9 +65,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import redis
 from celery.utils.log import get_logger
 from kombu.utils.json import dumps, loads
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-
+from .clients import connect
 from .exceptions import (
     CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
 )
@@ -1378,6 +1376,11 @@ return {'retried', st, hget('state'), {}, {}, out}
         except redis.ResponseError as exc:
             if str(exc).startswith('CORRUPT'):
                 raise CorruptSagaRecord(str(exc)[len('CORRUPT '):]) from exc
+            if str(exc).rpartition('caused error: ')[2].startswith(
+                    _TRANSIENT_REPLIES):
+                raise SagaStoreUnavailable(
+                    f'saga store at {self.settings.safe_redis_url} is '
+                    f'unreachable: {exc}') from exc
             raise SagaStoreError(
                 f'saga store at {self.settings.safe_redis_url} failed: '
                 f'{exc}') from exc
@@ -1428,16 +1431,25 @@ return {'retried', st, hget('state'), {}, {}, out}
                        forward, undos, stopped)
 
 
-#: Errors after which the same call may succeed: connection trouble, a
-#: replica promoted (READONLY), a full Redis (OOM under noeviction), a
-#: cluster resharding (TRYAGAIN), a Redis loading its data.
+#: Errors after which the same call may succeed: connection trouble (also
+#: no Sentinel knowing the primary, no cluster node answering), a replica
+#: promoted (READONLY), a full Redis (OOM under noeviction), a cluster
+#: resharding (TRYAGAIN) or failing over (CLUSTERDOWN, MASTERDOWN, too
+#: many redirections), a Redis loading its data.
 _TRANSIENT = tuple(cls for cls in (
     redis.ConnectionError, redis.TimeoutError,
     getattr(redis.exceptions, 'ReadOnlyError', None),
     getattr(redis.exceptions, 'OutOfMemoryError', None),
     getattr(redis.exceptions, 'TryAgainError', None),
     getattr(redis.exceptions, 'BusyLoadingError', None),
+    getattr(redis.exceptions, 'ClusterError', None),
+    getattr(redis.exceptions, 'SlotNotCoveredError', None),
 ) if cls is not None)
+
+#: Error replies (without a redis-py class) after which the same call may
+#: succeed: a primary with ``min-replicas-to-write`` that lost its replicas,
+#: e.g. a former primary after a Sentinel failover, until it is demoted.
+_TRANSIENT_REPLIES = ('NOREPLICAS',)
 
 #: Expired sagas each sweep drops from one shard's listing index: with 64
 #: shards and the default 10 s interval, 6,400 sagas finishing a second.
@@ -1458,19 +1470,13 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def make_client(settings: Settings) -> redis.Redis:
-    """A client for the saga store, retrying briefly on connection errors."""
-    url = settings.redis_url
-    if url.startswith('redis+socket://'):
-        url = 'unix://' + url[len('redis+socket://'):]
-    return redis.Redis.from_url(
-        url, decode_responses=True,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_socket_timeout,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30,
-    )
+def make_client(settings: Settings) -> Any:
+    """A client for the saga store, retrying briefly on connection errors:
+    a :class:`redis.Redis` for one server or the primary behind Sentinels
+    (following a failover), a :class:`~.clients.LazyRedisCluster` for a
+    Redis Cluster."""
+    return connect(settings.redis_url, settings.redis_transport_options,
+                   settings.redis_socket_timeout)
 
 
 def _listed(saga_id: str, created: float, raw: Any) -> Listed | None:

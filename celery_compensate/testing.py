@@ -6,6 +6,11 @@
   package (``pip install celery-compensate[test]``).
 - :class:`RedisProcess`: a ``redis-server`` with an append-only file that
   a test can ``kill -9`` and restart.
+- :class:`RedisClusterProcess`: a Redis Cluster of three (or more)
+  primaries on loopback ports (``redis+cluster://`` URL).
+- :class:`RedisSentinelProcess`: a primary, a replica and a Sentinel on
+  loopback ports (``sentinel://`` URL), with :meth:`~RedisSentinelProcess.
+  failover`.
 - :class:`WorkerProcess`: a real ``celery worker`` subprocess (prefork
   pool unless told otherwise), stopped with everything it started.
 - :class:`FlowerProcess`: a real Flower (``celery --broker=URL flower``)
@@ -288,6 +293,280 @@ class FlowerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.unlink(missing_ok=True)
+
+
+
+def _require_redis_server() -> str:
+    binary = shutil.which('redis-server')
+    if binary is None:
+        raise RuntimeError('redis-server is not on PATH')
+    return binary
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` (errors count as not yet) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise RuntimeError(f'{what} within {timeout}s (last error: '
+                               f'{last!r})')
+        time.sleep(0.05)
+
+
+def _cluster_ports() -> tuple[int, int]:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port + 10000))
+            except OSError:
+                continue
+        return port, port + 10000
+    raise RuntimeError('found no free port pair for a cluster node')
+
+
+class RedisClusterProcess:
+    """A Redis Cluster of ``masters`` primaries (no replicas) on loopback
+    ports: ``redis-server --cluster-enabled yes`` per node, joined with
+    ``redis-cli --cluster create``, every slot covered.
+
+    Use as a context manager, or :meth:`start` and :meth:`stop`.
+
+    Arguments:
+        extra: more ``redis-server`` arguments for every node.
+        masters: number of primaries (at least 3, as ``redis-cli`` wants).
+
+    Attributes:
+        url: ``redis+cluster://127.0.0.1:<port>,...`` naming every node.
+        nodes: the :class:`RedisProcess` of each node.
+    """
+
+    def __init__(self, *extra: str, masters: int = 3) -> None:
+        _require_redis_server()
+        self.cli = shutil.which('redis-cli')
+        if self.cli is None:
+            raise RuntimeError('redis-cli is not on PATH')
+        self.dir = Path(tempfile.mkdtemp(prefix='compensate-cluster-'))
+        self.nodes: list[RedisProcess] = []
+        for n in range(masters):
+            workdir = self.dir / f'node{n}'
+            workdir.mkdir()
+            node = RedisProcess(
+                '--cluster-enabled', 'yes', '--cluster-config-file',
+                'nodes.conf', '--cluster-node-timeout', '2000', *extra,
+                appendonly=False, workdir=workdir)
+            node.port, _ = _cluster_ports()
+            node.cmd[node.cmd.index('--port') + 1] = str(node.port)
+            node.url = f'redis://127.0.0.1:{node.port}/0'
+            self.nodes.append(node)
+        self.url = 'redis+cluster://' + ','.join(
+            f'127.0.0.1:{node.port}' for node in self.nodes)
+
+    def __enter__(self) -> RedisClusterProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> RedisClusterProcess:
+        """Start the nodes, create the cluster and wait until every node
+        reports ``cluster_state:ok`` and knows every other node."""
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [self.cli, '--cluster', 'create',
+             *(f'127.0.0.1:{node.port}' for node in self.nodes),
+             '--cluster-replicas', '0', '--cluster-yes'],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            timeout=timeout, preexec_fn=die_with_parent())
+        clients = [redis.Redis(port=node.port, decode_responses=True)
+                   for node in self.nodes]
+
+        def ready() -> bool:
+            infos = [c.cluster('INFO') for c in clients]
+            return all(info['cluster_state'] == 'ok'
+                       and int(info['cluster_known_nodes']) == len(clients)
+                       and int(info['cluster_slots_ok']) == 16384
+                       for info in infos)
+
+        try:
+            _wait(ready, timeout, 'the cluster did not become ready')
+        finally:
+            for client in clients:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        """Stop every node and remove their directories."""
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisSentinelProcess:
+    """A primary, one replica and one Sentinel (quorum 1) on loopback ports,
+    for failover tests.
+
+    Use as a context manager, or :meth:`start` and :meth:`stop`.
+
+    Arguments:
+        master_name: the name the Sentinel monitors the primary under.
+        down_after: ``down-after-milliseconds`` of the Sentinel.
+
+    Attributes:
+        url: ``sentinel://127.0.0.1:<sentinel port>/0``.
+        primary, replica: their :class:`RedisProcess` (the roles swap on a
+            failover; see :meth:`master_port`).
+    """
+
+    def __init__(self, master_name: str = 'mymaster',
+                 down_after: int = 1000) -> None:
+        self.binary = _require_redis_server()
+        self.master_name = master_name
+        self.dir = Path(tempfile.mkdtemp(prefix='compensate-sentinel-'))
+        (self.dir / 'primary').mkdir()
+        (self.dir / 'replica').mkdir()
+        # no 5 s wait before a full sync (the default of a diskless sync)
+        sync = ('--repl-diskless-sync-delay', '0')
+        self.primary = RedisProcess(*sync, appendonly=False,
+                                    workdir=self.dir / 'primary')
+        self.replica = RedisProcess(
+            *sync, '--replicaof', '127.0.0.1', str(self.primary.port),
+            appendonly=False, workdir=self.dir / 'replica')
+        self.port = free_port()
+        self.conf = self.dir / 'sentinel.conf'
+        self.conf.write_text(
+            f'port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n'
+            f'sentinel monitor {master_name} 127.0.0.1 {self.primary.port} 1\n'
+            f'sentinel down-after-milliseconds {master_name} {down_after}\n'
+            f'sentinel failover-timeout {master_name} 10000\n'
+            f'sentinel parallel-syncs {master_name} 1\n')
+        self.log = self.dir / 'sentinel.log'
+        self.url = f'sentinel://127.0.0.1:{self.port}/0'
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> RedisSentinelProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def sentinel(self) -> redis.Redis:
+        """A client of the Sentinel itself (close it after use)."""
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    def start(self, timeout: float = 30.0) -> RedisSentinelProcess:
+        """Start the primary, the replica and the Sentinel; wait until the
+        replica is in sync and the Sentinel knows it."""
+        self.primary.start()
+        self.replica.start()
+        with self.log.open('ab') as log:
+            self.proc = subprocess.Popen(
+                [self.binary, str(self.conf), '--sentinel'], stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+        replica = redis.Redis(port=self.replica.port, decode_responses=True)
+        sentinel = self.sentinel()
+        try:
+            _wait(lambda: replica.info('replication').get(
+                'master_link_status') == 'up', timeout,
+                'the replica did not sync')
+            _wait(lambda: self._known_replicas(sentinel), timeout,
+                  'the sentinel did not find the replica')
+        finally:
+            replica.close()
+            sentinel.close()
+        return self
+
+    def _known_replicas(self, sentinel: redis.Redis) -> list[int]:
+        """Ports of the replicas the Sentinel knows as healthy."""
+        replicas = sentinel.execute_command('SENTINEL', 'REPLICAS',
+                                            self.master_name)
+        ports = []
+        for entry in replicas:
+            info = (dict(zip(entry[::2], entry[1::2], strict=True))
+                    if isinstance(entry, list) else entry)
+            flags = str(info.get('flags', ''))
+            if (info.get('master-link-status') == 'ok'
+                    and 'down' not in flags and 'disconnected' not in flags):
+                ports.append(int(info['port']))
+        return ports
+
+    def master_port(self) -> int:
+        """The port of the primary the Sentinel reports now."""
+        with self.sentinel() as sentinel:
+            return int(sentinel.execute_command(
+                'SENTINEL', 'GET-MASTER-ADDR-BY-NAME', self.master_name)[1])
+
+    def failover(self, timeout: float = 30.0, demoted: bool = False) -> int:
+        """``SENTINEL FAILOVER`` and wait until the Sentinel reports the
+        former replica as the primary.
+
+        Arguments:
+            demoted: also wait until the former primary replicates from the
+                new one and the Sentinel knows it as a replica (the
+                Sentinel demotes it about 10 s after the failover; until
+                then it still accepts writes, which it drops then).
+
+        Returns:
+            int: the port of the new primary.
+        """
+        old = self.master_port()
+        new = (self.replica if old == self.primary.port else self.primary).port
+        old_client = redis.Redis(port=old, decode_responses=True)
+        sentinel = self.sentinel()
+        try:
+            _wait(lambda: new in self._known_replicas(sentinel), timeout,
+                  'the sentinel knows no replica to promote')
+            sentinel.execute_command('SENTINEL', 'FAILOVER', self.master_name)
+            _wait(lambda: self.master_port() == new, timeout,
+                  'the sentinel did not report the new primary')
+            if not demoted:
+                return new
+
+            def replicates() -> bool:
+                info = old_client.info('replication')
+                return (info.get('role') == 'slave'
+                        and int(info.get('master_port', 0)) == new
+                        and info.get('master_link_status') == 'up')
+
+            _wait(replicates, timeout, 'the former primary did not become a '
+                  'replica of the new one')
+            _wait(lambda: old in self._known_replicas(sentinel), timeout,
+                  'the sentinel did not see the former primary as a replica')
+        finally:
+            old_client.close()
+            sentinel.close()
+        return new
+
+    def stop(self) -> None:
+        """Stop the Sentinel and both servers; remove their directories."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.replica.stop()
+        self.primary.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == '__main__':  # `python -m celery_compensate.testing`: serve
