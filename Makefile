@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo flower chaos clean
+.PHONY: install test demo flower chaos bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,5 +34,11 @@ flower: $(STAMP)
 chaos: $(STAMP)
 	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
+# a benchmark, not a test: sagas against plain chains, Redis round trips,
+# failure-to-undo latency, memory, sweep cost; prints a Markdown table with
+# the targets, writes .bench/bench.json (BENCH_ARGS="--chains 200" ...)
+bench: $(STAMP)
+	$(PY) -m tests.bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .bench

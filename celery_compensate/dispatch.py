@@ -331,10 +331,11 @@ class Coordinator:
             return
         if outcome.status == 'next':
             self.publish_next_stage(saga_id, outcome)
-        if new is not old:
-            self._transition(saga_id, old, new, step, reason)
+        # undos first: logging and signal receivers must not delay them
         for due in outcome.undos:
             self._publish_undo_or_log(saga_id, due)
+        if new is not old:
+            self._transition(saga_id, old, new, step, reason)
 
     def _publish_undo_or_log(self, saga_id: str, due: UndoDue,
                              countdown: float | None = None) -> None:
