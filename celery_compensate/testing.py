@@ -30,7 +30,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import redis
 
@@ -334,7 +334,28 @@ def _cluster_ports() -> tuple[int, int]:
     raise RuntimeError('found no free port pair for a cluster node')
 
 
-class RedisClusterProcess:
+class _Started:
+    """``with`` starts the servers and stops them (also when starting
+    fails half-way)."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RedisClusterProcess(_Started):
     """A Redis Cluster of ``masters`` primaries (no replicas) on loopback
     ports: ``redis-server --cluster-enabled yes`` per node, joined with
     ``redis-cli --cluster create``, every slot covered.
@@ -352,9 +373,10 @@ class RedisClusterProcess:
 
     def __init__(self, *extra: str, masters: int = 3) -> None:
         _require_redis_server()
-        self.cli = shutil.which('redis-cli')
-        if self.cli is None:
+        cli = shutil.which('redis-cli')
+        if cli is None:
             raise RuntimeError('redis-cli is not on PATH')
+        self.cli: str = cli
         self.dir = Path(tempfile.mkdtemp(prefix='compensate-cluster-'))
         self.nodes: list[RedisProcess] = []
         for n in range(masters):
@@ -370,16 +392,6 @@ class RedisClusterProcess:
             self.nodes.append(node)
         self.url = 'redis+cluster://' + ','.join(
             f'127.0.0.1:{node.port}' for node in self.nodes)
-
-    def __enter__(self) -> RedisClusterProcess:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def start(self, timeout: float = 30.0) -> RedisClusterProcess:
         """Start the nodes, create the cluster and wait until every node
@@ -416,7 +428,7 @@ class RedisClusterProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class RedisSentinelProcess:
+class RedisSentinelProcess(_Started):
     """A primary, one replica and one Sentinel (quorum 1) on loopback ports,
     for failover tests.
 
@@ -457,16 +469,6 @@ class RedisSentinelProcess:
         self.log = self.dir / 'sentinel.log'
         self.url = f'sentinel://127.0.0.1:{self.port}/0'
         self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> RedisSentinelProcess:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def sentinel(self) -> redis.Redis:
         """A client of the Sentinel itself (close it after use)."""
