@@ -481,9 +481,75 @@ return 1
     #: ARGV[1-3] token, now, ttl; ARGV[4] step index, ARGV[5] result JSON.
     #: Returns {status, old state, new state, results of the finished
     #: stage, {index, spec} of the next stage, undos due}.
-    STEP_DONE = _LIB + r"""
--- the common case costs few calls (each redis.call has its price): what it
--- needs is read with HMGET and written with one HSET
+    STEP_DONE = r"""
+-- The common case first, before the helpers below are defined (defining
+-- them costs more than running it): a running step of a running saga
+-- completes as the last of its stage.  Six calls: two reads, the clock, one
+-- write, the deadline index (or expiry).  Anything else falls through.
+do
+  local h, idx, i = KEYS[1], KEYS[2], ARGV[4]
+  local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
+                       'u' .. i, 'ns', 'id', 'qt')
+  local k = tonumber(f[3] or '')
+  local g = k and f[1] == 'RUNNING' and f[2] == 'R' and f[4] and f[5]
+            and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
+  if g and g[1] and g[2] == '1' then
+    local nk, want, steps = k + 1, {}, {}
+    local last = nk >= tonumber(f[6])
+    if not last and g[3] then
+      for j in string.gmatch(g[1], '%d+') do want[#want + 1] = 'r' .. j end
+      for j in string.gmatch(g[3], '%d+') do
+        steps[#steps + 1] = j
+        want[#want + 1] = 'c' .. j
+        want[#want + 1] = 'p' .. j
+      end
+    end
+    if (last or g[3]) and #want <= 900 then
+      if redis.replicate_commands then redis.replicate_commands() end
+      local t = redis.call('TIME')
+      local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+      local set = {'s' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, ARGV[2],
+                   'tk' .. i, ARGV[1], 'w' .. k, 0, 'dn' .. k, ARGV[1]}
+      if last then
+        -- as finish('COMPLETED') below
+        set[#set + 1] = 'state'; set[#set + 1] = 'COMPLETED'
+        set[#set + 1] = 'ended'; set[#set + 1] = ARGV[2]
+        set[#set + 1] = 'fin'; set[#set + 1] = ARGV[1]
+        redis.call('HSET', h, unpack(set))
+        redis.call('EXPIRE', h, ARGV[3])
+        redis.call('ZREM', idx, f[7])
+        redis.call('ZREM', KEYS[3], f[7])
+        redis.call('ZADD', KEYS[4],
+                   string.format('%.3f', clock + tonumber(ARGV[3])), f[7])
+        return {'completed', 'RUNNING', 'COMPLETED'}
+      end
+      -- as next_stage() below; a stage never dispatched has no h<j>
+      local v = redis.call('HMGET', h, unpack(want))
+      local nres = #want - 2 * #steps
+      local results, nxt, best = {}, {}, nil
+      local n = 0
+      for j in string.gmatch(g[1], '%d+') do
+        n = n + 1
+        -- this step's result is written below, with everything else
+        results[n] = (j == i and ARGV[5]) or v[n] or 'null'
+      end
+      set[#set + 1] = 'cur'; set[#set + 1] = nk
+      set[#set + 1] = 'w' .. nk; set[#set + 1] = #steps
+      for n, j in ipairs(steps) do
+        local d = clock + tonumber(f[8]) + tonumber(v[nres + 2 * n - 1] or '0')
+        set[#set + 1] = 's' .. j; set[#set + 1] = 'R'
+        set[#set + 1] = 'd' .. j; set[#set + 1] = string.format('%.3f', d)
+        nxt[#nxt + 1] = {tonumber(j), v[nres + 2 * n]}
+        if best == nil or d < best then best = d end
+      end
+      redis.call('HSET', h, unpack(set))
+      redis.call('ZADD', idx, string.format('%.3f', best), f[7])
+      return {'next', 'RUNNING', 'RUNNING', results, nxt}
+    end
+  end
+end
+""" + _LIB + r"""
+-- the other cases: read with HMGET and written with one HSET where it can
 local i = ARGV[4]
 local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
                      'u' .. i, 'ns', 'id')
