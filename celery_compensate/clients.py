@@ -36,7 +36,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 __all__ = ('CLUSTER_SCHEMES', 'SENTINEL_SCHEMES', 'is_cluster_url',
            'is_sentinel_url', 'sanitize_url', 'parse_cluster_url',
            'parse_sentinel_url', 'connect', 'LazyRedisCluster',
-           'servers', 'SENTINEL_CHECK_INTERVAL')
+           'servers', 'SENTINEL_CHECK_INTERVAL', 'SENTINEL_BACKOFF')
 
 logger = get_logger(__name__)
 
@@ -49,6 +49,9 @@ SENTINEL_SCHEMES = ('sentinel://',)
 #: it (about 10 s later), and whatever it accepts meanwhile is discarded
 #: then: so the client must not wait for a ``READONLY`` to move.
 SENTINEL_CHECK_INTERVAL = 1.0
+
+#: Seconds the Sentinels are not asked again after none answered.
+SENTINEL_BACKOFF = 10.0
 
 
 def is_cluster_url(url: str) -> bool:
@@ -230,9 +233,11 @@ class FollowingSentinelPool(SentinelConnectionPool):
     redis-py asks the Sentinels only when it opens a connection, so pooled
     connections keep writing to a former primary until it is demoted (by
     then its writes since the failover are lost).  Here taking a connection
-    asks again when the last answer is older than the interval: a changed
-    primary drops the idle connections, and connections to the former one
-    are closed instead of returning to the pool.
+    asks again when the last answer is older than the interval, and a
+    connection to a former primary is dropped (and reopened to the current
+    one) when it is taken.  When no Sentinel answers, the known primary is
+    kept and they are not asked again for :data:`SENTINEL_BACKOFF` seconds,
+    so unreachable Sentinels cost one slow call, not one per interval.
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel,
@@ -248,9 +253,11 @@ class FollowingSentinelPool(SentinelConnectionPool):
             self._checked = now
             try:
                 self.get_master_address()
+                self._checked = time.monotonic()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # the Sentinels are away: keep the primary we know (a new
                 # connection needs them and fails as unreachable)
+                self._checked = time.monotonic() + SENTINEL_BACKOFF
                 logger.debug('celery_compensate: no Sentinel answered: %s', exc)
         connection = super().get_connection(*args, **kwargs)
         address = self.master_address

@@ -157,12 +157,23 @@ class Bench:
         wait_until(lambda: int(self.rds.get(counter) or 0) >= n, 600,
                    f'{n} {kind} runs finishing')
         took = time.perf_counter() - start
+        # a saga's last step is recorded just after its body counted it:
+        # its commands belong to this run, not the next
+        wait_until(lambda: not self.unfinished(), 60, 'the sagas finishing')
         cpu = cpu_seconds(self.worker.proc.pid) - cpu0
         stats = delta(commandstats(self.rds), stats0)
         self.rds.delete(counter)
         return {'kind': kind, 'n': n, 'seconds': took, 'per_second': n / took,
                 'worker_cpu_ms_per_task': 1000 * cpu / (n * self.args.steps),
                 'commands': stats}
+
+    def unfinished(self) -> int:
+        """Sagas of the bench app not finished yet (its ``:live`` index)."""
+        store = self.state.store
+        pipe = self.rds.pipeline(transaction=False)
+        for shard in range(64):
+            pipe.zcard(store.live_key(shard))
+        return sum(pipe.execute())
 
     # -- phases ---------------------------------------------------------------
 
@@ -227,8 +238,9 @@ class Bench:
         out = []
         for _ in range(self.args.failures):
             res = self.failing()
+            # polled slowly: the latency is read from the record's times
             wait_until(lambda res=res: res.state.value == 'COMPENSATED', 30,
-                       'a failing saga compensating', 0.001)
+                       'a failing saga compensating', 0.01)
             out.append(self.latency(res))
         return out
 
@@ -241,7 +253,7 @@ class Bench:
             sent = time.time()
             self.bench_app.stamp.delay(key)
             wait_until(lambda key=key: self.rds.exists(key), 30,
-                       'a task starting', 0.001)
+                       'a task starting', 0.01)
             out.append(float(self.rds.get(key)) - sent)
             self.rds.delete(key)
         return out
@@ -270,9 +282,10 @@ class Bench:
         from celery_compensate.model import Plan, TaskRef, UndoSpec
         from celery_compensate.settings import Settings
         from celery_compensate.store import SagaStore
+        ttl = 30     # well above the time to write them all (checked)
         settings = Settings.from_conf({
             'compensate_redis_url': self.url, 'compensate_key_prefix': 'mem',
-            'compensate_result_expires': 2})
+            'compensate_result_expires': ttl})
         store = SagaStore(settings)
         plan = Plan.from_stages([[(TaskRef('bench.step', (0,)),
                                    UndoSpec('bench.undo'), False)]]
@@ -295,9 +308,20 @@ class Bench:
                 store.step_done(sid, i, str(i + 1))
         finished = (self.rds.info('memory')['used_memory'] - base) / n
         peak_keys = keys()
-        time.sleep(2.5)      # the records' TTL (2 s), set above
-        # a sweep trims the listing index; its own records expire in 3 s
-        store.due(100, 1.0, 0.0)
+        alive = sum(self.rds.exists(store.key(sid)) for sid in ids)
+        if alive != n:
+            raise SystemExit(f'bench: {n - alive} finished sagas expired '
+                             'before their memory was read; lower '
+                             '--memory-sagas')
+
+        def trimmed() -> bool:
+            # sweeps trim the listing index once the records expired
+            store.due(100, 1.0, 0.0)
+            return not any(not k.endswith(':sweep') for k in
+                           self.rds.scan_iter('mem:*', count=1000))
+
+        wait_until(trimmed, ttl + 60, 'the records expiring', 0.5)
+        # the sweeps' own per-shard records expire 3 s after the last one
         wait_until(lambda: keys() == baseline_keys, 30,
                    'the key count returning to baseline', 0.2)
         store.client.close()
