@@ -258,7 +258,7 @@ def _transport_options(value: Any, key: str = 'compensate_redis_transport_'
 
 def _check_url(url: Any, options: Mapping[str, Any]) -> None:
     """Raises: ImproperlyConfigured naming what is wrong (password masked)."""
-    _require(isinstance(url, str) and url.lstrip().startswith(_STORE_SCHEMES),
+    _require(isinstance(url, str) and url.startswith(_STORE_SCHEMES),
              'compensate_redis_url', 'a redis://, rediss://, redis+socket://, '
              'redis+cluster://, rediss+cluster:// or sentinel:// URL',
              sanitize_url(str(url)))
