@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import redis
 
+from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -351,7 +352,7 @@ class Bench:
         pipe = self.rds.pipeline(transaction=False)
         for sid in lapsed:
             pipe.hset(store.key(sid), 'd0', 0)
-            pipe.zadd(store.index_key(shard_of_(sid)), {sid: 0})
+            pipe.zadd(store.index_key(shard_of(sid)), {sid: 0})
         pipe.execute()
         stats0 = self.rds.info('commandstats')
         start = time.perf_counter()
@@ -368,11 +369,6 @@ class Bench:
         return {'stored': stored, 'due': due, 'fill_seconds': fill,
                 'sweep_ms': 1000 * took, 'redis_commands': calls,
                 'redis_usec': usec}
-
-
-def shard_of_(saga_id: str) -> int:
-    from celery_compensate.store import shard_of
-    return shard_of(saga_id)
 
 
 # -- report -------------------------------------------------------------------
