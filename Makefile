@@ -32,13 +32,13 @@ flower: $(STAMP)
 # 300 sagas against prefork workers and an AOF redis-server, with faults
 # injected at random (a 30-saga version runs inside `make test`)
 chaos: $(STAMP)
-	$(PY) -m tests.chaos $(CHAOS_ARGS)
+	$(PY) -m tests.tools.chaos $(CHAOS_ARGS)
 
 # a benchmark, not a test: sagas against plain chains, Redis round trips,
 # failure-to-undo latency, memory, sweep cost; prints a Markdown table with
 # the targets, writes .bench/bench.json (BENCH_ARGS="--chains 200" ...)
 bench: $(STAMP)
-	$(PY) -m tests.bench $(BENCH_ARGS)
+	$(PY) -m tests.tools.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .bench

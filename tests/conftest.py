@@ -64,24 +64,6 @@ def celery_app(celery_app, prefix: str, request):  # noqa: F811
     yield celery_app
 
 
-def ledger(rds: redis.Redis, app, saga_id: str) -> list[str]:
-    return rds.lrange(tasks.ledger_key(app, saga_id), 0, -1)
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail at the
-    deadline with what it last returned."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'condition not met in {timeout}s: {value!r}')
-        time.sleep(interval)
-
-
 @pytest.fixture
 def rds(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
     """A client for assertions; deletes every key the test made."""

@@ -16,9 +16,9 @@ import pytest
 
 from celery_compensate.model import SagaState, StepState, UndoState
 
-from .chaos import ALL_FAULTS, MUST_BE_ZERO, Attempt, Plan, analyse
+from ..tools.chaos import ALL_FAULTS, MUST_BE_ZERO, Attempt, Plan, analyse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(
     r'^chaos: (?P<sagas>\d+) sagas, (?P<steps>\d+) steps, faults '
     r'(?P<faults>\d+), final (?P<final>\d+)/(?P<total>\d+), double-undo '
@@ -142,7 +142,7 @@ def test_chaos_short_run(tmp_path):
     out = tmp_path / 'chaos.json'
     seed = os.environ.get('CHAOS_SEED') or str(
         int.from_bytes(os.urandom(4), 'big') >> 1)
-    cmd = [sys.executable, '-m', 'tests.chaos', '--sagas', '30', '--seed',
+    cmd = [sys.executable, '-m', 'tests.tools.chaos', '--sagas', '30', '--seed',
            seed, '--faults', ','.join(ALL_FAULTS), '--json', str(out)]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=240)

@@ -3,11 +3,11 @@ with faults injected at random, then a check of every effect.
 
 Run::
 
-    .venv/bin/python -m tests.chaos [--sagas N] [--seed S] [--workers W]
+    .venv/bin/python -m tests.tools.chaos [--sagas N] [--seed S] [--workers W]
                                     [--faults a,b,...] [--json FILE]
 
 It starts its own ``redis-server`` (AOF on; broker, saga store and ledger
-in one) and ``W`` ``celery -A tests.chaos_app worker -P prefork -c 2 -E``
+in one) and ``W`` ``celery -A tests.tools.chaos_app worker -P prefork -c 2 -E``
 subprocesses, submits the sagas in waves and injects, at random: forward
 failures (``fail``), hard time limits (``time_limit``), SIGKILL of pool
 children (``kill_child``), duplicate deliveries (``dup``), revokes of
@@ -87,7 +87,7 @@ import redis
 
 from celery_compensate.testing import RedisProcess, die_with_parent
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 FORWARD_KINDS = ('fail', 'time_limit', 'kill_child', 'dup', 'revoke', 'abort')
 UNDO_KINDS = ('undo_flaky', 'undo_kill', 'undo_never')
@@ -120,14 +120,14 @@ class SetupError(RuntimeError):
 # -- processes -------------------------------------------------------------
 
 class ChaosWorker:
-    """A ``celery -A tests.chaos_app worker`` subprocess in its own session
+    """A ``celery -A tests.tools.chaos_app worker`` subprocess in its own session
     (so ``os.killpg`` kills it whole), restartable; it appends to one log."""
 
     def __init__(self, n: int, env: dict[str, str], queue: str,
                  logdir: Path) -> None:
         self.n = n
         self.log = logdir / f'worker{n}.log'
-        self.cmd = [sys.executable, '-m', 'celery', '-A', 'tests.chaos_app',
+        self.cmd = [sys.executable, '-m', 'celery', '-A', 'tests.tools.chaos_app',
                     'worker', '-n', f'chaos{n}-{os.getpid()}@%h', '-l', 'info',
                     '-P', 'prefork', '-c', str(WORKER_CONCURRENCY), '-E',
                     '-Q', queue, '--without-mingle', '--without-gossip']
@@ -601,7 +601,7 @@ class Driver:
                'CHAOS_QUEUE': self.queue,
                'CHAOS_VISIBILITY': str(VISIBILITY_TIMEOUT)}
         os.environ.update(env)
-        import tests.chaos_app as ca  # configured by the environment
+        import tests.tools.chaos_app as ca  # configured by the environment
         self.ca, self.app = ca, ca.app
         self.r = redis.Redis.from_url(self.redis.url, decode_responses=True,
                                       socket_timeout=5,
@@ -1091,7 +1091,7 @@ class Driver:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog='python -m tests.chaos',
+    p = argparse.ArgumentParser(prog='python -m tests.tools.chaos',
                                 description=__doc__.split('\n\n')[0])
     p.add_argument('--sagas', type=int, default=300)
     p.add_argument('--seed', type=int, default=None,

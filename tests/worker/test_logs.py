@@ -8,8 +8,8 @@ import pytest
 
 from celery_compensate import SagaState, saga
 
-from . import tasks
-from .conftest import wait_for
+from .. import tasks
+from ..helpers import wait_for
 
 #: a transition line: ``saga <id>: <NEW STATE>[ again]: ...``
 LINE = re.compile(r'^saga (\S+): (RUNNING|COMPLETED|COMPENSATING|COMPENSATED'

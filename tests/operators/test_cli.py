@@ -20,12 +20,12 @@ from celery_compensate import SagaNotFound, SagaResult, SagaState, install, saga
 from celery_compensate.cli import EXIT_NOT_FOUND, EXIT_WRONG_STATE
 from celery_compensate.testing import WorkerProcess, delete_keys, free_port
 
-from . import tasks
-from .conftest import wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import wait_for
+from ..helpers import undone
 
 pytestmark = pytest.mark.prefork
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Env:

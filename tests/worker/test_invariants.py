@@ -13,9 +13,9 @@ from celery_compensate.install import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
 from celery_compensate.store import SagaStore, shard_of
 
-from . import tasks
-from .conftest import ledger, wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import ledger, wait_for
+from ..helpers import undone
 
 
 def test_step_is_recorded_before_the_next_link_is_published(

@@ -27,16 +27,11 @@ from celery_compensate.recovery import Recovery
 from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, delete_keys
 
-from . import tasks
-from .conftest import ledger, wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import FAST, ledger, undone, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
-#: short leases so recovery is quick: a lease of 1 s, renewed every 0.2 s
-FAST = dict(compensate_step_timeout=1.0, compensate_queue_timeout=1.0,
-            compensate_heartbeat_interval=0.2,
-            compensate_recovery_interval=0.2)
 #: the prefork workers' settings (string values for the environment)
 LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
 

@@ -22,10 +22,10 @@ from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore, make_client, shard_of
 from celery_compensate.testing import RedisClusterProcess, free_port
 
-from . import tasks
-from .conftest import wait_for
-from .test_compensation import assert_stage_order, undone
-from .test_recovery import FAST
+from .. import tasks
+from ..helpers import wait_for
+from ..helpers import assert_stage_order, undone
+from ..helpers import FAST
 
 
 @pytest.fixture(scope='module')

@@ -36,12 +36,12 @@ from celery_compensate import (
 )
 from celery_compensate.testing import WorkerProcess, delete_keys
 
-from . import tasks
-from .conftest import wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import wait_for
+from ..helpers import undone
 
 pytestmark = pytest.mark.prefork
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ROLES = ('a', 'b', 'undo')
 
 #: the saga shape every test uses: (step name, queue role) per stage; the

@@ -16,9 +16,9 @@ from celery_compensate.install import get_state
 from celery_compensate.model import Plan, TaskIdInfo, TaskRef, UndoSpec
 from celery_compensate.store import new_token
 
-from . import tasks
-from .conftest import ledger, wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import ledger, wait_for
+from ..helpers import undone
 
 #: step a (undone by t.undo), then step b (no undo)
 A_THEN_B = Plan.from_stages([

@@ -6,9 +6,9 @@ import pytest
 
 from celery_compensate import SagaState, saga
 
-from . import tasks
-from .conftest import ledger, wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import ledger, wait_for
+from ..helpers import undone
 
 
 def test_a_plain_task_runs_with_the_workers_own_request(

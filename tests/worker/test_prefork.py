@@ -16,12 +16,12 @@ from celery import Celery
 from celery_compensate import SagaState, install, saga
 from celery_compensate.testing import WorkerProcess, delete_keys
 
-from . import tasks
-from .conftest import wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import wait_for
+from ..helpers import undone
 
 pytestmark = pytest.mark.prefork
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')

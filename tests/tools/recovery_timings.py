@@ -1,7 +1,7 @@
 """Measure how long after a whole worker is SIGKILLed its saga reaches a
 final state, for a few lease and sweep settings.
 
-Run: ``.venv/bin/python -m tests.recovery_timings [--runs N]``
+Run: ``.venv/bin/python -m tests.tools.recovery_timings [--runs N]``
 
 Two prefork workers: the *victim* consumes the queue the hanging step is
 routed to; the *survivor* consumes the default queue and sweeps.  The
@@ -24,9 +24,9 @@ from celery_compensate import SagaState, install, saga
 from celery_compensate.install import get_state
 from celery_compensate.testing import WorkerProcess, delete_keys, redis_server
 
-from . import tasks
+from .. import tasks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: (lease, heartbeat, sweep interval) in seconds
 SETTINGS = [(2.0, 0.25, 0.5), (4.0, 0.5, 1.0), (8.0, 1.0, 2.0)]

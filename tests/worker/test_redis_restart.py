@@ -17,12 +17,12 @@ from celery_compensate import (
 )
 from celery_compensate.testing import RedisProcess, WorkerProcess
 
-from . import tasks
-from .conftest import wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import wait_for
+from ..helpers import undone
 
 pytestmark = pytest.mark.prefork
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not shutil.which('redis-server'),

@@ -8,30 +8,10 @@ from celery import chain, chord, group
 
 from celery_compensate import SagaState, saga
 
-from . import tasks
-from .conftest import ledger
-
-
-def undone(entries: list[str]) -> list[str]:
-    """Names whose undo finished, in the order they finished."""
-    return [e.split(':')[1] for e in entries if e.startswith('undo:')]
-
-
-def assert_stage_order(entries: list[str], later: set[str], earlier: set[str]):
-    """Every undo of ``later`` ended before any undo of ``earlier`` began."""
-    ends = [entries.index(e) for e in entries
-            if e.startswith('undo:') and e.split(':')[1] in later]
-    starts = [entries.index(e) for e in entries
-              if e.startswith('undo-start:') and e.split(':')[1] in earlier]
-    assert len(ends) == len(later)
-    if starts:
-        assert max(ends) < min(starts), entries
-
-
-def assert_one_after_another(entries: list[str], names: list[str]):
-    """Each undo in ``names`` began only after the one before it finished."""
-    for later, earlier in zip(names, names[1:], strict=False):
-        assert_stage_order(entries, {later}, {earlier})
+from .. import tasks
+from ..helpers import (
+    assert_one_after_another, assert_stage_order, ledger, undone,
+)
 
 
 @pytest.mark.parametrize('fail_at', [None, 0, 1, 2])

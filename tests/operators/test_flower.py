@@ -29,11 +29,11 @@ from celery_compensate.testing import (
     FlowerProcess, WorkerProcess, delete_keys, free_port,
 )
 
-from . import tasks
-from .conftest import wait_for
+from .. import tasks
+from ..helpers import wait_for
 
 pytestmark = pytest.mark.prefork
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Env(NamedTuple):

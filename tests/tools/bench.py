@@ -3,7 +3,7 @@ protects, measured against one real ``redis-server`` and one real prefork
 worker (concurrency 2).  A benchmark, not a test: it prints its figures (a
 Markdown table, targets marked PASS/FAIL) and writes them as JSON.
 
-    python -m tests.bench [--chains 500] [--steps 5] [--rounds 3] ...
+    python -m tests.tools.bench [--chains 500] [--steps 5] [--rounds 3] ...
 
 Phases:
 
@@ -41,7 +41,7 @@ import redis
 from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, redis_server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TICK = os.sysconf('SC_CLK_TCK')
 
 
@@ -126,7 +126,7 @@ class Bench:
                'COMPENSATE_BENCH_UNDO_QUEUE': undo_queue or ''}
         extra = ['--prefetch-multiplier', '1'] if undo_queue else []
         self.worker = WorkerProcess(
-            'tests.bench_app', env, '-P', 'prefork', '-c', '2',
+            'tests.tools.bench_app', env, '-P', 'prefork', '-c', '2',
             '-Q', ','.join(queues), *extra, name='bench', cwd=ROOT)
         self.worker.start()
         self.run('saga', 20)            # warm: imports, scripts, connections
@@ -471,7 +471,7 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m tests.bench',
+    p = argparse.ArgumentParser(prog='python -m tests.tools.bench',
                                 description=__doc__.split('\n\n')[0])
     p.add_argument('--chains', type=int, default=500)
     p.add_argument('--steps', type=int, default=5)

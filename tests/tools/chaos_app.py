@@ -1,6 +1,6 @@
 """The Celery app and tasks of the chaos suite (``tests/chaos.py``).
 
-Loaded by the chaos worker subprocesses (``celery -A tests.chaos_app
+Loaded by the chaos worker subprocesses (``celery -A tests.tools.chaos_app
 worker``) and by the chaos driver itself (which needs the same task names
 to build sagas).  Configured from environment variables the driver sets:
 

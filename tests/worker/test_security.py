@@ -27,8 +27,8 @@ from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore
 from celery_compensate.testing import delete_keys, free_port, wait_ping
 
-from . import tasks
-from .conftest import wait_for
+from .. import tasks
+from ..helpers import wait_for
 
 SECRET = 's3cret-' + uuid.uuid4().hex[:8]
 

@@ -20,9 +20,9 @@ from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore, make_client
 from celery_compensate.testing import RedisSentinelProcess, free_port
 
-from . import tasks
-from .conftest import wait_for
-from .test_compensation import undone
+from .. import tasks
+from ..helpers import wait_for
+from ..helpers import undone
 
 MASTER = 'compensate-test'
 

@@ -11,7 +11,7 @@ from celery_compensate import (
 )
 from celery_compensate.install import get_state
 
-from . import tasks
+from .. import tasks
 from celery_compensate.testing import free_port
 
 

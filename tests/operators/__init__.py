@@ -1,0 +1,1 @@
+"""What operators use: the compensate command and Flower."""

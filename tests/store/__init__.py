@@ -1,0 +1,1 @@
+"""The store's scripts against a real Redis, record by record."""

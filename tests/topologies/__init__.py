@@ -1,0 +1,1 @@
+"""Redis Cluster, Sentinel, and several workers on several queues."""

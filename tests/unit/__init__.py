@@ -1,0 +1,1 @@
+"""Pure tests: the saga model and the settings (no Redis, no worker)."""

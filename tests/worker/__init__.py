@@ -1,0 +1,1 @@
+"""Sagas through real workers (threads and prefork) and a real Redis."""
