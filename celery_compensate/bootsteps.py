@@ -6,6 +6,7 @@ from typing import Any
 from celery import bootsteps
 from click import Option
 
+from .appstate import get_state
 from .recovery import Recovery
 
 __all__ = ('CompensateRecovery', 'WORKER_OPTIONS')
@@ -28,7 +29,6 @@ class CompensateRecovery(bootsteps.StartStopStep):
 
     def __init__(self, w: Any, without_compensate_recovery: bool = False,
                  **kwargs: Any) -> None:
-        from .install import get_state
         super().__init__(w, **kwargs)
         self.sweep = not without_compensate_recovery
         # recorded here, before the pool starts: prefork children inherit it
@@ -37,6 +37,5 @@ class CompensateRecovery(bootsteps.StartStopStep):
         state.hostname = getattr(w, 'hostname', None)
 
     def create(self, w: Any) -> Recovery:
-        from .install import get_state
         self.obj = Recovery(w.app, get_state(w.app).settings, sweep=self.sweep)
         return self.obj

@@ -17,9 +17,8 @@ from kombu.utils.json import dumps
 
 from . import signals
 from .exceptions import InvalidSaga
-from .hooks import TASK_OPTIONS
-from .install import get_state
-from .model import Plan, TaskRef, UndoSpec, validate_saga_id
+from .appstate import get_state
+from .model import TASK_OPTIONS, Plan, TaskRef, UndoSpec, validate_saga_id
 from .result import SagaResult
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from typing import Any, Callable, NoReturn, Sequence
 import click
 
 from .exceptions import CompensateError, InvalidSaga, SagaNotFound
-from .install import AppState, get_state
+from .appstate import AppState, get_state
 from .model import SagaState, StepState, UndoState, undo_task_id, validate_saga_id
 from .store import Listed, SagaRecord
 

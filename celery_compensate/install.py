@@ -1,18 +1,16 @@
-"""``install(app)`` and the per-app state it attaches."""
+"""``install(app)``: wires celery_compensate into an app (the per-app state
+lives in :mod:`celery_compensate.appstate`)."""
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
 from .bootsteps import WORKER_OPTIONS, CompensateRecovery
-from .dispatch import Coordinator
-from .events import connect_events
-from .exceptions import ImproperlyConfigured
-from .hooks import CallAnnotation, connect_signals, wrap_app_tasks
+from .appstate import AppState, attach_state, find_state, get_state
+from .monitoring import connect_events
 from .settings import Settings
-from .store import SagaStore
+from .worker import CallAnnotation, connect_signals, wrap_app_tasks
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -20,44 +18,6 @@ if TYPE_CHECKING:
 __all__ = ('install', 'AppState', 'get_state')
 
 logger = get_logger(__name__)
-
-_ATTR = '_compensate_state'
-
-
-class AppState:
-    """What celery_compensate keeps per app: settings, store, coordinator.
-
-    The Redis client is created on first use in each process (redis-py
-    pools reset themselves after a fork), never at import.
-    """
-
-    def __init__(self, app: Celery, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-        self._lock = threading.Lock()
-        #: the signal handlers, connected weakly: they live as long as this
-        self.handlers: tuple[Any, ...] = ()
-        #: set by the worker bootstep before the pool starts: whether this
-        #: worker sends task events (``-E``), and its node name
-        self.task_events: bool = False
-        self.hostname: str | None = None
-        self._store: SagaStore | None = None
-        self._coordinator: Coordinator | None = None
-
-    @property
-    def store(self) -> SagaStore:
-        if self._store is None:
-            with self._lock:
-                if self._store is None:
-                    self._store = SagaStore(self.settings)
-        return self._store
-
-    @property
-    def coordinator(self) -> Coordinator:
-        if self._coordinator is None:
-            self._coordinator = Coordinator(self.app, self.settings, self.store)
-        return self._coordinator
-
 
 def install(app: Celery) -> AppState:
     """Add compensation to ``app``.  Idempotent.
@@ -73,30 +33,16 @@ def install(app: Celery) -> AppState:
     Raises:
         ImproperlyConfigured: a setting is missing or wrong.
     """
-    state = getattr(app, _ATTR, None)
+    state = find_state(app)
     if state is not None:
         return state
     state = AppState(app, Settings.from_conf(app.conf))
-    setattr(app, _ATTR, state)
+    attach_state(app, state)
     _annotate(app)
     state.handlers = (*connect_signals(app), *connect_events(app))
     app.steps['worker'].add(CompensateRecovery)
     for option in WORKER_OPTIONS:
         app.user_options['worker'].add(option)
-    return state
-
-
-def get_state(app: Celery) -> AppState:
-    """The state of an installed app.
-
-    Raises:
-        ImproperlyConfigured: ``install(app)`` was not called.
-    """
-    state = getattr(app, _ATTR, None)
-    if state is None:
-        raise ImproperlyConfigured(
-            f'celery_compensate is not installed on app {app.main!r}: '
-            'call celery_compensate.install(app) first')
     return state
 
 

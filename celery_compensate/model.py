@@ -21,7 +21,12 @@ __all__ = (
     'SagaState', 'StepState', 'UndoState', 'UndoSpec', 'StepSpec', 'Plan',
     'TaskRef', 'FINAL_STATES', 'step_task_id', 'undo_task_id',
     'parse_task_id', 'idempotency_key', 'undo_delay', 'validate_saga_id',
+    'TASK_OPTIONS',
 )
+
+#: The task options this library reads (``@app.task(compensate_with=...)``).
+TASK_OPTIONS = ('compensate_with', 'compensate_on_failure',
+                'compensate_timeout')
 
 
 class SagaState(str, enum.Enum):

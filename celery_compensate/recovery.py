@@ -19,7 +19,7 @@ import redis
 from celery.utils.log import get_logger
 
 from .clients import servers
-from .dispatch import Coordinator
+from .coordinator import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
 from .model import parse_task_id
 from .store import _TRANSIENT, SagaStore, shard_of

@@ -9,7 +9,7 @@ from celery import current_app
 from celery.utils.log import get_logger
 
 from .exceptions import SagaNotFound, SagaTimeoutError
-from .install import get_state
+from .appstate import get_state
 from .model import FINAL_STATES, SagaState, validate_saga_id
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from redis.retry import Retry
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 
 _clients: dict[str, redis.Redis] = {}
 

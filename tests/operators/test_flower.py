@@ -19,11 +19,13 @@ from celery import Celery
 from celery import signals as celery_signals
 
 from celery_compensate import (
-    SagaResult, SagaState, events, install, saga, signals,
+    SagaResult, SagaState, install, monitoring, saga, signals,
 )
-from celery_compensate.events import (
-    COMPENSATION_FAILED_EVENT, KWARGSREPR_MAXSIZE, SEND_TIMEOUT, is_labelled,
-    label_kwargs, send_compensation_failed,
+from celery_compensate.messages import (
+    KWARGSREPR_MAXSIZE, is_labelled, label_kwargs,
+)
+from celery_compensate.monitoring import (
+    COMPENSATION_FAILED_EVENT, SEND_TIMEOUT, send_compensation_failed,
 )
 from celery_compensate.testing import (
     FlowerProcess, WorkerProcess, delete_keys, free_port,
@@ -281,7 +283,7 @@ def test_the_event_is_sent_only_where_task_events_are_on(
     state = install(app)
     install(other)
     sent: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(events, 'send_compensation_failed',
+    monkeypatch.setattr(monitoring, 'send_compensation_failed',
                         lambda *args, **kw: sent.append((*args, kw)))
     fire = {'saga_id': 's', 'step': 0, 'error': 'boom'}
     signals.compensation_failed.send(sender=app, **fire)
@@ -302,7 +304,7 @@ def test_sending_the_event_never_raises_nor_blocks_long(
     warnings: list[str] = []
     # not caplog: a worker started earlier in the session may have stopped
     # celery's loggers from propagating
-    monkeypatch.setattr(events.logger, 'warning',
+    monkeypatch.setattr(monitoring.logger, 'warning',
                         lambda msg, *args, **_: warnings.append(msg % args))
     nowhere = f'redis://127.0.0.1:{free_port()}/0'
     app = Celery('flower-down', broker=nowhere, set_as_current=False)

@@ -12,7 +12,7 @@ import pytest
 from celery_compensate import (
     CorruptSagaRecord, SagaResult, SagaState, saga,
 )
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskIdInfo, TaskRef, UndoSpec
 from celery_compensate.store import new_token
 
@@ -108,7 +108,7 @@ def test_a_pre_check_that_cannot_reach_redis_retries_the_step(
     """A message that must check the record first (redelivered, or late)
     while Redis is unreachable is sent again later: the body neither runs
     unchecked nor counts as a failure."""
-    from celery_compensate import SagaStoreUnavailable, hooks
+    from celery_compensate import SagaStoreUnavailable, worker
     store = get_state(celery_app).store
     calls: list[tuple] = []
     original = store.step_status
@@ -119,7 +119,7 @@ def test_a_pre_check_that_cannot_reach_redis_retries_the_step(
             raise SagaStoreUnavailable('saga store unreachable (test)')
         return original(*args)
 
-    monkeypatch.setattr(hooks, '_may_be_settled', lambda state, req: 'test')
+    monkeypatch.setattr(worker, '_may_be_settled', lambda state, req: 'test')
     monkeypatch.setattr(store, 'step_status', flaky)
     res = saga(tasks.do.si('a'), tasks.do.si('b')).apply_async()
     assert res.wait(timeout=15) is SagaState.COMPLETED

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from celery_compensate import SagaState
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.store import SagaStore, shard_of
 

@@ -108,7 +108,7 @@ class Bench:
         from celery import chain
 
         from celery_compensate import saga
-        from celery_compensate.install import get_state
+        from celery_compensate.appstate import get_state
 
         from . import bench_app
         self.chain, self.saga, self.bench_app = chain, saga, bench_app

@@ -817,7 +817,7 @@ class Driver:
                 self.at(self.clock() + delay, partial(self.abort, att))
 
     def poll_states(self) -> None:
-        from celery_compensate.install import get_state
+        from celery_compensate.appstate import get_state
         from celery_compensate.model import FINAL_STATES
         assert self.r is not None
         store = get_state(self.app).store

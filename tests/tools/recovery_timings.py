@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 
 from celery_compensate import SagaState, install, saga
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.testing import WorkerProcess, delete_keys, redis_server
 
 from .. import tasks

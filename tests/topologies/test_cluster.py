@@ -15,7 +15,7 @@ from celery import group
 
 from celery_compensate import SagaResult, SagaState, SagaStoreUnavailable, saga
 from celery_compensate.clients import LazyRedisCluster
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.recovery import check_persistence
 from celery_compensate.settings import Settings

@@ -14,7 +14,7 @@ from celery import Task, shared_task
 
 from celery_compensate import SagaState, SagaStoreUnavailable, saga
 from celery_compensate.clients import SENTINEL_CHECK_INTERVAL
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore, make_client

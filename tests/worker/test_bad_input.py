@@ -9,7 +9,7 @@ from celery_compensate import (
     ImproperlyConfigured, InvalidSaga, SagaNotFound, SagaResult, SagaState,
     SagaStoreUnavailable, SagaTimeoutError, install, saga,
 )
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 
 from .. import tasks
 from celery_compensate.testing import free_port

@@ -9,7 +9,7 @@ from celery import group
 from celery import signals as celery_signals
 
 from celery_compensate import SagaState, UndoState, saga, signals
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
 from celery_compensate.store import SagaStore, shard_of
 

@@ -21,7 +21,7 @@ from celery import Celery
 from celery_compensate import (
     SagaNotFound, SagaResult, SagaState, StepState, UndoState, install, saga,
 )
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.recovery import Recovery
 from celery_compensate.store import shard_of

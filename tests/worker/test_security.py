@@ -20,7 +20,7 @@ from kombu.utils.json import dumps, loads
 from celery_compensate import (
     CorruptSagaRecord, SagaState, SagaStoreUnavailable, install, saga,
 )
-from celery_compensate.install import get_state
+from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskIdInfo, TaskRef, UndoSpec
 from celery_compensate.recovery import check_persistence
 from celery_compensate.settings import Settings
@@ -202,7 +202,7 @@ def test_a_forged_forward_step_cannot_run_celery_tasks_or_callbacks(
         celery_app, rds):
     """A forward step read back from Redis may not name one of Celery's own
     tasks, and callbacks in a record's options are dropped."""
-    from celery_compensate.dispatch import _allowed
+    from celery_compensate.coordinator import _allowed
     state = get_state(celery_app)
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
                                False)], [(TaskRef('t.do', ('b',)), None, False)]])

@@ -30,22 +30,19 @@ from celery.utils.log import get_logger
 
 from .exceptions import ResultNotSerializable, SagaStoreUnavailable
 from .model import StepState, TaskIdInfo, parse_task_id
+from .appstate import find_state
+from .messages import DEADLINE
 from .store import new_token
 
 if TYPE_CHECKING:
     from celery import Celery, Task
 
-    from .install import AppState
+    from .appstate import AppState
 
-__all__ = ('TASK_OPTIONS', 'CallAnnotation', 'wrap_task_class',
+__all__ = ('CallAnnotation', 'wrap_task_class',
            'wrap_app_tasks', 'connect_signals')
 
 logger = get_logger(__name__)
-
-#: The task options this library reads.
-TASK_OPTIONS = ('compensate_with', 'compensate_on_failure',
-                'compensate_timeout')
-
 
 def wrap_task_class(cls: type[Task]) -> None:
     """Wrap ``cls.__call__`` so saga steps and undos are recorded.
@@ -70,7 +67,7 @@ def wrap_task_class(cls: type[Task]) -> None:
             return orig(self, *args, **kwargs)
         request._compensate_entered = True
         info = parse_task_id(request.id)
-        state = getattr(self.app, '_compensate_state', None)
+        state = find_state(self.app)
         call = orig if custom else _call_run
         if info is None or state is None:
             return call(self, *args, **kwargs)
@@ -155,10 +152,10 @@ def _may_be_settled(state: AppState, request: Any) -> str:
     lapsed and the sweep gave the step up), or ``''``."""
     if (request.delivery_info or {}).get('redelivered'):
         return 'redelivered'
-    deadline = getattr(request, 'compensate_deadline', None)
+    deadline = getattr(request, DEADLINE, None)
     if deadline is None:
         deadline = (getattr(request, 'headers', None) or {}).get(
-            'compensate_deadline')
+            DEADLINE)
     if deadline is None:
         return ''
     try:
@@ -244,7 +241,7 @@ def connect_signals(app: Celery) -> tuple[Callable[..., None], ...]:
     uid = f'celery_compensate.{id(app)}'
 
     def failed(info: TaskIdInfo, reason: str, started: bool) -> None:
-        state = getattr(app, '_compensate_state', None)
+        state = find_state(app)
         if state is None:
             return
         if info.is_undo:

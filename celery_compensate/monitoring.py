@@ -30,16 +30,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from celery import signals as celery_signals
 from celery.utils.log import get_logger
-from celery.utils.saferepr import saferepr
 
 from . import signals
+from .appstate import find_state
+from .messages import IDENTITY, SAGA_ID, is_labelled, label_kwargs
 from .model import UndoState
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ('COMPENSATION_FAILED_EVENT', 'KWARGSREPR_MAXSIZE',
-           'label_kwargs', 'is_labelled', 'send_compensation_failed',
+__all__ = ('COMPENSATION_FAILED_EVENT', 'send_compensation_failed',
            'connect_events')
 
 logger = get_logger(__name__)
@@ -47,50 +47,12 @@ logger = get_logger(__name__)
 #: Type of the event sent when a saga becomes ``COMPENSATION_FAILED``.
 COMPENSATION_FAILED_EVENT = 'task-compensation_failed'
 
-#: Longest ``kwargsrepr`` written for real kwargs (as ``celery/app/amqp.py``).
-KWARGSREPR_MAXSIZE = 1024
-
 #: Longest wait for the event to be sent; the rest happens in the
 #: background (a failed compensation must not stall a worker).
 SEND_TIMEOUT = 2.0
 
 _RETRY_POLICY = {'max_retries': 2, 'interval_start': 0,
                  'interval_step': 0.2, 'interval_max': 0.5}
-
-_IDENTITY = ('compensate_saga_id', 'compensate_step', 'compensate_attempt')
-_LABEL = "{'compensate_saga_id': "
-
-
-def label_kwargs(identity: Mapping[str, Any], kwargs: Mapping[str, Any],
-                 theirs: str | None = None, maxlevels: int = 3) -> str:
-    """The ``kwargsrepr`` of a saga message: the saga identity first, then
-    the kwargs, or the caller's own ``kwargsrepr`` (which may hide
-    secrets: the real kwargs are then never shown).
-
-    Arguments:
-        identity: ``compensate_saga_id``, ``compensate_step`` and, for an
-            undo, ``compensate_attempt`` (in that order).
-        kwargs: the message's real keyword arguments.
-        theirs: a ``kwargsrepr`` the caller set.
-        maxlevels: ``task_repr_maxlevels``.
-    """
-    # the identity is a str and ints: written out, not through saferepr
-    prefix = '{' + ', '.join(f'{k!r}: {v!r}' for k, v in identity.items())
-    if theirs is None:
-        rest = {k: v for k, v in kwargs.items() if k not in identity}
-        text = saferepr(rest, max(KWARGSREPR_MAXSIZE - len(prefix), 64),
-                        maxlevels=maxlevels) if rest else '{}'
-    else:
-        text = str(theirs).strip()
-        if not (text.startswith('{') and text.endswith('}')):
-            text = '{' + f"'kwargsrepr': {text!r}" + '}'
-    inner = text[1:-1].strip()
-    return f'{prefix}, {inner}}}' if inner else f'{prefix}}}'
-
-
-def is_labelled(kwargsrepr: Any) -> bool:
-    """Whether a ``kwargsrepr`` already starts with the saga identity."""
-    return isinstance(kwargsrepr, str) and kwargsrepr.startswith(_LABEL)
 
 
 def send_compensation_failed(
@@ -154,7 +116,7 @@ def _failed_undo(app: Celery, saga_id: str,
                  step: int | None) -> dict[str, Any]:
     """``uuid``, ``name``, ``step`` and ``attempt`` of the undo attempt that
     failed last (the saga id as ``uuid`` if the record cannot tell)."""
-    from .install import get_state
+    from .appstate import get_state
     try:
         steps = get_state(app).store.read(saga_id).steps
     except Exception as exc:  # noqa: BLE001
@@ -182,7 +144,7 @@ def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
         tuple: the handlers.  They are connected weakly: the caller keeps
         them alive as long as the app.
     """
-    uid = f'celery_compensate.events.{id(app)}'
+    uid = f'celery_compensate.monitoring.{id(app)}'
 
     def on_before_publish(sender: Any = None, body: Any = None,
                           headers: dict[str, Any] | None = None,
@@ -191,14 +153,14 @@ def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
         # publishes again for a saga task (self.retry(), autoretry_for),
         # which gets a kwargsrepr of the real kwargs.  The signal does not
         # say which app publishes: the first installed app labels it.
-        if (not headers or 'compensate_saga_id' not in headers
+        if (not headers or SAGA_ID not in headers
                 or is_labelled(headers.get('kwargsrepr'))):
             return
         try:
             if not (isinstance(body, (tuple, list)) and len(body) == 3
                     and isinstance(body[1], Mapping)):
                 return  # task protocol 1: no kwargsrepr to set
-            identity = {k: headers[k] for k in _IDENTITY if k in headers}
+            identity = {k: headers[k] for k in IDENTITY if k in headers}
             headers['kwargsrepr'] = label_kwargs(
                 identity, body[1],
                 maxlevels=app.conf.get('task_repr_maxlevels', 3))
@@ -211,7 +173,7 @@ def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
                                **_: Any) -> None:
         if sender is not app or not saga_id:
             return
-        state = getattr(app, '_compensate_state', None)
+        state = find_state(app)
         if state is None or not (state.task_events
                                  or app.conf.worker_send_task_events):
             return

@@ -14,9 +14,11 @@ from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
-from .events import label_kwargs
 from .exceptions import (
     ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
+)
+from .messages import (
+    DEADLINE, IDEMPOTENCY_KEY, identity, label_kwargs,
 )
 from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
@@ -59,15 +61,11 @@ class Coordinator:
         self.check_task(saga_id, step.describe(), step.call.name)
         options = _allowed(step.call.options)
         lease = self.settings.queue_timeout + step.delay
-        headers = {**(options.pop('headers', None) or {}),
-                   'compensate_saga_id': saga_id,
-                   'compensate_step': step.index,
-                   # past this the sweep may have given the step up: the
-                   # worker then checks the record before running it
-                   'compensate_deadline': round(time.time() + lease, 3)}
-        options['kwargsrepr'] = self._label(
-            {'compensate_saga_id': saga_id, 'compensate_step': step.index},
-            kwargs, options.get('kwargsrepr'))
+        ident = identity(saga_id, step.index)
+        headers = {**(options.pop('headers', None) or {}), **ident,
+                   DEADLINE: round(time.time() + lease, 3)}
+        options['kwargsrepr'] = self._label(ident, kwargs,
+                                            options.get('kwargsrepr'))
         self.app.signature(
             step.call.name, args=tuple(args), kwargs=dict(kwargs),
         ).apply_async(task_id=step_task_id(saga_id, step.index),
@@ -88,16 +86,11 @@ class Coordinator:
             for key in ('argsrepr', 'kwargsrepr'):
                 if key in step.call.options and key not in options:
                     options[key] = step.call.options[key]
-        headers = {**(options.pop('headers', None) or {}),
-                   'compensate_saga_id': saga_id,
-                   'compensate_step': step.index,
-                   'compensate_attempt': due.attempt,
-                   'compensate_idempotency_key': idempotency_key(
-                       saga_id, step.index)}
-        options['kwargsrepr'] = self._label(
-            {'compensate_saga_id': saga_id, 'compensate_step': step.index,
-             'compensate_attempt': due.attempt}, kwargs,
-            options.get('kwargsrepr'))
+        ident = identity(saga_id, step.index, due.attempt)
+        headers = {**(options.pop('headers', None) or {}), **ident,
+                   IDEMPOTENCY_KEY: idempotency_key(saga_id, step.index)}
+        options['kwargsrepr'] = self._label(ident, kwargs,
+                                            options.get('kwargsrepr'))
         if self.settings.undo_queue:
             options['queue'] = self.settings.undo_queue
         if countdown:
@@ -109,7 +102,7 @@ class Coordinator:
     def _label(self, identity: dict[str, Any], kwargs: Mapping[str, Any],
                theirs: str | None) -> str:
         """The ``kwargsrepr`` monitors show: the saga identity first (see
-        :mod:`celery_compensate.events`)."""
+        :mod:`celery_compensate.messages`)."""
         return label_kwargs(identity, kwargs, theirs,
                             self.app.conf.get('task_repr_maxlevels', 3))
 
