@@ -29,7 +29,7 @@ import click
 from .exceptions import CompensateError, InvalidSaga, SagaNotFound
 from .appstate import AppState, get_state
 from .model import SagaState, StepState, UndoState, undo_task_id, validate_saga_id
-from .store import Listed, SagaRecord
+from .store import Listed, Reply, SagaRecord
 
 __all__ = ('compensate', 'EXIT_ERROR', 'EXIT_NOT_FOUND', 'EXIT_WRONG_STATE')
 
@@ -200,11 +200,11 @@ def abort(ctx: click.Context, saga_id: str, reason: str,
     _run(ctx, as_json, body)
 
 
-def _check(status: str, saga_id: str, state: SagaState | None,
+def _check(status: Reply, saga_id: str, state: SagaState | None,
            needed: SagaState, verb: str) -> None:
-    if status == 'missing':
+    if status is Reply.MISSING:
         raise SagaNotFound(saga_id)
-    if status in ('wrong-state', 'not-running'):
+    if status in (Reply.WRONG_STATE, Reply.NOT_RUNNING):
         raise _Exit(EXIT_WRONG_STATE, 'wrong-state',
                     f'saga {saga_id} is {state}, not {needed}: cannot {verb} '
                     'it; nothing was changed', saga_id=saga_id,

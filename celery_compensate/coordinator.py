@@ -24,7 +24,7 @@ from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
     step_task_id, undo_delay, undo_task_id,
 )
-from .store import Outcome, SagaStore, UndoDue, new_token
+from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -194,7 +194,7 @@ class Coordinator:
         outcome = self.persist(
             lambda: self.store.undo_done(info.saga_id, info.index, token),
             info, 'the undo of step')
-        if outcome.status == 'undone':
+        if outcome.status is Reply.UNDONE:
             logger.info('saga %s: step %d compensated by %s',
                         info.saga_id, info.index, task_name)
             signals.step_compensated.send(
@@ -216,7 +216,7 @@ class Coordinator:
         outcome = self.store.undo_failed(info.saga_id, info.index,
                                          info.attempt, text, started,
                                          countdown)
-        if outcome.status == 'retry':
+        if outcome.status is Reply.RETRY:
             due = outcome.undos[0]
             logger.warning(
                 'saga %s: undo of step %d failed on attempt %d (%s), '
@@ -226,7 +226,7 @@ class Coordinator:
                 sender=self.app, saga_id=info.saga_id, step=info.index,
                 attempt=info.attempt, countdown=countdown, error=text)
             self._publish_undo_or_log(info.saga_id, due, countdown)
-        elif outcome.status == 'failed':
+        elif outcome.status is Reply.FAILED:
             self._failed_for_good(
                 info.saga_id, info.index, outcome, text,
                 f'undo of step {info.index} failed {info.attempt} times, '
@@ -268,7 +268,7 @@ class Coordinator:
         in-flight steps."""
         token = new_token()
         outcome = self.store.abort(saga_id, reason, token)
-        if outcome.status != 'aborted':
+        if outcome.status is not Reply.ABORTED:
             return outcome
         if outcome.stopped:
             self._revoke(saga_id, [step_task_id(saga_id, i)
@@ -280,7 +280,7 @@ class Coordinator:
         """Re-drive a COMPENSATION_FAILED saga from the undos that failed
         (status ``retried``; ``wrong-state``/``missing`` change nothing)."""
         outcome = self.store.retry(saga_id, new_token())
-        if outcome.status == 'retried':
+        if outcome.status is Reply.RETRIED:
             steps = ', '.join(str(d.step.index) for d in outcome.undos)
             self.apply(saga_id, outcome,
                        reason=f'retried by an operator (undos of steps '
@@ -314,15 +314,11 @@ class Coordinator:
               reason: str | None = None) -> None:
         """Publish what ``outcome`` made due and announce its transition."""
         old, new = outcome.old_state, outcome.new_state
-        if outcome.status in ('missing', 'unknown-step', 'not-dispatched'):
-            logger.warning('saga %s: step %s ignored: %s', saga_id, step, {
-                'missing': 'no such saga in the store (expired or never '
-                           'started)',
-                'unknown-step': 'the saga has no such step',
-                'not-dispatched': 'its stage was never dispatched',
-            }[outcome.status])
+        if outcome.status in _IGNORED:
+            logger.warning('saga %s: step %s ignored: %s', saga_id, step,
+                           _IGNORED[outcome.status])
             return
-        if outcome.status == 'next':
+        if outcome.status is Reply.NEXT:
             self.publish_next_stage(saga_id, outcome)
         # undos first: logging and signal receivers must not delay them
         for due in outcome.undos:
@@ -353,10 +349,10 @@ class Coordinator:
         for _ in range(self.settings.undo_max_attempts):
             outcome = self.store.undo_failed(saga_id, due.step.index, attempt,
                                              text, True)
-            if outcome.status != 'retry':
+            if outcome.status is not Reply.RETRY:
                 break
             attempt = outcome.undos[0].attempt
-        if outcome.status == 'failed':
+        if outcome.status is Reply.FAILED:
             self._failed_for_good(saga_id, due.step.index, outcome, text,
                                   text.removeprefix(f'saga {saga_id}: '))
         else:
@@ -425,6 +421,14 @@ class Coordinator:
                 # the failure was reported when compensation began
                 logger.info('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
+
+
+#: Replies that mean a notification about a step is ignored, and why.
+_IGNORED = {
+    Reply.MISSING: 'no such saga in the store (expired or never started)',
+    Reply.UNKNOWN_STEP: 'the saga has no such step',
+    Reply.NOT_DISPATCHED: 'its stage was never dispatched',
+}
 
 
 def _allowed(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from .clients import servers
 from .coordinator import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
 from .model import parse_task_id
-from .store import _TRANSIENT, SagaStore, shard_of
+from .store import TRANSIENT_ERRORS, Reply, SagaStore, shard_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -126,7 +126,7 @@ class Recovery:
         self.gap = 2 * settings.recovery_interval
         self.hold = 2 * settings.heartbeat_interval
         self.lock = self.store.client.lock(
-            self.store.lock_key(), timeout=self.lock_ttl, blocking=False,
+            self.store.keys.lock(), timeout=self.lock_ttl, blocking=False,
             thread_local=False)
         self._owner = False
         self._stop = threading.Event()      # stop sweeping
@@ -228,7 +228,7 @@ class Recovery:
             except SagaStoreError as exc:
                 self._quarantine(saga_id, str(exc))
                 continue
-            if outcome.status == 'stuck':
+            if outcome.status is Reply.STUCK:
                 self._quarantine(saga_id, 'it is neither settled nor has '
                                  'anything in flight')
         if full:
@@ -239,7 +239,7 @@ class Recovery:
     def _quarantine(self, saga_id: str, why: str) -> None:
         logger.error('saga %s: the sweep cannot process it (%s); moved to %s',
                      saga_id, why,
-                     self.store.quarantine_key(shard_of(saga_id)))
+                     self.store.keys.bad(shard_of(saga_id)))
         self.store.quarantine(saga_id)
 
     def _lead(self) -> bool:
@@ -261,7 +261,7 @@ class Recovery:
                 logger.info('celery_compensate: the saga store is reachable '
                             'again')
                 self._unreachable_since = None
-        except (SagaStoreUnavailable, *_TRANSIENT) as exc:
+        except (SagaStoreUnavailable, *TRANSIENT_ERRORS) as exc:
             self._last_error = time.monotonic()
             if self._unreachable_since is None:
                 self._unreachable_since = time.monotonic()

@@ -11,6 +11,7 @@ from celery.utils.log import get_logger
 from .exceptions import SagaNotFound, SagaTimeoutError
 from .appstate import get_state
 from .model import FINAL_STATES, SagaState, validate_saga_id
+from .store import Reply
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -101,9 +102,9 @@ class SagaResult:
         """
         outcome = get_state(self.app).coordinator.abort(
             self.id, f'aborted: {reason}')
-        if outcome.status == 'missing':
+        if outcome.status is Reply.MISSING:
             raise SagaNotFound(self.id)
-        if outcome.status == 'not-running':
+        if outcome.status is Reply.NOT_RUNNING:
             logger.warning('saga %s: not aborted: it is %s, not RUNNING',
                            self.id, outcome.old_state)
             return False
@@ -125,9 +126,9 @@ class SagaResult:
             SagaNotFound: no saga with this id.
         """
         outcome = get_state(self.app).coordinator.retry(self.id)
-        if outcome.status == 'missing':
+        if outcome.status is Reply.MISSING:
             raise SagaNotFound(self.id)
-        if outcome.status == 'wrong-state':
+        if outcome.status is Reply.WRONG_STATE:
             logger.warning('saga %s: not retried: it is %s, not '
                            'COMPENSATION_FAILED', self.id, outcome.old_state)
             return False

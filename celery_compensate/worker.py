@@ -32,7 +32,7 @@ from .exceptions import ResultNotSerializable, SagaStoreUnavailable
 from .model import StepState, TaskIdInfo, parse_task_id
 from .appstate import find_state
 from .messages import DEADLINE
-from .store import new_token
+from .store import Reply, new_token
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -176,7 +176,7 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
     except SagaStoreUnavailable as exc:
         # the body has not run: not a failed attempt; try again later
         raise _retry_later(state, task, exc) from exc
-    if verdict != 'run':
+    if verdict is not Reply.RUN:
         logger.info('saga %s: undo of step %d attempt %d not run: %s',
                     info.saga_id, info.index, info.attempt, verdict)
         return None

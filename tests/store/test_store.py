@@ -12,7 +12,7 @@ import pytest
 from celery_compensate import SagaState
 from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
-from celery_compensate.store import SagaStore, shard_of
+from celery_compensate.store import Reply, SagaStore, shard_of
 
 
 def make(celery_app, stages, sid='s') -> SagaStore:
@@ -26,21 +26,21 @@ def make(celery_app, stages, sid='s') -> SagaStore:
 def again(store: SagaStore, script, sid: str, token: str, *args):
     """Run a script as redis-py does when it resends a command whose reply
     was lost: same arguments, same token."""
-    return store._outcome(script(keys=store._keys(sid), args=[
+    return store._outcome(script(keys=store.keys.for_saga(sid), args=[
         token, repr(time.time()), 60, *args]))
 
 
 def test_a_resent_step_record_answers_again(celery_app, rds):
     store = make(celery_app, [['a'], ['b1', 'b2']])
-    first = again(store, store._step_done, 's', 'tok-1', 0, '"ra"')
-    lost_reply = again(store, store._step_done, 's', 'tok-1', 0, '"ra"')
+    first = again(store, store.command('step_done'), 's', 'tok-1', 0, '"ra"')
+    lost_reply = again(store, store.command('step_done'), 's', 'tok-1', 0, '"ra"')
     assert first.status == lost_reply.status == 'next'
     assert [s.index for s in lost_reply.forward] == [1, 2]
     # a redelivered message (another call) does not dispatch again
     assert store.step_done('s', 0, '"ra"').status == 'duplicate'
     store.step_done('s', 1, '"r1"')
-    done = again(store, store._step_done, 's', 'tok-2', 2, '"r2"')
-    resent = again(store, store._step_done, 's', 'tok-2', 2, '"r2"')
+    done = again(store, store.command('step_done'), 's', 'tok-2', 2, '"r2"')
+    resent = again(store, store.command('step_done'), 's', 'tok-2', 2, '"r2"')
     assert (done.status, resent.status) == ('completed', 'completed')
     assert resent.old_state is SagaState.RUNNING  # so its signal still fires
 
@@ -48,8 +48,8 @@ def test_a_resent_step_record_answers_again(celery_app, rds):
 def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
     store = make(celery_app, [['a'], ['b']])
     store.step_done('s', 0, '"ra"')
-    claim = again(store, store._step_failed, 's', 'tok', 1, 'boom')
-    resent = again(store, store._step_failed, 's', 'tok', 1, 'boom')
+    claim = again(store, store.command('step_failed'), 's', 'tok', 1, 'boom')
+    resent = again(store, store.command('step_failed'), 's', 'tok', 1, 'boom')
     assert claim.status == 'claimed' and resent.old_state is SagaState.RUNNING
     assert [d.step.index for d in resent.undos] == [0]
     assert store.step_failed('s', 1, 'boom').status == 'duplicate'
@@ -59,9 +59,11 @@ def test_a_resent_start_is_not_a_duplicate_saga(celery_app, rds):
     store = get_state(celery_app).store
     args = ['tok', 'x', json.dumps(['state', 'RUNNING', 'n', '1', 'g0', '0',
                                     'o0', '5', 'qt', '5'])]
-    assert store._start(keys=store._keys('x'), args=args) == 1
-    assert store._start(keys=store._keys('x'), args=args) == 1
-    assert store._start(keys=store._keys('x'), args=['other', *args[1:]]) == 0
+    start = store.command('start')
+    keys = store.keys.for_saga('x')
+    assert start(keys=keys, args=args) == Reply.CREATED
+    assert start(keys=keys, args=args) == Reply.CREATED
+    assert start(keys=keys, args=['other', *args[1:]]) == Reply.EXISTS
 
 
 def test_an_attempt_lost_before_it_started_is_counted(celery_app, rds):
@@ -101,16 +103,16 @@ def test_budgets_spent_in_parallel_fail_the_saga_once_and_stop_it(
     assert (first.old_state, first.new_state) == (
         SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED)
     assert second.old_state is SagaState.COMPENSATION_FAILED  # no new transition
-    assert rds.hget(store.key('s'), 'x0') is None    # 'a' waits, not undone
+    assert rds.hget(store.keys.saga('s'), 'x0') is None    # 'a' waits, not undone
 
 
 def test_corrupt_record_is_a_clear_error(celery_app, rds):
     from celery_compensate import CorruptSagaRecord
     store = make(celery_app, [['a']])
-    rds.hset(store.key('s'), 'p0', '{not json')
+    rds.hset(store.keys.saga('s'), 'p0', '{not json')
     with pytest.raises(CorruptSagaRecord, match="'s'"):
         store.read('s')
-    rds.hset(store.key('s'), 'state', 'BOGUS')
+    rds.hset(store.keys.saga('s'), 'state', 'BOGUS')
     with pytest.raises(CorruptSagaRecord, match='BOGUS'):
         store.get_state('s')
 
@@ -124,8 +126,8 @@ def test_a_resent_late_completer_still_publishes_its_undo(celery_app, rds):
     store.step_failed('s', 2, 'boom')
     store.undo_begin('s', 0, 1, 'tb')
     assert store.undo_done('s', 0).new_state is SagaState.COMPENSATED
-    late = again(store, store._step_done, 's', 'tok', 1, '"r1"')
-    resent = again(store, store._step_done, 's', 'tok', 1, '"r1"')
+    late = again(store, store.command('step_done'), 's', 'tok', 1, '"r1"')
+    resent = again(store, store.command('step_done'), 's', 'tok', 1, '"r1"')
     assert [d.step.index for d in late.undos] == [1]
     assert [d.step.index for d in resent.undos] == [1]
     assert store.get_state('s') is SagaState.COMPENSATING
@@ -208,7 +210,7 @@ def test_listing_merges_the_shards_newest_first_page_by_page(celery_app, rds):
                for e in completed)
 
     # a damaged record is listed as such, not skipped and not fatal
-    rds.hdel(store.key(ids[1]), 'n')
+    rds.hdel(store.keys.saga(ids[1]), 'n')
     entry = next(e for e in store.list_sagas(limit=100) if e.saga_id == ids[1])
     assert entry.state == 'CORRUPT' and entry.record is None and entry.error
     assert ids[1] not in {e.saga_id for e in store.list_sagas(
@@ -234,7 +236,7 @@ def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app,
     assert [(d.step.index, d.attempt) for d in first.undos] == [
         (0, budget + 1)]
     # the same call resent after its reply was lost answers the same
-    resent = again(store, store._retry, 'r', 'tok-retry')
+    resent = again(store, store.command('retry'), 'r', 'tok-retry')
     assert resent.status == 'retried'
     assert resent.old_state is SagaState.COMPENSATION_FAILED
     assert [(d.step.index, d.attempt) for d in resent.undos] == [
@@ -292,12 +294,12 @@ def test_a_reused_saga_id_stays_listed(celery_app, rds):
     make the sweep drop the new saga from the listing."""
     store = make(celery_app, [['a']], sid='again')
     store.step_done('again', 0, '"ok"')
-    rds.delete(store.key('again'))      # expired before the sweep trimmed
-    assert rds.zscore(store.ends_key(shard_of('again')), 'again')
+    rds.delete(store.keys.saga('again'))      # expired before the sweep trimmed
+    assert rds.zscore(store.keys.ends(shard_of('again')), 'again')
     make(celery_app, [['a']], sid='again')
-    rds.zadd(store.ends_key(shard_of('again')), {'stale': 0})
+    rds.zadd(store.keys.ends(shard_of('again')), {'stale': 0})
     store.due(10, 3600, 0)              # a sweep: trims what expired
-    assert rds.zscore(store.ends_key(shard_of('again')), 'again') is None
+    assert rds.zscore(store.keys.ends(shard_of('again')), 'again') is None
     assert [e.saga_id for e in store.list_sagas()] == ['again']
 
 

@@ -1,0 +1,323 @@
+"""Where the store keeps things: every Redis key and every saga hash field.
+
+This module is the only Python place that spells a key or a field; the Lua
+commands in ``lua/`` are the only other one (``tests/store`` checks that
+every field a command writes is named here).
+
+Keys
+====
+Every saga lives in one hash, ``<prefix>:{<shard>}:saga:<saga_id>``, next
+to its shard's sorted sets of saga ids, all under the hash tag
+``{<shard>}`` so each command touches one Redis Cluster slot:
+
+=========== ================================================================
+``:due``    sagas with something in flight, scored by its earliest lease
+            (the recovery sweep reads it)
+``:live``   sagas not finished (running, compensating, waiting for an
+            operator), scored by creation time (``compensate list``)
+``:sagas``  every stored saga, scored by creation time
+``:ends``   finished sagas, scored by when their record expires (the sweep
+            trims ``:sagas`` with it)
+``:bad``    sagas the sweep could not process, by time (for an operator)
+``:sweep``  when the shard was last swept, and until when it is held
+=========== ================================================================
+
+plus ``<prefix>:sweeper``, the lock of the one worker that sweeps.
+
+Fields (``i`` a step index, ``k`` a stage index)
+===============================================
+
+=========== ================================================================
+``id``      the saga id; ``state`` a :class:`~celery_compensate.model.SagaState`
+``n/ns``    number of steps / stages; ``qt`` seconds a message may wait
+            in the broker before a worker takes it
+``created`` when started; ``ended`` when finished (or became
+            COMPENSATION_FAILED); ``reason`` why it compensates (an undo's
+            errors are its ``e<i>``); ``failed`` the failed step;
+            ``retries`` operator retries; ``cstart`` compensation began
+``cur``     highest dispatched stage; during compensation the stage whose
+            undos are running (``-1`` once every stage is settled)
+``g<k>``    comma-separated step indices of stage ``k``
+``w<k>``    forward members of stage ``k`` not yet settled
+``y<k>``    undos of stage ``k`` not yet done
+``late``    undos of late completers run out of order, not yet done
+``p<i>``    the step's spec (JSON)
+``k<i>``    its stage; ``u<i>`` 0 no undo, 1 undo, 2 undo also on failure
+``o<i>``    its lease once held; ``ou<i>`` its undo's; ``c<i>`` countdown
+``d<i>``    deadline of what is in flight for step ``i`` (forward task or
+            undo); ``h<i>`` ``1`` once a worker holds it
+``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
+            when settled; ``fe<i>`` why it failed
+``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``ab<i>``
+            attempts spent before the last operator retry; ``b<i>``
+            started; ``z<i>`` undone at; ``e<i>`` last undo error;
+            ``l<i>`` ``1`` when it is a late, out-of-order undo; ``rd<i>``
+            ``1``: undo again once the running undo ends
+tokens      of the call that made a change, so that a resent call (its
+            reply lost) answers again: ``tok`` created, ``tk<i>`` settled
+            step ``i``, ``dn<k>`` completed stage ``k``, ``claim`` claimed
+            compensation, ``fin`` finished the saga, ``cf`` made it
+            COMPENSATION_FAILED, ``tb<i>`` let the running copy of an undo
+            in, ``tu<i>`` settled an undo attempt, ``rt`` retried by an
+            operator
+=========== ================================================================
+"""
+from __future__ import annotations
+
+import zlib
+
+__all__ = (
+    'SHARDS', 'shard_of', 'Keys',
+    'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
+    'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
+    'members', 'waiting', 'undos_left', 'stage_token',
+    'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
+    'deadline', 'held', 'step_state', 'result', 'settled_at', 'failure',
+    'undo_state', 'attempt', 'attempts_before', 'undo_started', 'undone_at',
+    'undo_error', 'late', 'redo', 'settle_token', 'begin_token', 'undo_token',
+    'STEP_FIELDS', 'STAGE_FIELDS', 'SAGA_FIELDS',
+)
+
+#: Shards of the indexes.  Fixed: a saga's keys are found from its id
+#: through it.
+SHARDS = 64
+
+
+def shard_of(saga_id: str) -> int:
+    """The shard (hash tag) of a saga: stable across processes."""
+    return zlib.crc32(saga_id.encode()) % SHARDS
+
+
+class Keys:
+    """The keys of one store (one ``compensate_key_prefix``).
+
+    Arguments:
+        prefix: the key prefix.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _tag(self, shard: int) -> str:
+        return f'{self.prefix}:{{{shard:02x}}}'
+
+    def saga(self, saga_id: str) -> str:
+        """The saga's hash."""
+        return f'{self._tag(shard_of(saga_id))}:saga:{saga_id}'
+
+    def due(self, shard: int) -> str:
+        """Saga ids of a shard scored by the earliest lease in flight."""
+        return f'{self._tag(shard)}:due'
+
+    def live(self, shard: int) -> str:
+        """Unfinished sagas of a shard, scored by creation time."""
+        return f'{self._tag(shard)}:live'
+
+    def sagas(self, shard: int) -> str:
+        """Every stored saga of a shard, scored by creation time."""
+        return f'{self._tag(shard)}:sagas'
+
+    def ends(self, shard: int) -> str:
+        """Finished sagas of a shard, scored by when they expire."""
+        return f'{self._tag(shard)}:ends'
+
+    def bad(self, shard: int) -> str:
+        """Sagas of a shard the sweep could not process, by time."""
+        return f'{self._tag(shard)}:bad'
+
+    def sweep(self, shard: int) -> str:
+        """When a shard was last swept, and until when it is held."""
+        return f'{self._tag(shard)}:sweep'
+
+    def lock(self) -> str:
+        """The lock held by the one worker that sweeps."""
+        return f'{self.prefix}:sweeper'
+
+    def for_saga(self, saga_id: str) -> list[str]:
+        """KEYS[1-5] of every command that changes a saga: its hash,
+        ``:due``, ``:live``, ``:ends`` and ``:sagas`` of its shard."""
+        shard = shard_of(saga_id)
+        return [self.saga(saga_id), self.due(shard), self.live(shard),
+                self.ends(shard), self.sagas(shard)]
+
+    def for_shard(self, shard: int) -> list[str]:
+        """KEYS[1-4] of the scan command: ``:due``, ``:sweep``, ``:sagas``
+        and ``:ends`` of a shard."""
+        return [self.due(shard), self.sweep(shard), self.sagas(shard),
+                self.ends(shard)]
+
+
+# -- saga fields -------------------------------------------------------
+ID = 'id'
+STATE = 'state'
+N = 'n'
+NS = 'ns'
+QT = 'qt'
+CREATED = 'created'
+ENDED = 'ended'
+REASON = 'reason'
+FAILED = 'failed'
+RETRIES = 'retries'
+CSTART = 'cstart'
+CUR = 'cur'
+LATE = 'late'
+TOKEN = 'tok'
+CLAIM = 'claim'
+FIN = 'fin'
+CF = 'cf'
+RT = 'rt'
+
+SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
+               RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT)
+
+# -- stage fields: the prefix, then the stage index -------------------------
+STAGE_FIELDS = {
+    'members': 'g', 'waiting': 'w', 'undos_left': 'y', 'stage_token': 'dn',
+}
+
+
+def members(k: int) -> str:
+    """Comma-separated step indices of stage ``k``."""
+    return f'g{k}'
+
+
+def waiting(k: int) -> str:
+    """Forward members of stage ``k`` not yet settled."""
+    return f'w{k}'
+
+
+def undos_left(k: int) -> str:
+    """Undos of stage ``k`` not yet done."""
+    return f'y{k}'
+
+
+def stage_token(k: int) -> str:
+    """Token of the call that completed stage ``k``."""
+    return f'dn{k}'
+
+
+# -- step fields: the prefix, then the step index ----------------------------
+STEP_FIELDS = {
+    'spec': 'p', 'stage': 'k', 'undo_flag': 'u', 'lease': 'o',
+    'undo_lease': 'ou', 'countdown': 'c', 'deadline': 'd', 'held': 'h',
+    'step_state': 's', 'result': 'r', 'settled_at': 't', 'failure': 'fe',
+    'undo_state': 'x', 'attempt': 'a', 'attempts_before': 'ab',
+    'undo_started': 'b', 'undone_at': 'z', 'undo_error': 'e', 'late': 'l',
+    'redo': 'rd', 'settle_token': 'tk', 'begin_token': 'tb',
+    'undo_token': 'tu',
+}
+
+
+def spec(i: int) -> str:
+    """The step's spec (JSON)."""
+    return f'p{i}'
+
+
+def stage(i: int) -> str:
+    """The step's stage index."""
+    return f'k{i}'
+
+
+def undo_flag(i: int) -> str:
+    """``0`` no undo, ``1`` undo, ``2`` undo also on the step's failure."""
+    return f'u{i}'
+
+
+def lease(i: int) -> str:
+    """Seconds the step may go unrenewed once a worker holds it."""
+    return f'o{i}'
+
+
+def undo_lease(i: int) -> str:
+    """The same for its undo."""
+    return f'ou{i}'
+
+
+def countdown(i: int) -> str:
+    """Seconds the step waits in the broker by design (countdown, eta)."""
+    return f'c{i}'
+
+
+def deadline(i: int) -> str:
+    """Deadline of what is in flight for the step (forward task or undo)."""
+    return f'd{i}'
+
+
+def held(i: int) -> str:
+    """``1`` once a worker holds what is in flight."""
+    return f'h{i}'
+
+
+def step_state(i: int) -> str:
+    """Forward state (:class:`~celery_compensate.model.StepState` code)."""
+    return f's{i}'
+
+
+def result(i: int) -> str:
+    """The step's result (JSON)."""
+    return f'r{i}'
+
+
+def settled_at(i: int) -> str:
+    """When the step settled (completed or failed)."""
+    return f't{i}'
+
+
+def failure(i: int) -> str:
+    """Why the step failed."""
+    return f'fe{i}'
+
+
+def undo_state(i: int) -> str:
+    """Undo state (:class:`~celery_compensate.model.UndoState` code)."""
+    return f'x{i}'
+
+
+def attempt(i: int) -> str:
+    """The current undo attempt."""
+    return f'a{i}'
+
+
+def attempts_before(i: int) -> str:
+    """Undo attempts spent before the last operator retry."""
+    return f'ab{i}'
+
+
+def undo_started(i: int) -> str:
+    """When the current undo attempt began."""
+    return f'b{i}'
+
+
+def undone_at(i: int) -> str:
+    """When the undo succeeded."""
+    return f'z{i}'
+
+
+def undo_error(i: int) -> str:
+    """The last undo error."""
+    return f'e{i}'
+
+
+def late(i: int) -> str:
+    """``1`` when the undo is a late, out-of-order one."""
+    return f'l{i}'
+
+
+def redo(i: int) -> str:
+    """``1``: undo again once the running undo ends."""
+    return f'rd{i}'
+
+
+def settle_token(i: int) -> str:
+    """Token of the call that settled the step."""
+    return f'tk{i}'
+
+
+def begin_token(i: int) -> str:
+    """Token of the call that let the running undo copy in."""
+    return f'tb{i}'
+
+
+def undo_token(i: int) -> str:
+    """Token of the call that settled an undo attempt."""
+    return f'tu{i}'

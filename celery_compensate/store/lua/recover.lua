@@ -1,0 +1,102 @@
+--- RECOVER: the sweep found the saga due; act on every lease that lapsed
+--- (checked again here, atomically).  A forward step nobody holds is
+--- given up (the saga compensates; its undo runs only if it opted in to
+--- compensate_on_failure, as the step may never have run); a queued or
+--- waiting undo is sent again (only one copy can begin); a running undo
+--- whose worker died counts as a failed attempt.  What is settled or still
+--- running elsewhere is left alone, so a stalled compensation resumes
+--- where it stopped.
+---
+--- KEYS[1-5] saga hash, :due, :live, :ends, :sagas (see includes/saga.lua)
+--- ARGV[1-3] token, now, ttl; ARGV[4] saga id; ARGV[5] max undo attempts
+---
+--- Replies {status, old state, new state, {}, {}, undos to publish,
+--- forward steps given up}:
+---   recovered  acted on what lapsed (possibly nothing)
+---   inactive   the saga is not RUNNING or COMPENSATING: rescored only
+---   stuck      nothing in flight, yet not settled (a damaged record):
+---              the caller quarantines it
+---   missing    no such saga: its index entries are dropped
+---
+--- Transitions: step R -> F (lost; saga RUNNING -> COMPENSATING); undo
+--- Q/W re-sent (queued lease); undo R -> W (a + 1) or -> F with saga ->
+--- COMPENSATION_FAILED; then as step_failed (open the stage, walk down).
+
+--- @include "includes/saga"
+--- @include "includes/fields"
+--- @include "includes/num"
+--- @include "includes/clock"
+--- @include "includes/wait_lease"
+--- @include "includes/describe"
+--- @include "includes/rescore"
+--- @include "includes/claim"
+--- @include "includes/advance"
+
+if redis.call('EXISTS', h) == 0 then
+  redis.call('ZREM', idx, ARGV[4])
+  redis.call('ZREM', live, ARGV[4])
+  redis.call('ZREM', KEYS[5], ARGV[4])
+  return {'missing'}
+end
+local st = hget('state')
+if st ~= 'RUNNING' and st ~= 'COMPENSATING' then
+  rescore()
+  return {'inactive', st, st}
+end
+local t, out, lost = clock(), {}, {}
+local candidates = {}
+local cur = num('cur')
+if cur >= 0 then
+  for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+    candidates[#candidates + 1] = i
+  end
+end
+if num('late') > 0 then
+  for i = 0, num('n') - 1 do
+    if hget('l' .. i) == '1' then candidates[#candidates + 1] = tostring(i) end
+  end
+end
+for _, i in ipairs(candidates) do
+  local d = tonumber(hget('d' .. i) or '')
+  local s, x = hget('s' .. i), hget('x' .. i) or ''
+  if d and d <= t then
+    if s == 'R' then
+      local why = 'lost: its worker died (no lease renewal for ' ..
+                  hget('o' .. i) .. 's)'
+      if hget('h' .. i) ~= '1' then
+        why = 'lost: no worker took it from the broker within ' ..
+              hget('qt') .. 's'
+      end
+      redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, why, 't' .. i, now,
+                 'tk' .. i, token)
+      redis.call('HINCRBY', h, 'w' .. hget('k' .. i), -1)
+      if hget('state') == 'RUNNING' then claim(i, why) end
+      lost[#lost + 1] = tonumber(i)
+    elseif x == 'Q' or x == 'W' then
+      wait_lease(i, 0)
+      out[#out + 1] = describe(i, num('a' .. i))
+    elseif x == 'R' and hget('state') ~= 'COMPENSATION_FAILED' then
+      local a = num('a' .. i)
+      local why = 'lost: the worker running attempt ' .. a .. ' died'
+      redis.call('HSET', h, 'e' .. i, why, 'tu' .. i, token)
+      if a - num('ab' .. i) >= tonumber(ARGV[5]) then
+        redis.call('HSET', h, 'x' .. i, 'F', 'state',
+                   'COMPENSATION_FAILED', 'ended', now, 'cf', token)
+      else
+        redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
+        wait_lease(i, 0)
+        out[#out + 1] = describe(i, a + 1)
+      end
+    end
+  end
+end
+if hget('state') == 'COMPENSATING' and cur >= 0 then open_stage(cur, out) end
+advance(out)
+local now_st = hget('state')
+if (now_st == 'RUNNING' or now_st == 'COMPENSATING') and not earliest() then
+  -- nothing in flight, yet not settled: a damaged record; the caller
+  -- quarantines it rather than let it vanish from the index
+  return {'stuck', st, now_st, {}, {}, out, lost}
+end
+rescore()
+return {'recovered', st, now_st, {}, {}, out, lost}

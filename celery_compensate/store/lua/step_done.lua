@@ -1,0 +1,157 @@
+--- STEP_DONE: a forward step's body returned.  Record it, move the saga's
+--- deadline and say what is next, in one round trip: the per-step hot path.
+---
+--- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
+--- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] result JSON
+---
+--- Replies {status, old state, new state, results of the finished stage,
+--- {index, spec} of each step of the next stage, undos due}:
+---   next           completed the last running member of its stage: publish
+---                  the next stage with these results (RUNNING)
+---   completed      completed the last stage: saga RUNNING -> COMPLETED
+---   recorded       completed; other members of its stage still run
+---   late           completed after compensation began: its undo is due
+---                  (now, out of order, or after the running one: ``rd``)
+---   replayed       this call was resent after its reply was lost
+---   duplicate      another call recorded this step already
+---   not-dispatched a message for a step whose stage never started
+---   unknown-step   the saga has no such step
+---   missing        no such saga
+---   error CORRUPT  the record lacks the step's stage, spec or counters
+---
+--- Transitions: step R -> D (F -> D for a late completer of a given-up
+--- step); stage complete -> next stage P -> R (queued lease) and
+--- ``cur`` + 1, or saga RUNNING -> COMPLETED (expires, :live -> :ends);
+--- saga COMPENSATING/COMPENSATED/COMPENSATION_FAILED: see ``late`` above.
+
+--- @include "includes/saga"
+--- @include "includes/fields"
+--- @include "includes/num"
+--- @include "includes/damaged"
+--- @include "includes/many"
+--- @include "includes/clock"
+--- @include "includes/rescore"
+--- @include "includes/finish"
+--- @include "includes/advance"
+--- @include "includes/late_undo"
+--- @include "includes/replay"
+
+local i = ARGV[4]
+-- what the common case needs, in two reads
+local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
+                     'u' .. i, 'ns', 'id', 'qt')
+local st, s, ns, id, qt = f[1], f[2], tonumber(f[6] or ''), f[7], f[8]
+if not st then return {'missing'} end
+if not s then return {'unknown-step', st, st} end
+local k = tonumber(f[3] or '')
+local g = k and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
+if not k or not g[1] or (g[2] and not tonumber(g[2])) or not f[4]
+    or not f[5] then
+  return damaged(i)
+end
+
+-- Stage k is complete: finish the saga, or mark the next stage dispatched
+-- (its leases start now: each may wait qt plus its countdown in the
+-- broker) and hand it, with stage k's results, to the caller to publish.
+-- ``set`` holds the field-value pairs still to be written (this step's
+-- record): everything goes out in one HSET.  A stage never dispatched has
+-- no h<j> (RENEW requires s<j> = R), so none is deleted.
+local function next_stage(set)
+  local nk = k + 1
+  set[#set + 1] = 'dn' .. k; set[#set + 1] = token
+  if nk >= ns then
+    if st ~= 'COMPLETED' then
+      finish('COMPLETED', id, set)
+    else
+      redis.call('HSET', h, unpack(set))
+    end
+    return {'completed', 'RUNNING', 'COMPLETED'}
+  end
+  if not g[3] then
+    return redis.error_reply('CORRUPT stage ' .. nk .. ' of the saga record '
+                             .. 'has no steps')
+  end
+  local want, steps = {}, {}
+  for j in string.gmatch(g[1], '%d+') do want[#want + 1] = 'r' .. j end
+  local nres = #want
+  for j in string.gmatch(g[3], '%d+') do
+    steps[#steps + 1] = j
+    want[#want + 1] = 'c' .. j
+    want[#want + 1] = 'p' .. j
+  end
+  local v = many('HMGET', want)
+  local results = {}
+  local n = 0
+  for j in string.gmatch(g[1], '%d+') do
+    n = n + 1
+    -- this step's result may still be in ``set``
+    results[n] = (j == i and ARGV[5]) or v[n] or 'null'
+  end
+  local t, best, nxt = clock(), nil, {}
+  set[#set + 1] = 'cur'; set[#set + 1] = nk
+  set[#set + 1] = 'w' .. nk; set[#set + 1] = #steps
+  for m, j in ipairs(steps) do
+    local d = t + tonumber(qt) + tonumber(v[nres + 2 * m - 1] or '0')
+    set[#set + 1] = 's' .. j; set[#set + 1] = 'R'
+    set[#set + 1] = 'd' .. j; set[#set + 1] = string.format('%.3f', d)
+    nxt[#nxt + 1] = {tonumber(j), v[nres + 2 * m]}
+    if best == nil or d < best then best = d end
+  end
+  many('HSET', set)
+  -- a running saga has nothing else in flight: its deadline is this stage's
+  redis.call('ZADD', idx, string.format('%.3f', best), id)
+  return {'next', 'RUNNING', 'RUNNING', results, nxt}
+end
+
+if s == 'D' then
+  if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
+  if hget('dn' .. k) == token and (st == 'RUNNING' or st == 'COMPLETED') then
+    return next_stage({})
+  end
+  return replay('replayed', st)
+end
+if s == 'P' and st == 'RUNNING' then
+  -- a message for a step whose stage was never dispatched (stale or
+  -- forged): recording it would dispatch the stage after it early
+  return {'not-dispatched', st, st}
+end
+local set = {'s' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now, 'tk' .. i, token}
+local left = tonumber(g[2] or '0')
+if s == 'R' then
+  left = left - 1
+  set[#set + 1] = 'w' .. k; set[#set + 1] = left
+end
+if st == 'RUNNING' then
+  if left <= 0 then return next_stage(set) end
+  redis.call('HSET', h, unpack(set))
+  rescore()
+  return {'recorded', st, st}
+end
+redis.call('HSET', h, unpack(set))
+-- A late completer: compensation began while this step was running, or
+-- the step had been given up (lost, aborted) and ran after all.
+local out = {}
+local cur = num('cur')
+if f[5] ~= '0' then
+  local x = hget('x' .. i) or ''
+  if x == '' then
+    if k == cur then
+      open_stage(cur, out)
+    elseif k > cur then
+      -- its stage was already settled without it: undo it out of order
+      late_undo(i, 1, out)
+    end
+  elseif s == 'F' then
+    -- undone as a failed step (compensate_on_failure), then it took
+    -- effect after all: undo it once more, after the running (or failed)
+    -- undo
+    if x == 'D' then
+      late_undo(i, num('a' .. i) + 1, out)
+    else
+      redis.call('HSET', h, 'rd' .. i, 1)
+    end
+  end
+end
+advance(out)
+rescore()
+return {'late', st, hget('state'), {}, {}, out}

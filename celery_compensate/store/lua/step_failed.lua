@@ -1,0 +1,58 @@
+--- STEP_FAILED: a forward step failed for good (its exception after
+--- Celery's retries, a time limit, a lost pool child, Reject, a revoke, an
+--- unknown task, a publish error).  The first failure of a running saga
+--- claims its compensation, exactly once however many notifications come.
+---
+--- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
+--- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] reason
+---
+--- Replies {status, old state, new state, {}, {}, undos due}:
+---   claimed         the saga was RUNNING: now COMPENSATING
+---   joined          recorded while the saga already compensates
+---   replayed        this call was resent after its reply was lost
+---   duplicate       another call recorded this failure already
+---   completed-step  the step is recorded done: the failure is ignored
+---   unknown-step    the saga has no such step
+---   missing         no such saga
+---   error CORRUPT   the record lacks the step's stage, spec or counters
+---
+--- Transitions: step P/R -> F; saga RUNNING -> COMPENSATING (claimed, with
+--- ``reason`` and ``failed``); the stage under compensation is opened
+--- (undos of its completed members and compensate_on_failure ones due);
+--- settled stages are walked down, possibly COMPENSATING -> COMPENSATED.
+
+--- @include "includes/saga"
+--- @include "includes/fields"
+--- @include "includes/num"
+--- @include "includes/damaged"
+--- @include "includes/rescore"
+--- @include "includes/claim"
+--- @include "includes/advance"
+--- @include "includes/replay"
+
+local st = hget('state')
+if not st then return {'missing'} end
+local i = ARGV[4]
+local s = hget('s' .. i)
+if not s then return {'unknown-step', st, st} end
+if s == 'D' then return {'completed-step', st, st} end
+if s == 'F' then
+  if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
+  return replay('replayed', st, 'claim', 'RUNNING')
+end
+local bad = damaged(i)
+if bad then return bad end
+local k = hget('k' .. i)
+redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
+           'tk' .. i, token)
+if s == 'R' then redis.call('HINCRBY', h, 'w' .. k, -1) end
+local status = 'joined'
+if st == 'RUNNING' then
+  claim(i, ARGV[5])
+  status = 'claimed'
+end
+local out = {}
+if tonumber(k) == num('cur') then open_stage(k, out) end
+advance(out)
+rescore()
+return {status, st, hget('state'), {}, {}, out}

@@ -1,0 +1,52 @@
+--- UNDO_DONE: an undo attempt succeeded.  Record it and open the stage
+--- before when this one is settled.
+---
+--- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
+--- ARGV[1-3] token, now, ttl; ARGV[4] step index
+---
+--- Replies {status, old state, new state, {}, {}, undos due}:
+---   undone     recorded (also for this call sent again)
+---   duplicate  another call recorded this undo already
+---   not-due    the undo is not due: nothing recorded
+---   missing    no such saga
+---   error CORRUPT  the record lacks the step's stage, spec or counters
+---
+--- Transitions: undo Q/R/W/F -> D; ``y<k>`` (or ``late``) - 1; a step that
+--- took effect again meanwhile (``rd<i>``) gets a late undo; settled
+--- stages are walked down, COMPENSATING -> COMPENSATED when all are.
+
+--- @include "includes/saga"
+--- @include "includes/fields"
+--- @include "includes/num"
+--- @include "includes/damaged"
+--- @include "includes/rescore"
+--- @include "includes/late_undo"
+--- @include "includes/advance"
+--- @include "includes/replay"
+
+local st = hget('state')
+if not st then return {'missing'} end
+local i = ARGV[4]
+local x = hget('x' .. i) or ''
+if x == 'D' then
+  if hget('tu' .. i) ~= token then return {'duplicate', st, st} end
+  return replay('undone', st, 'fin', 'COMPENSATING')
+end
+if x == '' then return {'not-due', st, st} end
+local bad = damaged(i)
+if bad then return bad end
+redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, now, 'tu' .. i, token)
+if hget('l' .. i) == '1' then
+  redis.call('HINCRBY', h, 'late', -1)
+else
+  redis.call('HINCRBY', h, 'y' .. hget('k' .. i), -1)
+end
+local out = {}
+if hget('rd' .. i) == '1' then
+  -- the step took effect after this undo had been sent: undo it again
+  redis.call('HDEL', h, 'rd' .. i)
+  late_undo(i, num('a' .. i) + 1, out)
+end
+advance(out)
+rescore()
+return {'undone', st, hget('state'), {}, {}, out}

@@ -1,0 +1,158 @@
+"""What the store reads back: a saga record decoded into Python objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kombu.utils.json import loads
+
+from ..model import (
+    SagaState, StepSpec, StepState, UndoState, step_task_id, undo_task_id,
+)
+from . import layout as L
+
+__all__ = ('StepRecord', 'SagaRecord', 'Listed', 'decode_record',
+           'listed_entry')
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What the store knows about one step and its undo.
+
+    Times are Unix timestamps; ``started_at`` is when the step's stage was
+    dispatched (the saga's start, or when the stage before it completed).
+    """
+
+    index: int
+    stage: int
+    task_name: str
+    task_id: str
+    undo_name: str | None
+    state: StepState
+    result: Any             #: what the step returned: its undo gets it
+    started_at: float | None
+    settled_at: float | None
+    failure: str | None
+    undo_state: UndoState
+    #: number of the current (or last) attempt, counted over operator
+    #: retries; 0 while the undo is not due
+    undo_attempts: int
+    undo_task_id: str | None    #: of the current (last) attempt
+    undo_started_at: float | None   #: when the current attempt began
+    #: the last failed attempt's error (kept after a later success)
+    undo_error: str | None
+    undone_at: float | None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the step or its undo is dispatched and not settled."""
+        return self.state is StepState.RUNNING or self.undo_state in (
+            UndoState.QUEUED, UndoState.RUNNING, UndoState.WAITING)
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    """A decoded saga hash."""
+
+    saga_id: str
+    state: SagaState
+    created: float
+    ended: float | None
+    failed_step: int | None
+    reason: str | None
+    steps: list[StepRecord]
+    #: operator retries (``compensate retry``) so far
+    retries: int = 0
+
+    @property
+    def current(self) -> list[StepRecord]:
+        """What the saga waits for: its steps in flight (running forward,
+        or their undos queued or running), else the undos that failed for
+        good (COMPENSATION_FAILED)."""
+        busy = [s for s in self.steps if s.in_flight]
+        return busy or [s for s in self.steps
+                        if s.undo_state is UndoState.FAILED]
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One saga found by :meth:`SagaStore.list_sagas`: its record, or why
+    the record could not be read."""
+
+    saga_id: str
+    created: float
+    record: SagaRecord | None
+    error: str | None = None
+
+    @property
+    def state(self) -> str:
+        """The saga's state, or ``CORRUPT`` when its record is damaged."""
+        return self.record.state.value if self.record else 'CORRUPT'
+
+
+def listed_entry(saga_id: str, created: float, raw: Any) -> Listed | None:
+    """Decode one record for a listing (``None``: it has expired)."""
+    if isinstance(raw, Exception):
+        return Listed(saga_id, created, None, str(raw))
+    if not raw:
+        return None
+    try:
+        return Listed(saga_id, created, decode_record(saga_id, raw))
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        return Listed(saga_id, created, None, repr(exc))
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
+    """Decode a saga hash (as ``HGETALL`` returns it).
+
+    Raises:
+        KeyError, ValueError, TypeError: the record is damaged.
+    """
+    created = float(raw[L.CREATED])
+    specs = [StepSpec.from_dict(loads(raw[L.spec(i)]))
+             for i in range(int(raw[L.N]))]
+    # a stage is dispatched when the one before it completes: its last
+    # member's settle time
+    settled = [_float(raw.get(L.settled_at(i))) for i in range(len(specs))]
+    starts: dict[int, float | None] = {0: created}
+    for spec in specs:
+        if spec.stage > 0 and spec.stage not in starts:
+            before = [settled[s.index] for s in specs
+                      if s.stage == spec.stage - 1]
+            times = [t for t in before if t is not None]
+            starts[spec.stage] = (max(times) if times
+                                  and len(times) == len(before) else None)
+    steps = []
+    for i, spec in enumerate(specs):
+        state = StepState(raw[L.step_state(i)])
+        attempts = int(raw.get(L.attempt(i), 0))
+        steps.append(StepRecord(
+            index=i, stage=spec.stage, task_name=spec.call.name,
+            task_id=step_task_id(saga_id, i),
+            undo_name=spec.undo.name if spec.undo else None,
+            state=state,
+            result=loads(raw[L.result(i)]) if L.result(i) in raw else None,
+            started_at=(None if state is StepState.PENDING
+                        else starts.get(spec.stage)),
+            settled_at=settled[i],
+            failure=raw.get(L.failure(i)),
+            undo_state=UndoState(raw.get(L.undo_state(i), '')),
+            undo_attempts=attempts,
+            undo_task_id=(undo_task_id(saga_id, i, attempts) if attempts
+                          else None),
+            undo_started_at=_float(raw.get(L.undo_started(i))),
+            undo_error=raw.get(L.undo_error(i)),
+            undone_at=_float(raw.get(L.undone_at(i))),
+        ))
+    failed = raw.get(L.FAILED)
+    return SagaRecord(
+        saga_id=saga_id, state=SagaState(raw[L.STATE]),
+        created=created, ended=_float(raw.get(L.ENDED)),
+        failed_step=int(failed) if failed else None,
+        reason=raw.get(L.REASON), steps=steps,
+        retries=int(raw.get(L.RETRIES, 0)),
+    )

@@ -1,0 +1,63 @@
+"""Every status a store command answers with.
+
+A command's reply starts with one of these (see the header of each file in
+``lua/``); Python compares against the enum, never against a string.
+"""
+from __future__ import annotations
+
+import enum
+
+__all__ = ('Reply', 'CORRUPT')
+
+#: Prefix of the error a command raises when the record lacks what it needs
+#: (``redis.error_reply('CORRUPT ...')``): the store turns it into
+#: :exc:`~celery_compensate.exceptions.CorruptSagaRecord`.
+CORRUPT = 'CORRUPT'
+
+
+class Reply(str, enum.Enum):
+    """What a store command did."""
+
+    # start
+    CREATED = 'created'             #: the saga is stored (or the call was resent)
+    EXISTS = 'exists'               #: a saga with this id exists already
+    # forward steps: step_done, step_failed
+    RECORDED = 'recorded'           #: completed; its stage still runs
+    NEXT = 'next'                   #: completed its stage: publish the next one
+    COMPLETED = 'completed'         #: completed the saga
+    LATE = 'late'                   #: completed after compensation began: undone
+    CLAIMED = 'claimed'             #: the first failure: compensation claimed
+    JOINED = 'joined'               #: a failure recorded while compensating
+    COMPLETED_STEP = 'completed-step'   #: a failure of a step recorded done
+    NOT_DISPATCHED = 'not-dispatched'   #: a step whose stage never started
+    UNKNOWN_STEP = 'unknown-step'   #: the saga has no such step
+    # an undo attempt: undo_begin, undo_release, undo_done, undo_failed
+    RUN = 'run'                     #: this copy may run the undo
+    RUNNING = 'running'             #: another copy of the attempt runs
+    DONE = 'done'                   #: the undo is done already
+    NOT_DUE = 'not-due'             #: the undo is not due
+    STALE = 'stale'                 #: not the current attempt
+    FAILED = 'failed'               #: the undo spent its attempts
+    RELEASED = 'released'           #: the running copy stopped; the retry may run
+    NOT_HELD = 'not-held'           #: no copy of that begin runs
+    UNDONE = 'undone'               #: the undo succeeded
+    RETRY = 'retry'                 #: the attempt failed; the next one is due
+    IGNORED = 'ignored'             #: the undo is not in flight
+    # leases and recovery: renew, recover
+    RENEWED = 'renewed'             #: the lease was extended
+    GONE = 'gone'                   #: nothing of that is in flight any more
+    RECOVERED = 'recovered'         #: lapsed leases were acted on
+    INACTIVE = 'inactive'           #: the saga is not running or compensating
+    STUCK = 'stuck'                 #: nothing in flight, yet not settled
+    # operators: abort, retry
+    ABORTED = 'aborted'             #: compensation claimed by an abort
+    NOT_RUNNING = 'not-running'     #: only a running saga can be aborted
+    RETRIED = 'retried'             #: failed undos sent again
+    WRONG_STATE = 'wrong-state'     #: only a COMPENSATION_FAILED saga retries
+    # any command
+    DUPLICATE = 'duplicate'         #: another call settled this already
+    REPLAYED = 'replayed'           #: this call was resent: the same answer
+    MISSING = 'missing'             #: no such saga (expired, never started)
+
+    def __str__(self) -> str:
+        return self.value

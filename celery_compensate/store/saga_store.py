@@ -1,0 +1,522 @@
+"""The saga store: one Redis hash per saga, advanced only by the Lua
+commands in ``lua/`` (where every transition is written once).  Python
+sends them, reads records, and decodes replies; :mod:`.layout` names the
+keys and fields, :class:`~.replies.Reply` the statuses.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import redis
+from celery.utils.log import get_logger
+from kombu.utils.json import dumps, loads
+
+from ..clients import connect
+from ..exceptions import (
+    CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
+)
+from ..model import Plan, SagaState, StepSpec, StepState
+from ..settings import Settings
+from . import layout as L
+from .layout import SHARDS, Keys, shard_of
+from .records import Listed, SagaRecord, decode_record, listed_entry
+from .replies import CORRUPT, Reply
+from .scripts import COMMANDS, Source, assemble, explain
+
+__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'new_token', 'make_client',
+           'TRANSIENT_ERRORS', 'TRIM_LIMIT')
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class UndoDue:
+    """An undo attempt that must be published now."""
+
+    step: StepSpec
+    result: Any
+    prev: list[Any]         #: results of the stage before the step's
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a script did to a saga and what must be published because of it.
+
+    ``status`` names what happened (see each command's header in ``lua/``).
+    """
+
+    status: Reply
+    old_state: SagaState | None = None
+    new_state: SagaState | None = None
+    results: list[Any] = field(default_factory=list)
+    forward: list[StepSpec] = field(default_factory=list)
+    undos: list[UndoDue] = field(default_factory=list)
+    #: steps given up by the call (lost by a dead worker, or aborted)
+    stopped: list[int] = field(default_factory=list)
+
+
+def _state(value: Any) -> SagaState | None:
+    return SagaState(value) if value else None
+
+
+class SagaStore:
+    """Saga records in one Redis (one per app and process).
+
+    Arguments:
+        settings: the app's validated settings.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = make_client(settings)
+        self.keys = Keys(settings.key_prefix)
+        #: each command's assembled source, by its script's SHA1 (to name
+        #: the file and line of an error raised inside it)
+        self.sources: dict[str, Source] = {}
+        self._commands: dict[str, Any] = {}
+        for name in COMMANDS:
+            source = assemble(name)
+            script = self.client.register_script(source.text)
+            self._commands[name] = script
+            self.sources[script.sha] = source
+
+    def command(self, name: str) -> Any:
+        """The registered script of command ``name`` (``lua/<name>.lua``),
+        to call as ``script(keys=..., args=..., client=...)``."""
+        return self._commands[name]
+
+    # -- writes ---------------------------------------------------------
+
+    def create(self, saga_id: str, plan: Plan,
+               specs: Sequence[str] | None = None) -> bool:
+        """Store a new saga with its first stage marked dispatched.
+
+        Arguments:
+            specs: each step's spec already encoded as JSON (the canvas
+                encodes them once, when it validates the saga).
+
+        Returns:
+            bool: ``False`` if a saga with this id already exists.
+        Raises:
+            SagaStoreUnavailable: Redis cannot be reached.
+        """
+        default = self.settings.step_timeout
+        fields: list[Any] = [
+            L.STATE, SagaState.RUNNING.value, L.CREATED, repr(time.time()),
+            L.QT, self.settings.queue_timeout,
+            L.N, len(plan), L.NS, len(plan.stages), L.CUR, 0,
+            L.waiting(0), len(plan.stages[0]),
+        ]
+        if specs is None:
+            specs = [dumps(step.to_dict()) for step in plan.steps]
+        for k, stage in enumerate(plan.stages):
+            fields += [L.members(k), ','.join(str(s.index) for s in stage)]
+            for step in stage:
+                i = step.index
+                fields += [L.spec(i), specs[i], L.stage(i), k,
+                           L.undo_flag(i), step.undo_flag,
+                           L.step_state(i), (StepState.RUNNING if k == 0
+                                             else StepState.PENDING).value,
+                           L.lease(i), step.timeout or default,
+                           L.undo_lease(i), step.undo_timeout or default]
+                if step.delay:
+                    fields += [L.countdown(i), step.delay]
+        reply = self._run(self._commands['start'],
+                          keys=self.keys.for_saga(saga_id),
+                          args=[new_token(), saga_id,
+                                dumps([str(f) for f in fields])])
+        return Reply(reply) is Reply.CREATED
+
+    def step_done(self, saga_id: str, index: int, result_json: str,
+                  token: str | None = None) -> Outcome:
+        """Record step ``index`` as completed with its result (one round
+        trip) and return what must be dispatched next.  Resending with the
+        same ``token`` is safe."""
+        return self._decoded(saga_id, self._change(
+            'step_done', saga_id, token, index, result_json))
+
+    def step_failed(self, saga_id: str, index: int, reason: str) -> Outcome:
+        """Record step ``index`` as failed; claims compensation if the saga
+        was running."""
+        return self._decoded(saga_id, self._change(
+            'step_failed', saga_id, None, index, reason[:2000]))
+
+    def undo_begin(self, saga_id: str, index: int, attempt: int,
+                   token: str) -> Reply:
+        """Let one copy of an undo attempt run: :attr:`Reply.RUN`, or why
+        not (see ``lua/undo_begin.lua``)."""
+        return Reply(self._change('undo_begin', saga_id, token, index,
+                                  attempt))
+
+    def undo_release(self, saga_id: str, index: int, begin_token: str) -> bool:
+        """The copy let in by ``begin_token`` stops without an outcome
+        (Celery retries it); let the retry in."""
+        return Reply(self._change('undo_release', saga_id, None, index,
+                                  begin_token)) is Reply.RELEASED
+
+    def undo_done(self, saga_id: str, index: int,
+                  token: str | None = None) -> Outcome:
+        """Record step ``index`` as undone.  Resending with the same
+        ``token`` is safe."""
+        return self._decoded(saga_id, self._change('undo_done', saga_id,
+                                                   token, index))
+
+    def undo_failed(self, saga_id: str, index: int, attempt: int,
+                    error: str, started: bool = True,
+                    countdown: float = 0.0) -> Outcome:
+        """Count a failed undo attempt; the outcome holds the next attempt
+        (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``).
+
+        Arguments:
+            started: whether the failing copy had begun running; one that
+                never started does not count while another copy runs.
+            countdown: seconds until the next attempt is sent (its lease
+                starts after them).
+        """
+        return self._decoded(saga_id, self._change(
+            'undo_failed', saga_id, None, index, attempt, error[:2000],
+            self.settings.undo_max_attempts, '1' if started else '0',
+            countdown))
+
+    def renew(self, held: Iterable[tuple[str, int, int | None]]) -> int:
+        """Extend the leases of the steps and undo attempts a live worker
+        holds, in one round trip.
+
+        Arguments:
+            held: ``(saga id, step index, undo attempt or None)`` triples.
+        Returns:
+            int: how many were still in flight (and renewed).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for saga_id, index, attempt in held:
+            self._commands['renew'](
+                keys=self.keys.for_saga(saga_id),
+                args=['', 0, 0, index, '' if attempt is None else attempt],
+                client=pipe)
+        return sum(Reply(r) is Reply.RENEWED for r in self._run(pipe.execute))
+
+    def due(self, limit: int, gap: float, hold: float
+            ) -> tuple[float, list[str], list[int]]:
+        """Scan every shard of the deadline index (one round trip).
+
+        Arguments:
+            limit: at most this many sagas per shard.
+            gap: seconds since a shard's last sweep after which its
+                lapsed leases are not trusted (Redis was away).
+            hold: how long such a shard is then left alone.
+        Returns:
+            tuple: the longest hold still running, the ids of the sagas
+            due, and the shards that returned ``limit`` ids (more due).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            self._commands['scan'](
+                keys=self.keys.for_shard(shard),
+                args=[limit, gap, hold, math.ceil(2 * gap) + 1, TRIM_LIMIT],
+                client=pipe)
+        held, ids, full = 0.0, [], []
+        for shard, (wait, due) in enumerate(self._run(pipe.execute)):
+            held = max(held, float(wait))
+            ids.extend(due)
+            if len(due) >= limit:
+                full.append(shard)
+        return held, ids, full
+
+    def recover(self, saga_id: str) -> Outcome:
+        """Act on the lapsed leases of one saga (``lua/recover.lua``)."""
+        return self._decoded(saga_id, self._change(
+            'recover', saga_id, None, saga_id,
+            self.settings.undo_max_attempts))
+
+    def quarantine(self, saga_id: str) -> None:
+        """Take a saga the sweep cannot process out of the deadline index
+        (into the shard's ``bad`` set, for an operator)."""
+        shard = shard_of(saga_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.due(shard), saga_id)
+        pipe.zadd(self.keys.bad(shard), {saga_id: time.time()})
+        self._run(pipe.execute)
+
+    def abort(self, saga_id: str, reason: str,
+              token: str | None = None) -> Outcome:
+        """Stop a running saga: give up its in-flight steps and claim
+        compensation (status ``aborted``, or ``not-running``/``missing``)."""
+        return self._decoded(saga_id, self._change('abort', saga_id, token,
+                                                   reason[:2000]))
+
+    def retry(self, saga_id: str, token: str | None = None) -> Outcome:
+        """Re-drive a COMPENSATION_FAILED saga from the undos that failed
+        (status ``retried``, or ``wrong-state``/``missing``, which change
+        nothing)."""
+        return self._decoded(saga_id, self._change('retry', saga_id,
+                                                   token))
+
+    # -- reads ----------------------------------------------------------
+
+    def get_state(self, saga_id: str) -> SagaState:
+        """Raises: SagaNotFound, SagaStoreUnavailable, CorruptSagaRecord."""
+        value = self._run(self.client.hget, self.keys.saga(saga_id), L.STATE)
+        if value is None:
+            raise SagaNotFound(saga_id)
+        try:
+            return SagaState(value)
+        except ValueError:
+            raise CorruptSagaRecord(
+                f'saga {saga_id!r} has an unknown state {value!r}') from None
+
+    def step_status(self, saga_id: str, index: int) -> tuple[str | None, Any]:
+        """Forward state code of step ``index`` and its recorded result
+        (``(None, None)`` when the saga does not exist)."""
+        step, result = self._run(self.client.hmget, self.keys.saga(saga_id),
+                                 [L.step_state(index), L.result(index)])
+        return step, loads(result) if result else None
+
+    def read(self, saga_id: str) -> SagaRecord:
+        """Decode the whole saga record.
+
+        Raises:
+            SagaNotFound: no such saga.
+            CorruptSagaRecord: the record cannot be decoded.
+        """
+        try:
+            raw = self._run(self.client.hgetall, self.keys.saga(saga_id))
+        except CorruptSagaRecord as exc:
+            raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
+        if not raw:
+            raise SagaNotFound(saga_id)
+        try:
+            return decode_record(saga_id, raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptSagaRecord(
+                f'saga {saga_id!r} has a corrupt record: {exc!r}') from exc
+
+    def list_sagas(self, state: SagaState | None = None, limit: int = 50,
+                   page: int = 100) -> list[Listed]:
+        """The newest sagas first, read from the per-shard indexes (never
+        ``KEYS``): the unfinished ones when ``state`` is RUNNING,
+        COMPENSATING or COMPENSATION_FAILED, else every stored one.
+
+        Arguments:
+            state: only sagas in this state (read first, so only the
+                records that match are read whole; a damaged record,
+                listed as ``CORRUPT``, only shows without a state).
+            limit: at most this many.
+            page: ids read per shard and records per round trip.
+        Raises:
+            SagaStoreUnavailable: Redis cannot be reached.
+        """
+        live = state in (SagaState.RUNNING, SagaState.COMPENSATING,
+                         SagaState.COMPENSATION_FAILED)
+        keys = [self.keys.live(s) if live else self.keys.sagas(s)
+                for s in range(SHARDS)]
+        found: list[Listed] = []
+        batch: list[tuple[str, float]] = []
+
+        def flush() -> None:
+            if state is not None:
+                pipe = self.client.pipeline(transaction=False)
+                for saga_id, _ in batch:
+                    pipe.hget(self.keys.saga(saga_id), L.STATE)
+                try:
+                    states = self._run(pipe.execute, raise_on_error=False)
+                except CorruptSagaRecord:   # not text: decided below
+                    states = [state.value] * len(batch)
+                batch[:] = [entry for entry, value in zip(
+                    batch, states, strict=True) if value == state.value]
+            pipe = self.client.pipeline(transaction=False)
+            for saga_id, _ in batch:
+                pipe.hgetall(self.keys.saga(saga_id))
+            try:
+                raws = self._run(pipe.execute, raise_on_error=False)
+            except CorruptSagaRecord:
+                # a record that is not UTF-8 text: find which, one by one
+                raws = [self._hgetall_or_error(saga_id) for saga_id, _ in batch]
+            for (saga_id, created), raw in zip(batch, raws, strict=True):
+                entry = listed_entry(saga_id, created, raw)
+                if entry is not None and (
+                        state is None or entry.state == state.value):
+                    found.append(entry)
+            batch.clear()
+
+        for saga_id, created in self._newest(keys, page):
+            batch.append((saga_id, created))
+            if len(batch) >= page:
+                flush()
+                if len(found) >= limit:
+                    break
+        if batch and len(found) < limit:
+            flush()
+        return found[:limit]
+
+    def _newest(self, keys: list[str], page: int
+                ) -> Iterator[tuple[str, float]]:
+        """Merge sorted sets scored by time, newest first, each read a page
+        at a time below the last score seen (the first page of all in one
+        round trip), so sagas starting or finishing meanwhile shift
+        nothing; each id is yielded once."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrevrangebyscore(key, '+inf', '-inf', start=0, num=page,
+                                  withscores=True)
+        buffers = [deque(entries) for entries in self._run(pipe.execute)]
+        more = [len(b) == page for b in buffers]
+        seen: set[str] = set()
+        heap = [(-b[0][1], b[0][0], n) for n, b in enumerate(buffers) if b]
+        heapq.heapify(heap)
+        while heap:
+            score, saga_id, n = heapq.heappop(heap)
+            buf = buffers[n]
+            buf.popleft()
+            if saga_id not in seen:
+                seen.add(saga_id)
+                yield saga_id, -score
+            if not buf and more[n]:
+                # from the last score on (ties included; ids seen skipped)
+                entries = self._run(
+                    self.client.zrevrangebyscore, keys[n], -score, '-inf',
+                    start=0, num=page, withscores=True)
+                fresh = [e for e in entries if e[0] not in seen]
+                if not fresh and len(entries) == page:
+                    # a whole page of one score: step past it
+                    fresh = self._run(
+                        self.client.zrevrangebyscore, keys[n], f'({-score}',
+                        '-inf', start=0, num=page, withscores=True)
+                    entries = fresh
+                buf.extend(fresh)
+                more[n] = len(entries) == page
+            if buf:
+                heapq.heappush(heap, (-buf[0][1], buf[0][0], n))
+
+    def _hgetall_or_error(self, saga_id: str) -> Any:
+        try:
+            return self._run(self.client.hgetall, self.keys.saga(saga_id))
+        except CorruptSagaRecord as exc:
+            return exc
+
+    # -- plumbing -------------------------------------------------------
+
+    def _change(self, command: str, saga_id: str, token: str | None,
+                *args: Any) -> Any:
+        """Run a command that changes a saga (``lua/<command>.lua``):
+        token, now, ttl, then ``args``."""
+        try:
+            return self._run(self._commands[command],
+                             keys=self.keys.for_saga(saga_id), args=[
+                token or new_token(), repr(time.time()),
+                self.settings.result_expires, *args])
+        except CorruptSagaRecord as exc:
+            raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TRANSIENT_ERRORS as exc:
+            raise SagaStoreUnavailable(
+                f'saga store at {self.settings.safe_redis_url} is '
+                f'unreachable: {exc}') from exc
+        except redis.ResponseError as exc:
+            if str(exc).startswith(CORRUPT):
+                raise CorruptSagaRecord(
+                    str(exc)[len(CORRUPT):].lstrip()) from exc
+            if str(exc).rpartition('caused error: ')[2].startswith(
+                    _TRANSIENT_REPLIES):
+                raise SagaStoreUnavailable(
+                    f'saga store at {self.settings.safe_redis_url} is '
+                    f'unreachable: {exc}') from exc
+            # an error inside a command names its file and line
+            raise SagaStoreError(
+                f'saga store at {self.settings.safe_redis_url} failed: '
+                f'{explain(str(exc), self.sources)}') from exc
+        except redis.RedisError as exc:
+            raise SagaStoreError(
+                f'saga store at {self.settings.safe_redis_url} failed: '
+                f'{exc}') from exc
+        except UnicodeDecodeError as exc:
+            # records hold JSON text only; never decoded any other way
+            raise CorruptSagaRecord(
+                'a saga record holds bytes that are not UTF-8 text (records '
+                f'are JSON): {exc}') from exc
+
+    def _decoded(self, saga_id: str, reply: list[Any]) -> Outcome:
+        try:
+            return self._outcome(reply)
+        except CorruptSagaRecord as exc:
+            raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
+
+    @staticmethod
+    def _outcome(reply: list[Any]) -> Outcome:
+        """Decode a script's reply.
+
+        Raises:
+            CorruptSagaRecord: a spec or result in the record is not valid
+                JSON (what the script changed stays changed, and the sweep
+                quarantines the saga).
+        """
+        status = Reply(reply[0])
+        if len(reply) < 3:
+            return Outcome(status)
+        try:
+            results = [loads(r) for r in reply[3]] if len(reply) > 3 else []
+            forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
+                       if len(reply) > 4 else [])
+            undos = []
+            for _, spec, result, prev, attempt in (reply[5] if len(reply) > 5
+                                                   else ()):
+                undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
+                                     loads(result), [loads(r) for r in prev],
+                                     int(attempt)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptSagaRecord(
+                f'a saga record holds a step that cannot be decoded: {exc!r}'
+            ) from exc
+        stopped = [int(i) for i in reply[6]] if len(reply) > 6 else []
+        return Outcome(status, _state(reply[1]), _state(reply[2]), results,
+                       forward, undos, stopped)
+
+
+#: Errors after which the same call may succeed: connection trouble (also
+#: no Sentinel knowing the primary, no cluster node answering), a replica
+#: promoted (READONLY), a full Redis (OOM under noeviction), a cluster
+#: resharding (TRYAGAIN) or failing over (CLUSTERDOWN, MASTERDOWN, too
+#: many redirections), a Redis loading its data.
+TRANSIENT_ERRORS = tuple(cls for cls in (
+    redis.ConnectionError, redis.TimeoutError,
+    getattr(redis.exceptions, 'ReadOnlyError', None),
+    getattr(redis.exceptions, 'OutOfMemoryError', None),
+    getattr(redis.exceptions, 'TryAgainError', None),
+    getattr(redis.exceptions, 'BusyLoadingError', None),
+    getattr(redis.exceptions, 'ClusterError', None),
+    getattr(redis.exceptions, 'SlotNotCoveredError', None),
+) if cls is not None)
+
+#: Error replies (without a redis-py class) after which the same call may
+#: succeed: a primary with ``min-replicas-to-write`` that lost its replicas,
+#: e.g. a former primary after a Sentinel failover, until it is demoted.
+_TRANSIENT_REPLIES = ('NOREPLICAS',)
+
+#: Expired sagas each sweep drops from one shard's listing index: with 64
+#: shards and the default 10 s interval, 6,400 sagas finishing a second.
+TRIM_LIMIT = 1000
+
+
+def new_token() -> str:
+    """A token identifying one call (and its resends) to a script."""
+    return uuid.uuid4().hex
+
+
+def make_client(settings: Settings) -> Any:
+    """A client for the saga store, retrying briefly on connection errors:
+    a :class:`redis.Redis` for one server or the primary behind Sentinels
+    (following a failover), a :class:`~.clients.LazyRedisCluster` for a
+    Redis Cluster."""
+    return connect(settings.redis_url, settings.redis_transport_options,
+                   settings.redis_socket_timeout)
+
+
