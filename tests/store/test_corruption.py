@@ -38,7 +38,7 @@ def test_a_truncated_step_spec_fails_only_its_own_saga(
     its lease lapses and the sweep compensates A.  Saga B never notices."""
     store = get_state(celery_app).store
     a = saga(tasks.do.si('a', sleep=0.3), tasks.do.si('b')).apply_async()
-    rds.hset(store.key(a.id), 'p1', '{"index": 1, "sta')
+    rds.hset(store.keys.saga(a.id), 'p1', '{"index": 1, "sta')
     b = saga(tasks.do.si('a'), tasks.do.si('b')).apply_async()
     with caplog.at_level(logging.ERROR):
         assert b.wait(timeout=10) is SagaState.COMPLETED
@@ -46,7 +46,7 @@ def test_a_truncated_step_spec_fails_only_its_own_saga(
     assert undone(ledger(rds, celery_app, a.id)) == ['a']
     assert f"saga {a.id!r}: a saga record holds a step that cannot be " \
         'decoded' in caplog.text
-    assert rds.hget(store.key(a.id), 'p1') == '{"index": 1, "sta'  # kept
+    assert rds.hget(store.keys.saga(a.id), 'p1') == '{"index": 1, "sta'  # kept
     with pytest.raises(CorruptSagaRecord, match=a.id):
         a.info()
 
@@ -55,7 +55,7 @@ def test_an_unknown_state_is_a_corrupt_record(celery_app, rds):
     store = get_state(celery_app).store
     store.create('odd', Plan.from_stages([[(TaskRef('t.do', ('a',)), None,
                                             False)]]))
-    rds.hset(store.key('odd'), 'state', 'HALF_DONE')
+    rds.hset(store.keys.saga('odd'), 'state', 'HALF_DONE')
     res = SagaResult('odd', app=celery_app)
     with pytest.raises(CorruptSagaRecord, match="'odd' has an unknown state "
                                                 "'HALF_DONE'"):

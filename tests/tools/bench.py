@@ -173,7 +173,7 @@ class Bench:
         store = self.state.store
         pipe = self.rds.pipeline(transaction=False)
         for shard in range(64):
-            pipe.zcard(store.live_key(shard))
+            pipe.zcard(store.keys.live(shard))
         return sum(pipe.execute())
 
     # -- phases ---------------------------------------------------------------
@@ -309,7 +309,7 @@ class Bench:
                 store.step_done(sid, i, str(i + 1))
         finished = (self.rds.info('memory')['used_memory'] - base) / n
         peak_keys = keys()
-        alive = sum(self.rds.exists(store.key(sid)) for sid in ids)
+        alive = sum(self.rds.exists(store.keys.saga(sid)) for sid in ids)
         if alive != n:
             raise SystemExit(f'bench: {n - alive} finished sagas expired '
                              'before their memory was read; lower '
@@ -351,8 +351,8 @@ class Bench:
         lapsed = [f's{i}' for i in range(0, stored, stored // due)][:due]
         pipe = self.rds.pipeline(transaction=False)
         for sid in lapsed:
-            pipe.hset(store.key(sid), 'd0', 0)
-            pipe.zadd(store.index_key(shard_of(sid)), {sid: 0})
+            pipe.hset(store.keys.saga(sid), 'd0', 0)
+            pipe.zadd(store.keys.due(shard_of(sid)), {sid: 0})
         pipe.execute()
         stats0 = self.rds.info('commandstats')
         start = time.perf_counter()

@@ -829,7 +829,7 @@ class Driver:
         try:
             pipe = self.r.pipeline(transaction=False)
             for a in todo:
-                pipe.hget(store.key(a.sid), 'state')
+                pipe.hget(store.keys.saga(a.sid), 'state')
             states = pipe.execute()
         except redis.RedisError:
             return

@@ -71,7 +71,7 @@ def measure(url: str, lease: float, heartbeat: float, sweep: float,
             while 'start:b' not in rds.lrange(key, 0, -1):
                 time.sleep(0.01)
             # the victim holds the step (its first renewal landed)
-            record = get_state(app).store.key(res.id)
+            record = get_state(app).store.keys.saga(res.id)
             while rds.hget(record, 'h1') != '1':
                 time.sleep(0.01)
             victim.kill()

@@ -93,7 +93,7 @@ def test_a_saga_completes_with_one_round_trip_per_step(env, crds):
     cluster.execute_command = counting
     try:
         res = saga(*[tasks.do.si(f's{i}') for i in range(4)]).apply_async()
-        wait_for(lambda: crds.hget(store.key(res.id), 'state') == 'COMPLETED')
+        wait_for(lambda: crds.hget(store.keys.saga(res.id), 'state') == 'COMPLETED')
     finally:
         del cluster.execute_command
     assert calls == ['EVALSHA'] * 5, calls      # start + one per step
@@ -146,18 +146,18 @@ def test_sagas_spread_over_the_nodes_and_each_keeps_to_one_slot(
     by_node: dict[int, str] = {}
     while len(by_node) < len(cluster.nodes):
         sid = f'spread-{uuid.uuid4().hex[:8]}'
-        port = store.client.cluster.get_node_from_key(store.key(sid)).port
+        port = store.client.cluster.get_node_from_key(store.keys.saga(sid)).port
         by_node.setdefault(port, sid)
     results = [saga(tasks.do.si('a'), tasks.do.si('b')).apply_async(saga_id=sid)
                for sid in by_node.values()]
     assert all(r.wait(timeout=15) is SagaState.COMPLETED for r in results)
     for port, sid in by_node.items():
         shard = shard_of(sid)
-        keys = [store.key(sid), store.live_key(shard), store.all_key(shard),
-                store.ends_key(shard)]
+        keys = [store.keys.saga(sid), store.keys.live(shard), store.keys.sagas(shard),
+                store.keys.ends(shard)]
         assert len({crds.cluster_keyslot(k) for k in keys}) == 1, keys
-        assert node_of(cluster, store.key(sid)) == port
-        assert node_of(cluster, store.all_key(shard)) == port
+        assert node_of(cluster, store.keys.saga(sid)) == port
+        assert node_of(cluster, store.keys.sagas(shard)) == port
     # list_sagas reads the shards' indexes on every node, newest first
     listed = [entry.saga_id for entry in store.list_sagas(limit=1000)
               if entry.saga_id in by_node.values()]
@@ -175,7 +175,7 @@ def test_scripts_reload_on_every_node_after_a_script_flush(env, crds, cluster):
     sids = [f'flush-{n}-{uuid.uuid4().hex[:6]}' for n in range(12)]
     for sid in sids:
         assert store.create(sid, plan)
-    nodes = Counter(node_of(cluster, store.key(sid)) for sid in sids)
+    nodes = Counter(node_of(cluster, store.keys.saga(sid)) for sid in sids)
     assert len(nodes) > 1, nodes
 
     def flush() -> None:
@@ -204,8 +204,8 @@ def test_quarantine_and_persistence_checks_on_a_cluster(env, crds, cluster):
     store.create(sid, plan)
     store.quarantine(sid)          # a MULTI on the one slot of the shard
     shard = shard_of(sid)
-    assert crds.zscore(store.quarantine_key(shard), sid)
-    assert crds.zscore(store.index_key(shard), sid) is None
+    assert crds.zscore(store.keys.bad(shard), sid)
+    assert crds.zscore(store.keys.due(shard), sid) is None
     problems = check_persistence(store.client, store.settings.safe_redis_url)
     # every primary is checked, each named
     assert len(problems) == len(cluster.nodes)
@@ -223,7 +223,7 @@ def test_an_unreachable_cluster_is_unavailable_with_the_password_masked():
     assert 'is unreachable' in str(info.value) and 's3cret' not in str(
         info.value) and 'user:**@' in str(info.value)
     # the worker's lock is made without a connection, and fails the same way
-    lock = store.client.lock(store.lock_key(), timeout=3, blocking=False,
+    lock = store.client.lock(store.keys.lock(), timeout=3, blocking=False,
                              thread_local=False)
     with pytest.raises(redis.ConnectionError):
         lock.acquire(blocking=False)

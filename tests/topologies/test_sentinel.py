@@ -90,7 +90,7 @@ def gated(self: Task, name: str) -> str:
 def on_primary(port: int, store: SagaStore, saga_id: str, field: str) -> Any:
     """A field of the saga's record, read from the server on ``port``."""
     with redis.Redis(port=port, decode_responses=True) as server:
-        return server.hget(store.key(saga_id), field)
+        return server.hget(store.keys.saga(saga_id), field)
 
 
 def test_a_failover_while_a_saga_runs(env, srds, sentinel, rds, prefix):
@@ -145,7 +145,7 @@ def test_the_broker_sentinels_are_the_default_store(sentinel):
     assert store.get_state('from-broker') is SagaState.RUNNING
     assert on_primary(sentinel.master_port(), store, 'from-broker',
                       'state') == 'RUNNING'
-    store.client.delete(store.key('from-broker'))
+    store.client.delete(store.keys.saga('from-broker'))
     store.client.close()
 
 

@@ -63,7 +63,7 @@ def test_compensation_is_claimed_exactly_once_under_concurrency(
     assert store.undo_done(sid, 1).undos == []
     assert [d.step.index for d in store.undo_done(sid, 2).undos] == [0]
     assert store.undo_done(sid, 0).new_state is SagaState.COMPENSATED
-    rds.delete(store.key(sid))
+    rds.delete(store.keys.saga(sid))
 
 
 def test_late_completer_is_undone_before_the_stage_before(
@@ -162,7 +162,7 @@ def test_undo_budget_spent_is_compensation_failed(
                for r in caplog.records if r.levelno == logging.ERROR)
     info = res.info()
     assert info.steps[1].undo_state is UndoState.FAILED and 'on purpose' in info.steps[1].undo_error
-    assert rds.ttl(get_state(celery_app).store.key(sid)) == -1  # never expires
+    assert rds.ttl(get_state(celery_app).store.keys.saga(sid)) == -1  # never expires
 
 
 def test_forward_retries_are_not_failures(celery_app, celery_worker, rds):
@@ -231,9 +231,9 @@ def test_finished_sagas_expire_to_baseline(celery_app, celery_worker, rds):
     assert [r.wait(timeout=15) for r in results] == [
         SagaState.COMPLETED, SagaState.COMPENSATED]
     shards = {shard_of(r.id) for r in results}
-    saga_keys = {store.key(r.id) for r in results}
-    listing = ({store.all_key(s) for s in shards}
-               | {store.ends_key(s) for s in shards})
+    saga_keys = {store.keys.saga(r.id) for r in results}
+    listing = ({store.keys.sagas(s) for s in shards}
+               | {store.keys.ends(s) for s in shards})
 
     def keys() -> set[str]:
         # the sweeper's per-shard records are the baseline: they expire too
@@ -242,7 +242,7 @@ def test_finished_sagas_expire_to_baseline(celery_app, celery_worker, rds):
 
     assert keys() <= saga_keys | listing
     assert saga_keys <= keys()
-    assert not any(rds.exists(store.live_key(s), store.index_key(s))
+    assert not any(rds.exists(store.keys.live(s), store.keys.due(s))
                    for s in shards)
     wait_for(lambda: not keys(), timeout=10)
 
@@ -265,9 +265,9 @@ def test_every_script_touches_one_slot():
     for n in range(500):
         sid = f'saga-{n}'
         shards.add(shard_of(sid))
-        slots = {key_slot(k.encode()) for k in store._keys(sid)}
-        slots.add(key_slot(store.sweep_key(shard_of(sid)).encode()))
-        slots.add(key_slot(store.quarantine_key(shard_of(sid)).encode()))
+        slots = {key_slot(k.encode()) for k in store.keys.for_saga(sid)}
+        slots.add(key_slot(store.keys.sweep(shard_of(sid)).encode()))
+        slots.add(key_slot(store.keys.bad(shard_of(sid)).encode()))
         assert len(slots) == 1, sid
     assert len(shards) == SHARDS  # the sagas spread over every shard
 
@@ -289,7 +289,7 @@ def test_one_round_trip_per_successful_step(celery_app, celery_worker, rds):
         for n in (3, 10):
             calls.clear()
             res = saga(*[tasks.do.si(f's{i}') for i in range(n)]).apply_async()
-            wait_for(lambda res=res: rds.hget(store.key(res.id), 'state')
+            wait_for(lambda res=res: rds.hget(store.keys.saga(res.id), 'state')
                      == 'COMPLETED')
             assert calls == ['EVALSHA'] * (n + 1), calls
     finally:

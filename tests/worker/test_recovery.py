@@ -213,10 +213,10 @@ def test_abort_of_a_saga_that_is_not_running_changes_nothing(
         celery_app, celery_worker, rds, caplog):
     res = saga(tasks.do.si('a')).apply_async()
     assert res.wait(timeout=10) is SagaState.COMPLETED
-    before = rds.hgetall(get_state(celery_app).store.key(res.id))
+    before = rds.hgetall(get_state(celery_app).store.keys.saga(res.id))
     with caplog.at_level(logging.WARNING, logger='celery_compensate.result'):
         assert res.abort() is False
-    assert rds.hgetall(get_state(celery_app).store.key(res.id)) == before
+    assert rds.hgetall(get_state(celery_app).store.keys.saga(res.id)) == before
     assert 'not aborted: it is COMPLETED' in caplog.text
     with pytest.raises(SagaNotFound, match='no-such-saga'):
         SagaResult('no-such-saga', app=celery_app).abort()
@@ -237,8 +237,8 @@ def settle(recovery: Recovery) -> int:
 
 def _lapse(rds: redis.Redis, store, saga_id: str, index: int = 0) -> None:
     """Make step ``index``'s lease lapse now."""
-    rds.hset(store.key(saga_id), f'd{index}', 1)
-    rds.zadd(store.index_key(shard_of(saga_id)), {saga_id: 1})
+    rds.hset(store.keys.saga(saga_id), f'd{index}', 1)
+    rds.zadd(store.keys.due(shard_of(saga_id)), {saga_id: 1})
 
 
 @pytest.mark.compensate_conf(**FAST)
@@ -273,7 +273,7 @@ def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
     for sid in ('good', 'bad'):
         store.create(sid, plan)
         _lapse(rds, store, sid)
-    rds.hset(store.key('bad'), 'p0', '{"index": 0, "trunc')
+    rds.hset(store.keys.saga('bad'), 'p0', '{"index": 0, "trunc')
     recovery = Recovery(celery_app, store.settings)
     try:
         with caplog.at_level(logging.ERROR):
@@ -281,12 +281,12 @@ def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
     finally:
         recovery.stop()
     assert store.get_state('good') is SagaState.COMPENSATING  # undo sent
-    assert rds.zscore(store.quarantine_key(shard_of('bad')), 'bad')
-    assert rds.zscore(store.index_key(shard_of('bad')), 'bad') is None
+    assert rds.zscore(store.keys.bad(shard_of('bad')), 'bad')
+    assert rds.zscore(store.keys.due(shard_of('bad')), 'bad') is None
     assert 'saga bad: the sweep cannot process it' in caplog.text
     # nothing recorded was lost: the record is still there to repair
-    assert rds.hget(store.key('bad'), 'p0') == '{"index": 0, "trunc'
-    rds.delete(store.quarantine_key(shard_of('bad')))
+    assert rds.hget(store.keys.saga('bad'), 'p0') == '{"index": 0, "trunc'
+    rds.delete(store.keys.bad(shard_of('bad')))
 
 
 @pytest.mark.compensate_conf(**FAST)
@@ -324,7 +324,7 @@ def test_a_worker_without_recovery_renews_but_does_not_sweep(cluster):
     res = saga(tasks.do.si('a', sleep=LEASE * 2), app=app).apply_async()
     assert res.wait(timeout=20) is SagaState.COMPLETED
     assert store.get_state('orphan') is SagaState.RUNNING
-    assert not rds.exists(store.lock_key())
+    assert not rds.exists(store.keys.lock())
 
 
 @pytest.mark.prefork
@@ -351,7 +351,7 @@ def test_a_redis_stall_longer_than_a_lease_is_not_a_dead_worker(
     res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=3.0)).apply_async()
     wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
     store = get_state(celery_app).store
-    wait_for(lambda: rds.hget(store.key(res.id), 'h1') == '1')  # held
+    wait_for(lambda: rds.hget(store.keys.saga(res.id), 'h1') == '1')  # held
     rds.execute_command('CLIENT', 'PAUSE', 1500, 'WRITE')
     assert res.wait(timeout=15) is SagaState.COMPLETED
     assert undone(ledger(rds, celery_app, res.id)) == []
@@ -385,13 +385,13 @@ def test_a_record_with_nothing_in_flight_is_quarantined(celery_app, rds):
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), None, False)],
                              [(TaskRef('t.do', ('b',)), None, False)]])
     store.create('limbo', plan)
-    rds.hset(store.key('limbo'), 's0', 'D')     # recorded, never advanced
-    rds.zadd(store.index_key(shard_of('limbo')), {'limbo': 1})
+    rds.hset(store.keys.saga('limbo'), 's0', 'D')     # recorded, never advanced
+    rds.zadd(store.keys.due(shard_of('limbo')), {'limbo': 1})
     recovery = Recovery(celery_app, store.settings)
     try:
         settle(recovery)
     finally:
         recovery.stop()
-    assert rds.zscore(store.quarantine_key(shard_of('limbo')), 'limbo')
-    assert rds.zscore(store.index_key(shard_of('limbo')), 'limbo') is None
-    rds.delete(store.quarantine_key(shard_of('limbo')))
+    assert rds.zscore(store.keys.bad(shard_of('limbo')), 'limbo')
+    assert rds.zscore(store.keys.due(shard_of('limbo')), 'limbo') is None
+    rds.delete(store.keys.bad(shard_of('limbo')))

@@ -79,7 +79,7 @@ def test_an_acl_user_with_a_password(redis_url, rds, caplog):
             ok, bad = run_two_sagas(app)
             assert store.client.acl_whoami() == user
             for sid in (ok, bad):
-                assert SECRET not in repr(store.client.hgetall(store.key(sid)))
+                assert SECRET not in repr(store.client.hgetall(store.keys.saga(sid)))
             assert SECRET not in repr(store.settings)
         # a wrong password: the error names the store, never the secret
         wrong = Settings.from_conf({'compensate_redis_url':
@@ -139,9 +139,9 @@ def test_a_tls_store(redis_url, rds, tls_redis):
 
 
 def _forge(store: SagaStore, rds: redis.Redis, sid: str, undo: str) -> None:
-    spec = loads(rds.hget(store.key(sid), 'p0'))
+    spec = loads(rds.hget(store.keys.saga(sid), 'p0'))
     spec['undo']['task'] = undo
-    rds.hset(store.key(sid), 'p0', dumps(spec))
+    rds.hset(store.keys.saga(sid), 'p0', dumps(spec))
 
 
 @pytest.mark.parametrize('undo', ['celery.backend_cleanup', 'evil.not_a_task'])
@@ -171,7 +171,7 @@ def test_nothing_read_back_is_unpickled(celery_app, rds):
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
                                False)]])
     store.create('pickled', plan)
-    rds.hset(store.key('pickled'), 'p0', pickle.dumps({'task': 'x'}))
+    rds.hset(store.keys.saga('pickled'), 'p0', pickle.dumps({'task': 'x'}))
     with pytest.raises(CorruptSagaRecord, match='pickled'):
         store.read('pickled')
 
@@ -207,9 +207,9 @@ def test_a_forged_forward_step_cannot_run_celery_tasks_or_callbacks(
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
                                False)], [(TaskRef('t.do', ('b',)), None, False)]])
     state.store.create('forged-fwd', plan)
-    spec = loads(rds.hget(state.store.key('forged-fwd'), 'p1'))
+    spec = loads(rds.hget(state.store.keys.saga('forged-fwd'), 'p1'))
     spec['call']['task'] = 'celery.backend_cleanup'
-    rds.hset(state.store.key('forged-fwd'), 'p1', dumps(spec))
+    rds.hset(state.store.keys.saga('forged-fwd'), 'p1', dumps(spec))
     state.coordinator.step_done(TaskIdInfo('forged-fwd', 0, False), 'ra')
     record = state.store.read('forged-fwd')
     assert record.state is SagaState.COMPENSATING      # a's undo is queued
