@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# no cache: it would be a directory at the top level, and the graph takes
+# a fraction of a second to build
+LINT_IMPORTS := $(VENV)/bin/lint-imports --no-cache --no-logo
+LUA_DIR := celery_compensate/store/lua
 
-.PHONY: install test demo flower chaos bench clean
+.PHONY: install test lint demo flower chaos bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +20,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# the import layers first (setup.cfg [importlinter]): fast, pip-only
 test: $(STAMP)
+	$(LINT_IMPORTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the import layers, and the store's Lua commands with luacheck (Debian:
+# lua-check) and celery_compensate/store/.luacheckrc, each assembled as
+# Redis receives it (a file alone uses helpers its includes define)
+lint: $(STAMP)
+	$(LINT_IMPORTS)
+	if [ -d $(LUA_DIR) ]; then $(PY) -m celery_compensate.store lint; fi
 
 # a worker, seven orders (two complete, five fail at different steps and
 # are undone), their trails and the books; REDIS_URL to use your Redis
