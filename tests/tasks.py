@@ -18,6 +18,7 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 
 from celery_compensate.appstate import get_state
+from celery_compensate.store import layout as L
 
 _clients: dict[str, redis.Redis] = {}
 
@@ -206,7 +207,7 @@ def check_prev(self: Task, name: str, prev_index: int, fail: bool = True) -> str
     """Notes how the previous step is recorded at the moment this one runs."""
     saga_id = self.request.compensate_saga_id
     state = client_for(self.app).hget(
-        get_state(self.app).store.keys.saga(saga_id), f's{prev_index}')
+        get_state(self.app).store.keys.saga(saga_id), L.step_state(prev_index))
     note(self, f'prev-recorded:{state}')
     if fail:
         raise ValueError(f'{name} failed on purpose')

@@ -15,6 +15,7 @@ from celery_compensate import (
 from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskIdInfo, TaskRef, UndoSpec
 from celery_compensate.store import new_token
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import ledger, wait_for
@@ -38,7 +39,7 @@ def test_a_truncated_step_spec_fails_only_its_own_saga(
     its lease lapses and the sweep compensates A.  Saga B never notices."""
     store = get_state(celery_app).store
     a = saga(tasks.do.si('a', sleep=0.3), tasks.do.si('b')).apply_async()
-    rds.hset(store.keys.saga(a.id), 'p1', '{"index": 1, "sta')
+    rds.hset(store.keys.saga(a.id), L.spec(1), '{"index": 1, "sta')
     b = saga(tasks.do.si('a'), tasks.do.si('b')).apply_async()
     with caplog.at_level(logging.ERROR):
         assert b.wait(timeout=10) is SagaState.COMPLETED
@@ -46,7 +47,7 @@ def test_a_truncated_step_spec_fails_only_its_own_saga(
     assert undone(ledger(rds, celery_app, a.id)) == ['a']
     assert f"saga {a.id!r}: a saga record holds a step that cannot be " \
         'decoded' in caplog.text
-    assert rds.hget(store.keys.saga(a.id), 'p1') == '{"index": 1, "sta'  # kept
+    assert rds.hget(store.keys.saga(a.id), L.spec(1)) == '{"index": 1, "sta'  # kept
     with pytest.raises(CorruptSagaRecord, match=a.id):
         a.info()
 
@@ -55,7 +56,7 @@ def test_an_unknown_state_is_a_corrupt_record(celery_app, rds):
     store = get_state(celery_app).store
     store.create('odd', Plan.from_stages([[(TaskRef('t.do', ('a',)), None,
                                             False)]]))
-    rds.hset(store.keys.saga('odd'), 'state', 'HALF_DONE')
+    rds.hset(store.keys.saga('odd'), L.STATE, 'HALF_DONE')
     res = SagaResult('odd', app=celery_app)
     with pytest.raises(CorruptSagaRecord, match="'odd' has an unknown state "
                                                 "'HALF_DONE'"):

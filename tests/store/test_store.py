@@ -13,6 +13,7 @@ from celery_compensate import SagaState
 from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.store import Reply, SagaStore, shard_of
+from celery_compensate.store import layout as L
 
 
 def make(celery_app, stages, sid='s') -> SagaStore:
@@ -57,8 +58,9 @@ def test_a_resent_claim_still_publishes_its_undos(celery_app, rds):
 
 def test_a_resent_start_is_not_a_duplicate_saga(celery_app, rds):
     store = get_state(celery_app).store
-    args = ['tok', 'x', json.dumps(['state', 'RUNNING', 'n', '1', 'g0', '0',
-                                    'o0', '5', 'qt', '5'])]
+    args = ['tok', 'x', json.dumps([L.STATE, 'RUNNING', L.N, '1',
+                                    L.members(0), '0', L.lease(0), '5',
+                                    L.QT, '5'])]
     start = store.command('start')
     keys = store.keys.for_saga('x')
     assert start(keys=keys, args=args) == Reply.CREATED
@@ -103,16 +105,16 @@ def test_budgets_spent_in_parallel_fail_the_saga_once_and_stop_it(
     assert (first.old_state, first.new_state) == (
         SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED)
     assert second.old_state is SagaState.COMPENSATION_FAILED  # no new transition
-    assert rds.hget(store.keys.saga('s'), 'x0') is None    # 'a' waits, not undone
+    assert rds.hget(store.keys.saga('s'), L.undo_state(0)) is None    # 'a' waits, not undone
 
 
 def test_corrupt_record_is_a_clear_error(celery_app, rds):
     from celery_compensate import CorruptSagaRecord
     store = make(celery_app, [['a']])
-    rds.hset(store.keys.saga('s'), 'p0', '{not json')
+    rds.hset(store.keys.saga('s'), L.spec(0), '{not json')
     with pytest.raises(CorruptSagaRecord, match="'s'"):
         store.read('s')
-    rds.hset(store.keys.saga('s'), 'state', 'BOGUS')
+    rds.hset(store.keys.saga('s'), L.STATE, 'BOGUS')
     with pytest.raises(CorruptSagaRecord, match='BOGUS'):
         store.get_state('s')
 
@@ -210,7 +212,7 @@ def test_listing_merges_the_shards_newest_first_page_by_page(celery_app, rds):
                for e in completed)
 
     # a damaged record is listed as such, not skipped and not fatal
-    rds.hdel(store.keys.saga(ids[1]), 'n')
+    rds.hdel(store.keys.saga(ids[1]), L.N)
     entry = next(e for e in store.list_sagas(limit=100) if e.saga_id == ids[1])
     assert entry.state == 'CORRUPT' and entry.record is None and entry.error
     assert ids[1] not in {e.saga_id for e in store.list_sagas(

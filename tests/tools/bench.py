@@ -40,6 +40,7 @@ import redis
 
 from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, redis_server
+from celery_compensate.store import layout as L
 
 ROOT = Path(__file__).resolve().parents[2]
 TICK = os.sysconf('SC_CLK_TCK')
@@ -351,7 +352,7 @@ class Bench:
         lapsed = [f's{i}' for i in range(0, stored, stored // due)][:due]
         pipe = self.rds.pipeline(transaction=False)
         for sid in lapsed:
-            pipe.hset(store.keys.saga(sid), 'd0', 0)
+            pipe.hset(store.keys.saga(sid), L.deadline(0), 0)
             pipe.zadd(store.keys.due(shard_of(sid)), {sid: 0})
         pipe.execute()
         stats0 = self.rds.info('commandstats')

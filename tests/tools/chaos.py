@@ -86,6 +86,7 @@ from typing import Any, Callable
 import redis
 
 from celery_compensate.testing import RedisProcess, die_with_parent
+from celery_compensate.store import layout as L
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -829,7 +830,7 @@ class Driver:
         try:
             pipe = self.r.pipeline(transaction=False)
             for a in todo:
-                pipe.hget(store.keys.saga(a.sid), 'state')
+                pipe.hget(store.keys.saga(a.sid), L.STATE)
             states = pipe.execute()
         except redis.RedisError:
             return

@@ -34,6 +34,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -86,46 +87,14 @@ install(app)
 
 # -- the ledger ------------------------------------------------------------
 
-#: KEYS: effects, ledger, replies; ARGV: token, '<no>:<i>', entry JSON.
-_DO = """
-local r = redis.call('HGET', KEYS[3], ARGV[1])
-if r then return r end
-local kind = 'do-skip'
-if redis.call('HSETNX', KEYS[1], 'do:' .. ARGV[2], ARGV[1]) == 1 then
-  kind = 'do'
-end
-redis.call('RPUSH', KEYS[2], kind .. ' ' .. ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], kind)
-return kind
-"""
 
-#: KEYS: effects, ledger, replies, idempotency keys used;
-#: ARGV: token, '<no>:<i>', idempotency key ('' if none), entry JSON.
-_UNDO = """
-local r = redis.call('HGET', KEYS[3], ARGV[1])
-if r then return r end
-local kind
-if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
-  kind = 'undo-dedup'
-elseif redis.call('HEXISTS', KEYS[1], 'do:' .. ARGV[2]) == 0 then
-  kind = 'undo-noop'
-else
-  redis.call('HINCRBY', KEYS[1], 'undo:' .. ARGV[2], 1)
-  if ARGV[3] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
-  kind = 'undo'
-end
-redis.call('RPUSH', KEYS[2], kind .. ' ' .. ARGV[4])
-redis.call('HSET', KEYS[3], ARGV[1], kind)
-return kind
-"""
+def _lua(name: str) -> str:
+    """A ledger script of ``tests/tools/lua`` (KEYS and ARGV in its header)."""
+    return (Path(__file__).with_name('lua') / f'{name}.lua').read_text()
 
-#: KEYS: ledger, replies; ARGV: token, entry ('<kind> <json>').
-_NOTE = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
-  redis.call('RPUSH', KEYS[1], ARGV[2])
-end
-return 1
-"""
+
+_DO, _UNDO, _NOTE = (_lua(name) for name in (
+    'ledger_do', 'ledger_undo', 'ledger_note'))
 
 _clients: dict[int, tuple[redis.Redis, Any, Any, Any]] = {}
 

@@ -23,6 +23,7 @@ from celery import Celery
 from celery_compensate import SagaState, install, saga
 from celery_compensate.appstate import get_state
 from celery_compensate.testing import WorkerProcess, delete_keys, redis_server
+from celery_compensate.store import layout as L
 
 from .. import tasks
 
@@ -72,7 +73,7 @@ def measure(url: str, lease: float, heartbeat: float, sweep: float,
                 time.sleep(0.01)
             # the victim holds the step (its first renewal landed)
             record = get_state(app).store.keys.saga(res.id)
-            while rds.hget(record, 'h1') != '1':
+            while rds.hget(record, L.held(1)) != '1':
                 time.sleep(0.01)
             victim.kill()
             killed = time.monotonic()

@@ -21,6 +21,7 @@ from celery_compensate.recovery import check_persistence
 from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore, make_client, shard_of
 from celery_compensate.testing import RedisClusterProcess, free_port
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import wait_for
@@ -93,7 +94,7 @@ def test_a_saga_completes_with_one_round_trip_per_step(env, crds):
     cluster.execute_command = counting
     try:
         res = saga(*[tasks.do.si(f's{i}') for i in range(4)]).apply_async()
-        wait_for(lambda: crds.hget(store.keys.saga(res.id), 'state') == 'COMPLETED')
+        wait_for(lambda: crds.hget(store.keys.saga(res.id), L.STATE) == 'COMPLETED')
     finally:
         del cluster.execute_command
     assert calls == ['EVALSHA'] * 5, calls      # start + one per step

@@ -19,6 +19,7 @@ from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore, make_client
 from celery_compensate.testing import RedisSentinelProcess, free_port
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import wait_for
@@ -114,8 +115,8 @@ def test_a_failover_while_a_saga_runs(env, srds, sentinel, rds, prefix):
             timeout=SENTINEL_CHECK_INTERVAL + 5)
     rds.set(gate_key(env, res.id), 1)
     assert res.wait(timeout=20) is SagaState.COMPLETED
-    assert on_primary(new, store, res.id, 'state') == 'COMPLETED'
-    assert on_primary(new, store, res.id, 's1') == 'D'
+    assert on_primary(new, store, res.id, L.STATE) == 'COMPLETED'
+    assert on_primary(new, store, res.id, L.step_state(1)) == 'D'
     entries = log(srds, env, res.id)
     assert ['do:a', 'do:b', 'do:c'] == [e for e in entries
                                         if e.startswith('do:')]
@@ -126,7 +127,7 @@ def test_a_failover_while_a_saga_runs(env, srds, sentinel, rds, prefix):
                tasks.do.si('c', fail=True)).apply_async()
     assert bad.wait(timeout=15) is SagaState.COMPENSATED
     assert undone(log(srds, env, bad.id)) == ['b', 'a']
-    assert on_primary(new, store, bad.id, 'state') == 'COMPENSATED'
+    assert on_primary(new, store, bad.id, L.STATE) == 'COMPENSATED'
 
 
 def test_the_broker_sentinels_are_the_default_store(sentinel):
@@ -144,7 +145,7 @@ def test_the_broker_sentinels_are_the_default_store(sentinel):
     assert store.create('from-broker', plan)
     assert store.get_state('from-broker') is SagaState.RUNNING
     assert on_primary(sentinel.master_port(), store, 'from-broker',
-                      'state') == 'RUNNING'
+                      L.STATE) == 'RUNNING'
     store.client.delete(store.keys.saga('from-broker'))
     store.client.close()
 

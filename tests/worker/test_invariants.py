@@ -12,6 +12,7 @@ from celery_compensate import SagaState, UndoState, saga, signals
 from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
 from celery_compensate.store import SagaStore, shard_of
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import ledger, wait_for
@@ -289,7 +290,7 @@ def test_one_round_trip_per_successful_step(celery_app, celery_worker, rds):
         for n in (3, 10):
             calls.clear()
             res = saga(*[tasks.do.si(f's{i}') for i in range(n)]).apply_async()
-            wait_for(lambda res=res: rds.hget(store.keys.saga(res.id), 'state')
+            wait_for(lambda res=res: rds.hget(store.keys.saga(res.id), L.STATE)
                      == 'COMPLETED')
             assert calls == ['EVALSHA'] * (n + 1), calls
     finally:

@@ -26,6 +26,7 @@ from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.recovery import Recovery
 from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, delete_keys
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import FAST, ledger, undone, wait_for
@@ -237,7 +238,7 @@ def settle(recovery: Recovery) -> int:
 
 def _lapse(rds: redis.Redis, store, saga_id: str, index: int = 0) -> None:
     """Make step ``index``'s lease lapse now."""
-    rds.hset(store.keys.saga(saga_id), f'd{index}', 1)
+    rds.hset(store.keys.saga(saga_id), L.deadline(index), 1)
     rds.zadd(store.keys.due(shard_of(saga_id)), {saga_id: 1})
 
 
@@ -273,7 +274,7 @@ def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
     for sid in ('good', 'bad'):
         store.create(sid, plan)
         _lapse(rds, store, sid)
-    rds.hset(store.keys.saga('bad'), 'p0', '{"index": 0, "trunc')
+    rds.hset(store.keys.saga('bad'), L.spec(0), '{"index": 0, "trunc')
     recovery = Recovery(celery_app, store.settings)
     try:
         with caplog.at_level(logging.ERROR):
@@ -285,7 +286,7 @@ def test_a_corrupt_record_is_quarantined_and_the_others_recovered(
     assert rds.zscore(store.keys.due(shard_of('bad')), 'bad') is None
     assert 'saga bad: the sweep cannot process it' in caplog.text
     # nothing recorded was lost: the record is still there to repair
-    assert rds.hget(store.keys.saga('bad'), 'p0') == '{"index": 0, "trunc'
+    assert rds.hget(store.keys.saga('bad'), L.spec(0)) == '{"index": 0, "trunc'
     rds.delete(store.keys.bad(shard_of('bad')))
 
 
@@ -351,7 +352,7 @@ def test_a_redis_stall_longer_than_a_lease_is_not_a_dead_worker(
     res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=3.0)).apply_async()
     wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
     store = get_state(celery_app).store
-    wait_for(lambda: rds.hget(store.keys.saga(res.id), 'h1') == '1')  # held
+    wait_for(lambda: rds.hget(store.keys.saga(res.id), L.held(1)) == '1')  # held
     rds.execute_command('CLIENT', 'PAUSE', 1500, 'WRITE')
     assert res.wait(timeout=15) is SagaState.COMPLETED
     assert undone(ledger(rds, celery_app, res.id)) == []
@@ -385,7 +386,7 @@ def test_a_record_with_nothing_in_flight_is_quarantined(celery_app, rds):
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), None, False)],
                              [(TaskRef('t.do', ('b',)), None, False)]])
     store.create('limbo', plan)
-    rds.hset(store.keys.saga('limbo'), 's0', 'D')     # recorded, never advanced
+    rds.hset(store.keys.saga('limbo'), L.step_state(0), 'D')     # recorded, never advanced
     rds.zadd(store.keys.due(shard_of('limbo')), {'limbo': 1})
     recovery = Recovery(celery_app, store.settings)
     try:

@@ -26,6 +26,7 @@ from celery_compensate.recovery import check_persistence
 from celery_compensate.settings import Settings
 from celery_compensate.store import SagaStore
 from celery_compensate.testing import delete_keys, free_port, wait_ping
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import wait_for
@@ -139,9 +140,9 @@ def test_a_tls_store(redis_url, rds, tls_redis):
 
 
 def _forge(store: SagaStore, rds: redis.Redis, sid: str, undo: str) -> None:
-    spec = loads(rds.hget(store.keys.saga(sid), 'p0'))
+    spec = loads(rds.hget(store.keys.saga(sid), L.spec(0)))
     spec['undo']['task'] = undo
-    rds.hset(store.keys.saga(sid), 'p0', dumps(spec))
+    rds.hset(store.keys.saga(sid), L.spec(0), dumps(spec))
 
 
 @pytest.mark.parametrize('undo', ['celery.backend_cleanup', 'evil.not_a_task'])
@@ -171,7 +172,7 @@ def test_nothing_read_back_is_unpickled(celery_app, rds):
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
                                False)]])
     store.create('pickled', plan)
-    rds.hset(store.keys.saga('pickled'), 'p0', pickle.dumps({'task': 'x'}))
+    rds.hset(store.keys.saga('pickled'), L.spec(0), pickle.dumps({'task': 'x'}))
     with pytest.raises(CorruptSagaRecord, match='pickled'):
         store.read('pickled')
 
@@ -207,9 +208,9 @@ def test_a_forged_forward_step_cannot_run_celery_tasks_or_callbacks(
     plan = Plan.from_stages([[(TaskRef('t.do', ('a',)), UndoSpec('t.undo'),
                                False)], [(TaskRef('t.do', ('b',)), None, False)]])
     state.store.create('forged-fwd', plan)
-    spec = loads(rds.hget(state.store.keys.saga('forged-fwd'), 'p1'))
+    spec = loads(rds.hget(state.store.keys.saga('forged-fwd'), L.spec(1)))
     spec['call']['task'] = 'celery.backend_cleanup'
-    rds.hset(state.store.keys.saga('forged-fwd'), 'p1', dumps(spec))
+    rds.hset(state.store.keys.saga('forged-fwd'), L.spec(1), dumps(spec))
     state.coordinator.step_done(TaskIdInfo('forged-fwd', 0, False), 'ra')
     record = state.store.read('forged-fwd')
     assert record.state is SagaState.COMPENSATING      # a's undo is queued
