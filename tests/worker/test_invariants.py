@@ -254,12 +254,11 @@ def test_every_script_touches_one_slot():
 
     from celery_compensate.settings import Settings
     from celery_compensate.store import SHARDS
+    from celery_compensate.store.scripts import COMMANDS, assemble
     store = SagaStore(Settings.from_conf({
         'compensate_redis_url': 'redis://localhost:1/0'}))
-    for name in ('START', 'STEP_DONE', 'STEP_FAILED', 'UNDO_BEGIN',
-                 'UNDO_RELEASE', 'UNDO_DONE', 'UNDO_FAILED', 'RENEW',
-                 'RECOVER', 'ABORT', 'RETRY', 'SCAN'):
-        script = getattr(SagaStore, name)
+    for name in COMMANDS:
+        script = assemble(name).text
         # every key a script names comes from KEYS (checked below)
         assert 'KEYS[6]' not in script and 'KEYS[1]' in script, name
     shards = set()
