@@ -3,8 +3,9 @@ with Redis.
 
 Each command is one file, ``lua/<name>.lua``, whose header lists its KEYS,
 ARGV, replies and transitions.  A line ``--- @include "includes/<helper>"``
-pulls in a helper file (its own includes first, each file once per
-command), so a command carries only the helpers it uses.  The assembled
+is replaced by that helper file (whose own includes are replaced the same
+way; each file once per command, where it is first included), so a command
+carries only the helpers it uses.  The assembled
 text is registered with redis-py's ``register_script``, which falls back
 to ``EVAL`` when Redis answers ``NOSCRIPT`` (after a restart).
 
@@ -85,17 +86,16 @@ def assemble(name: str) -> Source:
             return
         done.add(path)
         base = path.rpartition('/')[0]
-        body: list[tuple[str, int]] = []
         for number, line in enumerate(_read(path).splitlines(), 1):
             m = _INCLUDE.match(line)
             if m:
+                # in place: a command may run its common case before it
+                # pulls in (and Lua defines) what only the rare cases need
                 target = f'{base}/{m.group(1)}' if base else m.group(1)
                 add(f'{target}.lua', (*stack, path))
             else:
-                body.append((line, number))
-        for line, number in body:
-            text.append(line)
-            lines.append((path, number))
+                text.append(line)
+                lines.append((path, number))
 
     add(f'{name}.lua', ())
     return Source(name, '\n'.join(text) + '\n', tuple(lines))
