@@ -8,7 +8,6 @@ STAMP  := $(VENV)/.installed-stamp
 # no cache: it would be a directory at the top level, and the graph takes
 # a fraction of a second to build
 LINT_IMPORTS := $(VENV)/bin/lint-imports --no-cache --no-logo
-LUA_DIR := celery_compensate/store/lua
 
 .PHONY: install test lint demo flower chaos bench clean
 
@@ -30,7 +29,8 @@ test: $(STAMP)
 # Redis receives it (a file alone uses helpers its includes define)
 lint: $(STAMP)
 	$(LINT_IMPORTS)
-	if [ -d $(LUA_DIR) ]; then $(PY) -m celery_compensate.store lint; fi
+	$(PY) -m celery_compensate.store lint
+	luacheck --config celery_compensate/store/.luacheckrc --formatter plain tests/tools/lua
 
 # a worker, seven orders (two complete, five fail at different steps and
 # are undone), their trails and the books; REDIS_URL to use your Redis
