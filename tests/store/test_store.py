@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from celery_compensate import SagaState
+from celery_compensate import CorruptSagaRecord, SagaState
 from celery_compensate.appstate import get_state
 from celery_compensate.model import Plan, TaskRef, UndoSpec
 from celery_compensate.store import Reply, SagaStore, shard_of
@@ -318,3 +318,31 @@ def test_a_stage_of_thousands_of_steps_is_recorded_and_dispatched(celery_app,
     assert out.status == 'next'
     assert out.results == list(range(len(names)))
     assert [s.index for s in out.forward] == [len(names)]
+
+
+def test_a_resent_stage_completion_dispatches_the_next_stage_afresh(
+        celery_app, rds):
+    """A resent completion that dispatched the next stage (its reply was
+    lost) dispatches it again: queued leases, held marks dropped, and the
+    results as recorded."""
+    store = make(celery_app, [['a'], ['b']])
+    first = store.step_done('s', 0, '"ra"', token='tok-1')
+    assert store.renew([('s', 1, None)]) == 1
+    assert rds.hget(store.keys.saga('s'), L.held(1)) == '1'
+    resent = store.step_done('s', 0, '"other"', token='tok-1')
+    assert first.status == resent.status == Reply.NEXT
+    assert resent.results == ['ra']            # read from the record
+    assert rds.hget(store.keys.saga('s'), L.held(1)) is None
+
+
+def test_a_record_without_its_next_stage_keeps_the_step_and_is_corrupt(
+        celery_app, rds):
+    store = make(celery_app, [['a'], ['b']])
+    rds.hdel(store.keys.saga('s'), L.members(1))
+    with pytest.raises(CorruptSagaRecord, match='stage 1 .* has no steps'):
+        store.step_done('s', 0, '"ra"', token='tok-1')
+    # the completion is recorded (its effect happened): a resend finds it
+    assert rds.hget(store.keys.saga('s'), L.step_state(0)) == 'D'
+    assert rds.hget(store.keys.saga('s'), L.settle_token(0)) == 'tok-1'
+    assert store.step_done('s', 0, '"ra"',
+                           token='tok-1').status == Reply.REPLAYED

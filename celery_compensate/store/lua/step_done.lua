@@ -41,10 +41,18 @@ local g = k and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
 -- (its leases start now: each may wait qt plus its countdown in the
 -- broker) and hand it, with stage k's results, to the caller to publish.
 -- ``set`` holds the field-value pairs still to be written (this step's
--- record): everything goes out in one HSET.  A stage never dispatched has
--- no h<j> (RENEW requires s<j> = R), so none is deleted.
-local function next_stage(set)
+-- record, in the common case): everything goes out in one HSET.  ``again``:
+-- a resent call dispatches the stage once more, so its steps' held marks
+-- go (a stage dispatched for the first time has none: RENEW requires
+-- s<j> = R), and every result is read from the record.
+local function next_stage(set, again)
   local nk = k + 1
+  if nk < ns and not g[3] then
+    -- the step's own record is kept: a resent call finds it
+    if #set > 0 then redis.call('HSET', h, unpack(set)) end
+    return redis.error_reply('CORRUPT stage ' .. nk .. ' of the saga record '
+                             .. 'has no steps')
+  end
   set[#set + 1] = 'dn' .. k; set[#set + 1] = token
   if nk >= ns then
     if st ~= 'COMPLETED' then
@@ -54,17 +62,14 @@ local function next_stage(set)
     end
     return {'completed', 'RUNNING', 'COMPLETED'}
   end
-  if not g[3] then
-    return redis.error_reply('CORRUPT stage ' .. nk .. ' of the saga record '
-                             .. 'has no steps')
-  end
-  local want, steps = {}, {}
+  local want, steps, held = {}, {}, {}
   for j in string.gmatch(g[1], '%d+') do want[#want + 1] = 'r' .. j end
   local nres = #want
   for j in string.gmatch(g[3], '%d+') do
     steps[#steps + 1] = j
     want[#want + 1] = 'c' .. j
     want[#want + 1] = 'p' .. j
+    held[#held + 1] = 'h' .. j
   end
   local v = many('HMGET', want)
   local results = {}
@@ -72,7 +77,7 @@ local function next_stage(set)
   for j in string.gmatch(g[1], '%d+') do
     n = n + 1
     -- this step's result may still be in ``set``
-    results[n] = (j == i and ARGV[5]) or v[n] or 'null'
+    results[n] = (not again and j == i and ARGV[5]) or v[n] or 'null'
   end
   local t, best, nxt = clock(), nil, {}
   set[#set + 1] = 'cur'; set[#set + 1] = nk
@@ -85,6 +90,7 @@ local function next_stage(set)
     if best == nil or d < best then best = d end
   end
   many('HSET', set)
+  if again then many('HDEL', held) end
   -- a running saga has nothing else in flight: its deadline is this stage's
   redis.call('ZADD', idx, string.format('%.3f', best), id)
   return {'next', 'RUNNING', 'RUNNING', results, nxt}
@@ -97,7 +103,7 @@ local set = {'s' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now, 'tk' .. i, token}
 if st == 'RUNNING' and s == 'R' and g and g[1] and g[2] == '1' and f[4]
     and f[5] then
   set[#set + 1] = 'w' .. k; set[#set + 1] = 0
-  return next_stage(set)
+  return next_stage(set, false)
 end
 
 --- @include "includes/fields"
@@ -117,7 +123,7 @@ end
 if s == 'D' then
   if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
   if hget('dn' .. k) == token and (st == 'RUNNING' or st == 'COMPLETED') then
-    return next_stage({})
+    return next_stage({}, true)
   end
   return replay('replayed', st)
 end
@@ -126,18 +132,14 @@ if s == 'P' and st == 'RUNNING' then
   -- forged): recording it would dispatch the stage after it early
   return {'not-dispatched', st, st}
 end
+redis.call('HSET', h, unpack(set))
 local left = tonumber(g[2] or '0')
-if s == 'R' then
-  left = left - 1
-  set[#set + 1] = 'w' .. k; set[#set + 1] = left
-end
+if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
-  if left <= 0 then return next_stage(set) end
-  redis.call('HSET', h, unpack(set))
+  if left <= 0 then return next_stage({}, false) end
   rescore()
   return {'recorded', st, st}
 end
-redis.call('HSET', h, unpack(set))
 -- A late completer: compensation began while this step was running, or
 -- the step had been given up (lost, aborted) and ran after all.
 local out = {}
