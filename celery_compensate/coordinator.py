@@ -17,9 +17,7 @@ from . import signals
 from .exceptions import (
     ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
 )
-from .messages import (
-    DEADLINE, IDEMPOTENCY_KEY, identity, label_kwargs,
-)
+from .messages import DEADLINE, IDEMPOTENCY_KEY, identity, label_kwargs
 from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
     step_task_id, undo_delay, undo_task_id,

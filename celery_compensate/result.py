@@ -8,8 +8,8 @@ from celery import current_app
 
 from celery.utils.log import get_logger
 
-from .exceptions import SagaNotFound, SagaTimeoutError
 from .appstate import get_state
+from .exceptions import SagaNotFound, SagaTimeoutError
 from .model import FINAL_STATES, SagaState, validate_saga_id
 from .store import Reply
 

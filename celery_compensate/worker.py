@@ -28,10 +28,10 @@ from celery.app.task import Task as BaseTask
 from celery.utils.objects import mro_lookup
 from celery.utils.log import get_logger
 
-from .exceptions import ResultNotSerializable, SagaStoreUnavailable
-from .model import StepState, TaskIdInfo, parse_task_id
 from .appstate import find_state
+from .exceptions import ResultNotSerializable, SagaStoreUnavailable
 from .messages import DEADLINE
+from .model import StepState, TaskIdInfo, parse_task_id
 from .store import Reply, new_token
 
 if TYPE_CHECKING:

@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
 
 __all__ = ('COMMANDS', 'Source', 'assemble', 'explain')
 
