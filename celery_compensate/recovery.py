@@ -7,7 +7,8 @@ stay RUNNING (or COMPENSATING) forever.  Every dispatched step and undo has
 a lease in its saga record; a live worker renews the leases of the tasks it
 has reserved or is running, so a lease lapses only when nobody holds the
 task.  The sweep finds lapsed sagas through the deadline index, in
-O(due sagas), and the ``RECOVER`` script decides what each lapse means.
+O(due sagas), and the ``recover`` command (``store/lua/recover.lua``)
+decides what each lapse means.
 """
 from __future__ import annotations
 
