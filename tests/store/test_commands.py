@@ -282,6 +282,25 @@ def plan(undo_flags: dict[int, int]) -> Plan:
     return Plan.from_stages(stages)
 
 
+
+def _spy(store: SagaStore, case: Case,
+         monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every reply as the command sent it, before the store decodes it;
+    with ``case.fixed_token`` every call gets the same token (a resend)."""
+    if case.fixed_token:
+        monkeypatch.setattr(sys.modules[SagaStore.__module__], 'new_token',
+                            lambda: 'tok-resent')
+    raw: list[Any] = []
+    original = store._run
+
+    def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = original(fn, *args, **kwargs)
+        raw.append(reply)
+        return reply
+
+    monkeypatch.setattr(store, '_run', spy)
+    return raw
+
 def run_case(case: Case, celery_app: Any, rds: Any,
              monkeypatch: pytest.MonkeyPatch) -> Any:
     store = get_state(celery_app).store
@@ -317,19 +336,7 @@ def run_case(case: Case, celery_app: Any, rds: Any,
             rds.expire(key, values[TTL])
     elif case.seed.get(ENDS):
         rds.zadd(keys.ends(shard), {SID: 1})     # an expired earlier saga
-    if case.fixed_token:
-        module = sys.modules[SagaStore.__module__]
-        monkeypatch.setattr(module, 'new_token', lambda: 'tok-resent')
-    # every reply as the command sent it, before the store decodes it
-    raw: list[Any] = []
-    original = store._run
-
-    def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        reply = original(fn, *args, **kwargs)
-        raw.append(reply)
-        return reply
-
-    monkeypatch.setattr(store, '_run', spy)
+    raw = _spy(store, case, monkeypatch)
     before = rds.hgetall(key)
     sec, usec = rds.time()
     now = sec + usec / 1e6
@@ -1179,18 +1186,7 @@ def run_case_start(case: Case, celery_app: Any, rds: Any,
     shard = L.shard_of(SID)
     if case.seed.get(ENDS):
         rds.zadd(store.keys.ends(shard), {SID: 1})
-    if case.fixed_token:
-        monkeypatch.setattr(sys.modules[SagaStore.__module__], 'new_token',
-                            lambda: 'tok-resent')
-    raw: list[Any] = []
-    original = store._run
-
-    def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        reply = original(fn, *args, **kwargs)
-        raw.append(reply)
-        return reply
-
-    monkeypatch.setattr(store, '_run', spy)
+    raw = _spy(store, case, monkeypatch)
     sec, usec = rds.time()
     now = sec + usec / 1e6
     result = case.call(store, SID)
