@@ -54,6 +54,20 @@ def _min_lease(heartbeat: float, sweep: float) -> float:
     return 2 * heartbeat + 2 * sweep
 
 
+#: the longest heartbeat and sweep interval derived from the step timeout
+_INTERVAL = 10.0
+
+
+def _derived_interval(step_timeout: Any) -> float:
+    """The heartbeat and sweep interval when they are not set: 10 s, or
+    a sixth of ``compensate_step_timeout`` when that is shorter, so that a
+    lease of ``t`` seconds is at least 2 heartbeats + 2 sweeps (``2t/3``)
+    and a lost step is found within ``t`` + ``t/6`` seconds."""
+    if _is_number(step_timeout) and step_timeout > 0:
+        return min(_INTERVAL, float(step_timeout) / 6)
+    return _INTERVAL   # the step timeout's own check reports it
+
+
 def _literal(value: Any) -> str:
     """A default as a Python literal (strings double-quoted)."""
     return json.dumps(value) if isinstance(value, str) else repr(value)
@@ -278,14 +292,19 @@ class Settings:
         _number('a number of seconds >= 0', lambda value: value >= 0),
         doc='seconds a worker keeps resending the record of a completed step '
             'or undo while the store is unreachable')
+    # None: derived from compensate_step_timeout (see _derived_interval)
     heartbeat_interval = Option(
-        'compensate_heartbeat_interval', 10.0,
+        'compensate_heartbeat_interval', None,
         _number('a positive number of seconds', lambda value: value > 0),
+        shown_default='`10.0`, or `compensate_step_timeout` / 6 when that is '
+                      'shorter',
         doc='how often each worker renews the leases of the saga tasks it '
             'holds')
     recovery_interval = Option(
-        'compensate_recovery_interval', 10.0,
+        'compensate_recovery_interval', None,
         _number('a positive number of seconds', lambda value: value > 0),
+        shown_default='`10.0`, or `compensate_step_timeout` / 6 when that is '
+                      'shorter',
         doc='how often the sweep runs (one worker at a time)')
     # the two leases: at least min_lease, checked by _check_bounds
     step_timeout = Option(
@@ -375,6 +394,9 @@ class Settings:
         for option in cls.options():
             if option.name not in values:
                 value = option.lookup(conf)
+                if value is None and option in (cls.heartbeat_interval,
+                                                cls.recovery_interval):
+                    value = _derived_interval(cls.step_timeout.lookup(conf))
                 cls._check_bounds(option, value, values)
                 values[option.name] = option.check(option.key, value)
         return cls(**values)

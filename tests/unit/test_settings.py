@@ -41,7 +41,8 @@ def test_default_undo_retry_policy_suits_an_interactive_system():
     ({'broker_url': 'redis://x', 'compensate_undo_queue': 3},
      'compensate_undo_queue'),
     ({'broker_url': 'redis://x', 'compensate_step_timeout': 5,
-      'compensate_heartbeat_interval': 10},
+      'compensate_heartbeat_interval': 10,
+      'compensate_recovery_interval': 10},
      r'compensate_step_timeout must be .* at least 2 x compensate_heartbeat'
      r'_interval \+ 2 x compensate_recovery_interval \(40s\), got 5'),
     ({'broker_url': 'redis://x', 'compensate_heartbeat_interval': 0},
@@ -188,3 +189,26 @@ def test_every_password_is_masked():
     assert sanitize_url('redis://h:1/0') == 'redis://h:1/0'
     sock = 'redis+socket:///tmp/r.sock'
     assert sanitize_url(sock) == sock
+
+
+@pytest.mark.parametrize('step_timeout, interval', [
+    (None, 10.0), (300, 10.0), (60, 10.0), (6, 1.0), (1.2, 0.2)])
+def test_a_step_timeout_alone_gives_a_working_configuration(step_timeout,
+                                                            interval):
+    """The heartbeat and the sweep interval follow a short step timeout
+    (a sixth of it, at most 10 s) unless they are set, so a lease of t
+    seconds is found lapsed within t + t/6."""
+    conf = {'broker_url': 'redis://x'}
+    if step_timeout is not None:
+        conf['compensate_step_timeout'] = step_timeout
+    s = Settings.from_conf(conf)
+    assert s.heartbeat_interval == s.recovery_interval == pytest.approx(
+        interval)
+    assert s.step_timeout >= s.min_lease
+
+
+def test_an_interval_set_explicitly_is_kept():
+    s = Settings.from_conf({'broker_url': 'redis://x',
+                            'compensate_step_timeout': 6,
+                            'compensate_heartbeat_interval': 0.5})
+    assert (s.heartbeat_interval, s.recovery_interval) == (0.5, 1.0)
