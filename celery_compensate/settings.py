@@ -176,8 +176,11 @@ def _queue_name(key: str, value: Any) -> str | None:
 
 
 def _attempts(key: str, value: Any) -> int:
+    # one attempt would give an undo no retry at all: a revoked copy or a
+    # killed worker would end the compensation at once
     _require(isinstance(value, int) and not isinstance(value, bool)
-             and value >= 1, key, 'an integer >= 1', value)
+             and value >= 2, key,
+             'an integer >= 2 (a first attempt and at least one retry)', value)
     return int(value)
 
 
@@ -275,7 +278,7 @@ class Settings:
         'compensate_undo_max_attempts', 6, _attempts,
         doc='attempts per undo before `COMPENSATION_FAILED`')
     undo_retry_backoff = Option(
-        'compensate_undo_retry_backoff', 0.5,
+        'compensate_undo_retry_backoff', 1.0,
         _number('a number of seconds >= 0', lambda value: value >= 0),
         doc='seconds before the 2nd attempt; doubles after each failure')
     undo_retry_backoff_max = Option(

@@ -93,15 +93,17 @@ def test_only_one_copy_of_an_attempt_runs(celery_app, rds):
     assert store.get_state('s') is SagaState.COMPENSATED
 
 
-@pytest.mark.compensate_conf(compensate_undo_max_attempts=1)
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
 def test_budgets_spent_in_parallel_fail_the_saga_once_and_stop_it(
         celery_app, rds):
     store = make(celery_app, [['a'], ['b1', 'b2'], ['c']])
     for i, r in ((0, '"ra"'), (1, '"r1"'), (2, '"r2"')):
         store.step_done('s', i, r)
     store.step_failed('s', 3, 'boom')
-    first = store.undo_failed('s', 1, 1, 'e')
-    second = store.undo_failed('s', 2, 1, 'e')
+    for i in (1, 2):      # the first attempts fail: each is retried
+        assert store.undo_failed('s', i, 1, 'e').status == 'retry'
+    first = store.undo_failed('s', 1, 2, 'e')
+    second = store.undo_failed('s', 2, 2, 'e')
     assert (first.old_state, first.new_state) == (
         SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED)
     assert second.old_state is SagaState.COMPENSATION_FAILED  # no new transition

@@ -21,7 +21,7 @@ def test_default_undo_retry_policy_suits_an_interactive_system():
     delays = [undo_delay(a, s.undo_retry_backoff, s.undo_retry_backoff_max)
               for a in range(1, s.undo_max_attempts)]
     assert s.undo_max_attempts >= 5
-    assert delays[0] <= 1.0                        # first retry within ~1 s
+    assert 1.0 <= delays[0] <= 2.0                 # first retry after ~1 s
     assert delays[1] == 2 * delays[0]              # doubling
     assert undo_delay(50, s.undo_retry_backoff,
                       s.undo_retry_backoff_max) == s.undo_retry_backoff_max
@@ -34,6 +34,9 @@ def test_default_undo_retry_policy_suits_an_interactive_system():
      'compensate_key_prefix'),
     ({'broker_url': 'redis://x', 'compensate_undo_max_attempts': 0},
      'compensate_undo_max_attempts'),
+    ({'broker_url': 'redis://x', 'compensate_undo_max_attempts': 1},
+     r'compensate_undo_max_attempts must be an integer >= 2 \(a first '
+     r'attempt and at least one retry\), got 1'),
     ({'broker_url': 'redis://x', 'compensate_undo_retry_backoff': '1'},
      'compensate_undo_retry_backoff must'),
     ({'broker_url': 'redis://x', 'compensate_result_expires': -1},
