@@ -255,7 +255,8 @@ class Coordinator:
                            saga_id, index)
         for due in outcome.undos:
             logger.info('saga %s: the sweep sends attempt %d of the undo of '
-                        'step %d', saga_id, due.attempt, due.step.index)
+                        'step %d%s', saga_id, due.attempt, due.step.index,
+                        f' in {due.countdown:.2f}s' if due.countdown else '')
         first = outcome.stopped[0] if outcome.stopped else None
         self.apply(saga_id, outcome, step=first,
                    reason='lost: no live worker renewed its lease')
@@ -320,7 +321,7 @@ class Coordinator:
             self.publish_next_stage(saga_id, outcome)
         # undos first: logging and signal receivers must not delay them
         for due in outcome.undos:
-            self._publish_undo_or_log(saga_id, due)
+            self._publish_undo_or_log(saga_id, due, due.countdown or None)
         if new is not old:
             self._transition(saga_id, old, new, step, reason)
 

@@ -19,7 +19,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 for name in ('step_timeout', 'queue_timeout', 'heartbeat_interval',
-             'recovery_interval'):
+             'recovery_interval', 'undo_retry_backoff',
+             'undo_retry_backoff_max'):
     value = os.environ.get(f'COMPENSATE_TEST_{name.upper()}')
     if value:
         app.conf[f'compensate_{name}'] = float(value)

@@ -43,6 +43,8 @@ class UndoDue:
     result: Any
     prev: list[Any]         #: results of the stage before the step's
     attempt: int
+    #: seconds to wait before it is sent (the backoff after a lost attempt)
+    countdown: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,8 @@ class SagaStore:
         """Act on the lapsed leases of one saga (``lua/recover.lua``)."""
         return self._decoded(saga_id, self._change(
             'recover', saga_id, None, saga_id,
-            self.settings.undo_max_attempts))
+            self.settings.undo_max_attempts, self.settings.undo_retry_backoff,
+            self.settings.undo_retry_backoff_max))
 
     def quarantine(self, saga_id: str) -> None:
         """Take a saga the sweep cannot process out of the deadline index
@@ -467,11 +470,11 @@ class SagaStore:
             forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
                        if len(reply) > 4 else [])
             undos = []
-            for _, spec, result, prev, attempt in (reply[5] if len(reply) > 5
-                                                   else ()):
+            for _, spec, result, prev, attempt, countdown in (
+                    reply[5] if len(reply) > 5 else ()):
                 undos.append(UndoDue(StepSpec.from_dict(loads(spec)),
                                      loads(result), [loads(r) for r in prev],
-                                     int(attempt)))
+                                     int(attempt), float(countdown)))
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptSagaRecord(
                 f'a saga record holds a step that cannot be decoded: {exc!r}'

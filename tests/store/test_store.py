@@ -348,3 +348,25 @@ def test_a_record_without_its_next_stage_keeps_the_step_and_is_corrupt(
     assert rds.hget(store.keys.saga('s'), L.settle_token(0)) == 'tok-1'
     assert store.step_done('s', 0, '"ra"',
                            token='tok-1').status == Reply.REPLAYED
+
+
+@pytest.mark.compensate_conf(compensate_undo_retry_backoff=5.0,
+                             compensate_undo_retry_backoff_max=30.0)
+def test_a_lost_attempt_gets_the_backoff_of_a_failed_one(celery_app, rds):
+    """The sweep counts a running attempt whose worker died as failed: the
+    next one is sent after the same backoff (5 s after attempt 1, 10 s
+    after attempt 2), its lease starting after it."""
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"')
+    store.step_failed('s', 1, 'boom')
+    key = store.keys.saga('s')
+    for attempt, delay in ((1, 5.0), (2, 10.0)):
+        assert store.undo_begin('s', 0, attempt, f'b{attempt}') == 'run'
+        rds.hset(key, L.deadline(0), 0)            # its worker is gone
+        out = store.recover('s')
+        [due] = out.undos
+        assert (due.attempt, due.countdown) == (attempt + 1, delay)
+        sec, usec = rds.time()
+        lease = float(rds.hget(key, L.deadline(0))) - (sec + usec / 1e6)
+        qt = store.settings.queue_timeout
+        assert qt + delay - 1 < lease <= qt + delay + 0.01   # rounded to ms

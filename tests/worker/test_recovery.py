@@ -11,6 +11,7 @@ import logging
 import signal
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,18 +40,16 @@ LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
 
 # -- whole workers killed ---------------------------------------------------
 
-@pytest.fixture
-def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
-                                              Callable[..., WorkerProcess]]]:
-    """A producer app and a factory of prefork workers on its queue."""
+@contextmanager
+def _cluster(redis_url: str, **conf: float) -> Iterator[
+        tuple[Celery, redis.Redis, Callable[..., WorkerProcess]]]:
+    """A producer app and a factory of prefork workers on its queue, all
+    with the ``compensate_*`` settings ``conf`` (``step_timeout`` ...)."""
     prefix = f'cctest-rc-{uuid.uuid4().hex[:8]}'
     app = Celery('rc-producer', broker=redis_url, set_as_current=False)
     app.conf.update(compensate_key_prefix=prefix,
                     task_default_queue=f'{prefix}-q',
-                    compensate_step_timeout=LEASE,
-                    compensate_queue_timeout=2 * LEASE,
-                    compensate_heartbeat_interval=HEARTBEAT,
-                    compensate_recovery_interval=SWEEP)
+                    **{f'compensate_{k}': v for k, v in conf.items()})
     install(app)
     workers: list[WorkerProcess] = []
 
@@ -59,9 +58,8 @@ def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
             'COMPENSATE_TEST_BROKER': redis_url,
             'COMPENSATE_TEST_PREFIX': prefix,
             'COMPENSATE_TEST_QUEUE': f'{prefix}-q',
-            'COMPENSATE_TEST_STEP_TIMEOUT': str(LEASE),
-            'COMPENSATE_TEST_HEARTBEAT_INTERVAL': str(HEARTBEAT),
-            'COMPENSATE_TEST_RECOVERY_INTERVAL': str(SWEEP),
+            **{f'COMPENSATE_TEST_{k.upper()}': str(v)
+               for k, v in conf.items()},
         }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q', *args, name=name,
             cwd=ROOT)
         workers.append(worker)
@@ -76,6 +74,16 @@ def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
         delete_keys(rds, f'{prefix}*')
         rds.close()
         app.close()
+
+
+@pytest.fixture
+def cluster(redis_url: str) -> Iterator[tuple[Celery, redis.Redis,
+                                              Callable[..., WorkerProcess]]]:
+    """A producer app and a factory of prefork workers on its queue."""
+    with _cluster(redis_url, step_timeout=LEASE, queue_timeout=2 * LEASE,
+                  heartbeat_interval=HEARTBEAT,
+                  recovery_interval=SWEEP) as env:
+        yield env
 
 
 def entries(app: Celery, rds: redis.Redis, saga_id: str) -> list[str]:
@@ -132,6 +140,35 @@ def test_whole_worker_killed_during_an_undo(cluster):
     assert b.undo_state is UndoState.DONE and b.undo_attempts == 2
     idem = rds.hgetall(f'{app.conf.compensate_key_prefix}-t:idem:{res.id}')
     assert idem['b'] == f'{res.id}:1'
+
+
+@pytest.mark.prefork
+def test_an_undo_lost_with_its_worker_is_sent_again_after_the_backoff(
+        redis_url):
+    """A lost attempt counts as failed and gets a failed attempt's backoff
+    (here 3 s), so a worker that keeps dying cannot burn the budget in
+    seconds."""
+    backoff = 3.0
+    with _cluster(redis_url, step_timeout=LEASE, queue_timeout=2 * LEASE,
+                  heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
+                  undo_retry_backoff=backoff,
+                  undo_retry_backoff_max=backoff) as (app, rds, start):
+        first = start('first')
+        res = saga(tasks.do.si('a'), tasks.do.si('b', undo_hang_once=True),
+                   tasks.do.si('c', fail=True), app=app).apply_async()
+        wait_for(lambda: 'undo-start:b' in entries(app, rds, res.id),
+                 timeout=15)
+        first.kill()
+        start('second')
+        key = get_state(app).store.keys.saga(res.id)
+        wait_for(lambda: rds.hget(key, L.attempt(1)) == '2', timeout=15,
+                 interval=0.01)
+        resent = time.monotonic()
+        wait_for(lambda: entries(app, rds, res.id).count('undo-start:b') == 2,
+                 timeout=15, interval=0.01)
+        assert time.monotonic() - resent >= backoff - 0.5
+        assert res.wait(timeout=20) is SagaState.COMPENSATED
+        assert undone(entries(app, rds, res.id)) == ['b', 'a']
 
 
 @pytest.mark.prefork

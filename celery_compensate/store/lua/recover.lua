@@ -8,7 +8,8 @@
 --- where it stopped.
 ---
 --- KEYS[1-5] saga hash, :due, :live, :ends, :sagas (see includes/saga.lua)
---- ARGV[1-3] token, now, ttl; ARGV[4] saga id; ARGV[5] max undo attempts
+--- ARGV[1-3] token, now, ttl; ARGV[4] saga id; ARGV[5] max undo attempts;
+---   ARGV[6], ARGV[7] the undo retry backoff and its cap (seconds)
 ---
 --- Replies {status, old state, new state, {}, {}, undos to publish,
 --- forward steps given up}:
@@ -19,8 +20,9 @@
 ---   missing    no such saga: its index entries are dropped
 ---
 --- Transitions: step R -> F (lost; saga RUNNING -> COMPENSATING); undo
---- Q/W re-sent (queued lease); undo R -> W (a + 1) or -> F with saga ->
---- COMPENSATION_FAILED; then as step_failed (open the stage, walk down).
+--- Q/W re-sent (queued lease); undo R -> W (a + 1, sent after the backoff
+--- a failed attempt gets) or -> F with saga -> COMPENSATION_FAILED; then
+--- as step_failed (open the stage, walk down).
 
 --- @include "includes/saga"
 --- @include "includes/fields"
@@ -83,9 +85,13 @@ for _, i in ipairs(candidates) do
         redis.call('HSET', h, 'x' .. i, 'F', 'state',
                    'COMPENSATION_FAILED', 'ended', now, 'cf', token)
       else
+        -- the backoff of a failed attempt (model.undo_delay): a worker
+        -- that keeps dying must not burn the budget in seconds
+        local delay = math.min(tonumber(ARGV[7]),
+                               tonumber(ARGV[6]) * 2 ^ math.max(0, a - 1))
         redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
-        wait_lease(i, 0)
-        out[#out + 1] = describe(i, a + 1)
+        wait_lease(i, delay)
+        out[#out + 1] = describe(i, a + 1, delay)
       end
     end
   end

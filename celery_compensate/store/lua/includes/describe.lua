@@ -4,8 +4,8 @@
 --- Describe an undo attempt of step i for the caller to publish: with the
 --- results of the stage before, which the step was called with.
 --- Returns {index, spec JSON, result JSON, {results of the stage before},
---- attempt}.
-local function describe(i, attempt)
+--- attempt, seconds to wait before sending it (as a string)}.
+local function describe(i, attempt, countdown)
   local prev, k = {}, num('k' .. i)
   if k > 0 then
     for j in string.gmatch(hget('g' .. (k - 1)), '%d+') do
@@ -13,5 +13,5 @@ local function describe(i, attempt)
     end
   end
   return {tonumber(i), hget('p' .. i), hget('r' .. i) or 'null', prev,
-          attempt}
+          attempt, tostring(countdown or 0)}
 end
