@@ -346,3 +346,19 @@ def test_undo_retried_by_celery_itself_completes(celery_app, celery_worker, rds)
     entries = ledger(rds, celery_app, res.id)
     assert entries.count('undo-start:a:0') == 1 and "undo:a:'res-a'" in entries
     assert res.steps[0].undo_attempts == 1
+
+
+def test_a_stale_failure_of_a_stage_never_dispatched_changes_nothing(
+        celery_app, celery_worker, rds):
+    """A message with the task id of a later stage's step (stale, or
+    forged) that fails on a worker must not compensate a healthy saga: the
+    failure is refused like such a completion, and the saga completes."""
+    res = saga(tasks.do.si('a', sleep=1.0), tasks.do.si('b'),
+               tasks.do.si('c')).apply_async()
+    wait_for(lambda: 'start:a' in ledger(rds, celery_app, res.id))
+    stale = celery_app.send_task('t.do', args=('c-stale',),
+                                 kwargs={'fail': True},
+                                 task_id=f'{res.id}.s2')
+    wait_for(lambda: stale.state == 'FAILURE', timeout=10)
+    assert res.wait(timeout=15) is SagaState.COMPLETED
+    assert undone(ledger(rds, celery_app, res.id)) == []

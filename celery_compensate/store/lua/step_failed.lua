@@ -12,11 +12,13 @@
 ---   replayed        this call was resent after its reply was lost
 ---   duplicate       another call recorded this failure already
 ---   completed-step  the step is recorded done: the failure is ignored
+---   not-dispatched  its stage was never dispatched (a stale or forged
+---                   message): nothing changed
 ---   unknown-step    the saga has no such step
 ---   missing         no such saga
 ---   error CORRUPT   the record lacks the step's stage, spec or counters
 ---
---- Transitions: step P/R -> F; saga RUNNING -> COMPENSATING (claimed, with
+--- Transitions: step R -> F; saga RUNNING -> COMPENSATING (claimed, with
 --- ``reason`` and ``failed``); the stage under compensation is opened
 --- (undos of its completed members and compensate_on_failure ones due);
 --- settled stages are walked down, possibly COMPENSATING -> COMPENSATED.
@@ -36,6 +38,9 @@ local i = ARGV[4]
 local s = hget('s' .. i)
 if not s then return {'unknown-step', st, st} end
 if s == 'D' then return {'completed-step', st, st} end
+-- a message of a stage never dispatched cannot have failed for the saga:
+-- claiming would compensate a healthy saga (step_done refuses it too)
+if s == 'P' then return {'not-dispatched', st, st} end
 if s == 'F' then
   if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
   return replay('replayed', st, 'claim', 'RUNNING')
