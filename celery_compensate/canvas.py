@@ -18,7 +18,9 @@ from kombu.utils.json import dumps
 from . import signals
 from .exceptions import InvalidSaga
 from .appstate import get_state
-from .model import TASK_OPTIONS, Plan, TaskRef, UndoSpec, validate_saga_id
+from .model import (
+    TASK_OPTIONS, Plan, StepSpec, TaskRef, UndoSpec, validate_saga_id,
+)
 from .result import SagaResult
 
 if TYPE_CHECKING:
@@ -84,21 +86,25 @@ class Saga:
         self.stages = _stages(self.steps)
         if not self.stages:
             raise InvalidSaga('a saga needs at least one step')
-        # validate now: bad input must fail before anything is stored
-        self._plan, self._specs = self.plan_for()
+        # validate now: bad input must fail before anything is stored (the
+        # undos of the first stage's mutable steps are checked when the
+        # saga starts: apply_async may still give those steps arguments)
+        self._plan, self._specs = self.plan_for(final=False)
 
     def __repr__(self) -> str:
         return f'<Saga: {len(self.stages)} stages>'
 
     def plan_for(self, args: Sequence[Any] = (),
                  kwargs: Mapping[str, Any] | None = None,
-                 options: Mapping[str, Any] | None = None
-                 ) -> tuple[Plan, list[str]]:
+                 options: Mapping[str, Any] | None = None,
+                 final: bool = True) -> tuple[Plan, list[str]]:
         """Freeze the steps into a plan, checked and encoded for the store.
 
         Like ``chain.apply_async(args, kwargs)``, ``args`` are prepended to
         and ``kwargs`` merged into the first stage's mutable steps; the
-        publishing ``options`` are defaults for every step.
+        publishing ``options`` are defaults for every step.  ``final``:
+        the first stage's arguments are complete, so its undos' calls are
+        checked too.
 
         Returns:
             tuple: the plan, and each step's spec as stored (JSON).
@@ -121,6 +127,8 @@ class Saga:
             if step.undo is not None:
                 self._check_serializable(step.undo,
                                          f'the undo of {step.describe()}')
+                if final or not _gets_saga_args(step):
+                    self._check_undo_call(step)
             try:
                 specs.append(dumps(step.to_dict()))
             except (TypeError, ValueError) as exc:
@@ -220,6 +228,34 @@ class Saga:
         _check_options(spec.options, f'the undo of {where} ({name})')
         return spec
 
+    def _check_undo_call(self, step: StepSpec) -> None:
+        """The undo must accept the call it will get, checked as Celery
+        checks it at publish (``Task.typing``), so a mismatch fails here and
+        not when the undo is needed.
+
+        Raises:
+            InvalidSaga: naming the undo, the step and the call.
+        """
+        assert step.undo is not None
+        task = self.app.tasks[step.undo.name]
+        check = getattr(task, '__header__', None)
+        if check is None or not getattr(task, 'typing', True):
+            return
+        # the result, and a previous stage's result, are not known yet
+        args, kwargs = step.undo.call_args(None, *step.called_with([None]))
+        try:
+            check(*args, **kwargs)
+        except TypeError as exc:
+            shape = ('its own arguments only (.si)' if step.undo.immutable
+                     else '(result, *args, **kwargs): the step\'s result, '
+                          'then the step\'s own arguments and keyword '
+                          'arguments, then its own')
+            raise InvalidSaga(
+                f'{step.describe()}: its undo {task.name!r} cannot take the '
+                f'call it gets, {task.name}('
+                f'{_call_repr(args, kwargs, not step.undo.immutable)}), '
+                f'which is {shape}: {exc}') from None
+
     def _check_serializable(self, ref: TaskRef, where: str) -> None:
         """The task's own serializer must encode the arguments too (JSON
         is checked by encoding the spec)."""
@@ -266,9 +302,13 @@ class Saga:
             saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
-        plan, specs = (self.plan_for(tuple(args or ()), kwargs, options)
-                       if args or kwargs or options
-                       else (self._plan, self._specs))
+        if args or kwargs or options:
+            plan, specs = self.plan_for(tuple(args or ()), kwargs, options)
+        else:
+            plan, specs = self._plan, self._specs
+            for step in plan.stages[0]:
+                if step.undo is not None and _gets_saga_args(step):
+                    self._check_undo_call(step)
         if not state.store.create(saga_id, plan, specs):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
         state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
@@ -281,6 +321,20 @@ class Saga:
     def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
         """Shortcut for ``apply_async(args, kwargs)``."""
         return self.apply_async(args, kwargs)
+
+
+def _gets_saga_args(step: StepSpec) -> bool:
+    """Whether ``apply_async(args, kwargs)`` adds to the step's call."""
+    return step.stage == 0 and not step.call.immutable
+
+
+def _call_repr(args: Sequence[Any], kwargs: Mapping[str, Any],
+               result_first: bool) -> str:
+    """``<result>, 'a', 40, currency='EUR'`` for an error message."""
+    shown = ['<result>' if n == 0 and result_first else repr(value)
+             for n, value in enumerate(args)]
+    shown += [f'{k}={v!r}' for k, v in kwargs.items()]
+    return ', '.join(shown)
 
 
 def _delay(options: Mapping[str, Any]) -> float:

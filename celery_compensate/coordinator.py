@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 from celery.utils.log import get_logger
+from kombu.exceptions import EncodeError
 from kombu.utils.json import dumps
 
 from . import signals
@@ -327,15 +328,22 @@ class Coordinator:
 
     def _publish_undo_or_log(self, saga_id: str, due: UndoDue,
                              countdown: float | None = None) -> None:
-        # Celery already retried the publish (task_publish_retry): the
-        # broker is down.  Spending attempts now would burn the whole
-        # budget in milliseconds, so the undo stays queued in the record
-        # and the sweep sends it again when its lease lapses.
         try:
             self.publish_undo(saga_id, due, countdown=countdown)
         except TaskRefused as exc:
             self._refuse(saga_id, due, str(exc))
+        except _NEVER_SENT as exc:
+            # Celery's argument check (the undo's signature changed since
+            # the saga started) or the serializer refused it: no later
+            # attempt can do better
+            self._refuse(saga_id, due, (
+                f'saga {saga_id}: attempt {due.attempt} of the undo of '
+                f'{due.step.describe()} cannot be sent: {_describe(exc)}'))
         except Exception:  # noqa: BLE001
+            # Celery already retried the publish (task_publish_retry): the
+            # broker is down.  Spending attempts now would burn the whole
+            # budget in milliseconds, so the undo stays queued in the
+            # record and the sweep sends it again when its lease lapses.
             logger.exception(
                 'saga %s: could not publish attempt %d of the undo of step '
                 '%d; it stays queued in the saga record', saga_id,
@@ -421,6 +429,10 @@ class Coordinator:
                 logger.info('saga %s: COMPENSATED', saga_id)
             signals.saga_compensated.send(**send)
 
+
+#: Publishing errors no later attempt can escape: Celery's argument check
+#: (``Task.typing``) and the serializer.
+_NEVER_SENT = (TypeError, EncodeError)
 
 #: Replies that mean a notification about a step is ignored, and why.
 _IGNORED = {

@@ -103,6 +103,17 @@ def do(self: Task, name: str, fail: bool = False, sleep: float = 0.0,
     return f'res-{name}'
 
 
+@shared_task(name='t.narrow_undo')
+def narrow_undo(result: Any) -> None:
+    """An undo that takes the step's result only: it cannot undo a step
+    that has arguments."""
+
+
+@shared_task(bind=True, name='t.do_narrow', compensate_with='t.narrow_undo')
+def do_narrow(self: Task, name: str) -> str:
+    return f'res-{name}'
+
+
 @shared_task(bind=True, name='t.chained', compensate_with='t.undo')
 def chained(self: Task, prev: Any, name: str, fail: bool = False) -> Any:
     """A step that takes the previous step's result first, like a chain."""

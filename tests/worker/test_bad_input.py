@@ -29,6 +29,29 @@ def test_unregistered_undo_names_undo_and_step(celery_app):
         saga(tasks.plain.si('a').set(compensate_with='no.such.undo'))
 
 
+def test_an_undo_that_cannot_take_its_call_fails_at_saga(celery_app):
+    """Celery's own argument check, applied when the saga is built: the
+    error names the step, the undo and the call it would get."""
+    with pytest.raises(InvalidSaga, match=(
+            r"step 0 \(t.do_narrow\): its undo 't.narrow_undo' cannot take "
+            r"the call it gets, t.narrow_undo\(<result>, 'a'\), which is "
+            r"\(result, \*args, \*\*kwargs\)")):
+        saga(tasks.do_narrow.si('a')).apply_async()
+    # an undo with its own arguments only (.si) is checked with them
+    with pytest.raises(InvalidSaga, match=r"t.narrow_undo\(1, 2\)"):
+        saga(tasks.do_narrow.si('a').set(
+            compensate_with=tasks.narrow_undo.si(1, 2))).apply_async()
+    saga(tasks.do_narrow.si('a').set(
+        compensate_with=tasks.narrow_undo.si(None)))   # fits
+    # a first step given its arguments at apply_async is checked then,
+    # before anything is stored or published
+    partial = saga(tasks.do_narrow.s())
+    with pytest.raises(InvalidSaga, match=r"t.narrow_undo\(<result>, 'a'\)"):
+        partial.apply_async(('a',), saga_id='narrow-partial')
+    with pytest.raises(SagaNotFound):
+        SagaResult('narrow-partial', app=celery_app).state
+
+
 def test_compensate_with_of_the_wrong_type(celery_app):
     with pytest.raises(InvalidSaga, match=r"step 0 \(t.plain\).*got int 42"):
         saga(tasks.plain.si('a').set(compensate_with=42))
@@ -136,3 +159,4 @@ def test_a_bad_compensate_timeout_fails_at_saga(celery_app, value):
     with pytest.raises(InvalidSaga, match=r'step 0 \(t.do\): compensate_'
                                           r'timeout must be a number'):
         saga(tasks.do.si('a').set(compensate_timeout=value))
+

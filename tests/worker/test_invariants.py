@@ -362,3 +362,31 @@ def test_a_stale_failure_of_a_stage_never_dispatched_changes_nothing(
     wait_for(lambda: stale.state == 'FAILURE', timeout=10)
     assert res.wait(timeout=15) is SagaState.COMPLETED
     assert undone(ledger(rds, celery_app, res.id)) == []
+
+
+def test_an_undo_refused_at_publish_fails_the_compensation_loudly(
+        celery_app, celery_worker, rds, monkeypatch):
+    """Its signature changed since the saga started (a deploy): Celery's
+    argument check refuses every attempt, so the budget is spent at once,
+    the error is on the step and the saga is COMPENSATION_FAILED, not
+    re-sent for ever; once the undo is fixed, retry finishes it."""
+    undo = celery_app.tasks['t.undo']
+
+    def changed(*args, **kwargs):
+        raise TypeError('undo() missing 1 required positional argument: '
+                        "'reason'")
+
+    res = saga(tasks.do.si('a'),
+               tasks.do.si('b', fail=True, sleep=0.5)).apply_async()
+    monkeypatch.setattr(undo, '__header__', changed, raising=False)
+    assert res.wait(timeout=10) is SagaState.COMPENSATION_FAILED
+    step = res.steps[0]
+    assert step.undo_state is UndoState.FAILED
+    assert step.undo_attempts == get_state(celery_app).settings \
+        .undo_max_attempts
+    assert "cannot be sent: TypeError: undo() missing 1 required" in \
+        step.undo_error
+    monkeypatch.delattr(undo, '__header__')
+    assert res.retry()
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
