@@ -506,9 +506,11 @@ STEP_DONE = [
          seed=seed(at_stage1(), claimed(1, 'lost: test'),
                    step(1, x='D', a=1, z='2', tu='tu1'), stage(1, w=1, y=0)),
          old=COMPENSATING, new=COMPENSATING,
+         # its stage is still compensated: the second undo holds it, so
+         # the stage before waits for it
          fields={**step(1, s='D', r='"r1"', t=PRESENT, tk=PRESENT, x='Q',
-                        a=2, ab=1, l=1, d=About(QT)),
-                 **saga(late=1, cur=1), **stage(1, y=0)},
+                        a=2, ab=1, l=ABSENT, d=About(QT)),
+                 **saga(late=ABSENT, cur=1), **stage(1, y=1)},
          undos=[(1, 2)]),
     Case('step_done:compensating:late-while-cof-undo-runs',
          done_call(1, '"r1"'), Reply.LATE, undo_flags={1: 2},
@@ -753,13 +755,12 @@ UNDO_DONE = [
                    step(1, x='R', a=1, rd=1, tb='tb1', d=FAR, h=1),
                    stage(1, w=0, y=1)),
          old=COMPENSATING, new=COMPENSATING,
-         # the second undo is late: it does not hold stage 1, so a's undo
-         # is opened at once (see opens-previous-before-late-redo)
+         # the second undo holds stage 1: a's undo waits for it
          fields={**step(1, x='Q', z=PRESENT, tu=PRESENT, rd=ABSENT, a=2,
-                        ab=1, l=1, d=About(QT), h=ABSENT),
-                 **saga(late=1, cur=0), **stage(1, y=0),
-                 **step(0, x='Q', a=1, d=About(QT)), **stage(0, y=1)},
-         undos=[(1, 2), (0, 1)]),
+                        ab=1, l=ABSENT, d=About(QT), h=ABSENT),
+                 **saga(late=ABSENT, cur=1), **stage(1, y=1),
+                 **step(0, x=ABSENT)},
+         undos=[(1, 2)]),
     Case('undo_done:compensating:opens-previous-before-late-redo',
          undone(2), Reply.UNDONE, undo_flags={1: 2},
          seed=seed(b2_failed(), done(1), done(2),
