@@ -56,6 +56,8 @@ def _min_lease(heartbeat: float, sweep: float) -> float:
 
 #: the longest heartbeat and sweep interval derived from the step timeout
 _INTERVAL = 10.0
+#: their default as the docs show it
+_DERIVED = '`10.0`, or `compensate_step_timeout` / 6 when that is shorter'
 
 
 def _derived_interval(step_timeout: Any) -> float:
@@ -299,15 +301,13 @@ class Settings:
     heartbeat_interval = Option(
         'compensate_heartbeat_interval', None,
         _number('a positive number of seconds', lambda value: value > 0),
-        shown_default='`10.0`, or `compensate_step_timeout` / 6 when that is '
-                      'shorter',
+        shown_default=_DERIVED,
         doc='how often each worker renews the leases of the saga tasks it '
             'holds')
     recovery_interval = Option(
         'compensate_recovery_interval', None,
         _number('a positive number of seconds', lambda value: value > 0),
-        shown_default='`10.0`, or `compensate_step_timeout` / 6 when that is '
-                      'shorter',
+        shown_default=_DERIVED,
         doc='how often the sweep runs (one worker at a time)')
     # the two leases: at least min_lease, checked by _check_bounds
     step_timeout = Option(
