@@ -65,6 +65,7 @@ tokens      of the call that made a change, so that a resent call (its
 from __future__ import annotations
 
 import zlib
+from typing import Callable
 
 __all__ = (
     'SHARDS', 'shard_of', 'Keys',
@@ -171,9 +172,6 @@ SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
                RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT)
 
 # -- stage fields: the prefix, then the stage index -------------------------
-STAGE_FIELDS = {
-    'members': 'g', 'waiting': 'w', 'undos_left': 'y', 'stage_token': 'dn',
-}
 
 
 def members(k: int) -> str:
@@ -197,15 +195,6 @@ def stage_token(k: int) -> str:
 
 
 # -- step fields: the prefix, then the step index ----------------------------
-STEP_FIELDS = {
-    'spec': 'p', 'stage': 'k', 'undo_flag': 'u', 'lease': 'o',
-    'undo_lease': 'ou', 'countdown': 'c', 'deadline': 'd', 'held': 'h',
-    'step_state': 's', 'result': 'r', 'settled_at': 't', 'failure': 'fe',
-    'undo_state': 'x', 'attempt': 'a', 'attempts_before': 'ab',
-    'undo_started': 'b', 'undone_at': 'z', 'undo_error': 'e', 'late': 'l',
-    'redo': 'rd', 'settle_token': 'tk', 'begin_token': 'tb',
-    'undo_token': 'tu',
-}
 
 
 def spec(i: int) -> str:
@@ -321,3 +310,20 @@ def begin_token(i: int) -> str:
 def undo_token(i: int) -> str:
     """Token of the call that settled an undo attempt."""
     return f'tu{i}'
+
+
+def _prefixes(*fields: Callable[[int], str]) -> dict[str, str]:
+    """Each field function's name and the prefix it spells (for checks
+    that scan the Lua commands)."""
+    return {fn.__name__: fn(0)[:-1] for fn in fields}
+
+
+#: the prefix of every per-stage field, by function name
+STAGE_FIELDS = _prefixes(members, waiting, undos_left, stage_token)
+
+#: the prefix of every per-step field, by function name
+STEP_FIELDS = _prefixes(
+    spec, stage, undo_flag, lease, undo_lease, countdown, deadline, held,
+    step_state, result, settled_at, failure, undo_state, attempt,
+    attempts_before, undo_started, undone_at, undo_error, late, redo,
+    settle_token, begin_token, undo_token)
