@@ -18,7 +18,9 @@ from . import signals
 from .exceptions import (
     ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
 )
-from .messages import DEADLINE, IDEMPOTENCY_KEY, identity, label_kwargs
+from .messages import (
+    DEADLINE, GENERATION, IDEMPOTENCY_KEY, identity, label_kwargs,
+)
 from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
     step_task_id, undo_delay, undo_task_id,
@@ -55,14 +57,23 @@ class Coordinator:
     # -- publishing -----------------------------------------------------
 
     def publish_step(self, saga_id: str, step: StepSpec,
-                     args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Publish forward step ``step`` with the given arguments."""
+                     args: Sequence[Any], kwargs: Mapping[str, Any],
+                     generation: int = 1) -> None:
+        """Publish forward step ``step`` with the given arguments.
+
+        Arguments:
+            generation: how many times it has been published, this time
+                included (the sweep publishes a step again when its
+                publisher died before confirming it).
+        """
         self.check_task(saga_id, step.describe(), step.call.name)
         options = _allowed(step.call.options)
         lease = self.settings.queue_timeout + step.delay
         ident = identity(saga_id, step.index)
         headers = {**(options.pop('headers', None) or {}), **ident,
                    DEADLINE: round(time.time() + lease, 3)}
+        if generation > 1:
+            headers[GENERATION] = generation
         options['kwargsrepr'] = self._label(ident, kwargs,
                                             options.get('kwargsrepr'))
         self.app.signature(
@@ -129,7 +140,8 @@ class Coordinator:
         self.publish_stage(saga_id, outcome.forward, outcome.results)
 
     def publish_stage(self, saga_id: str, steps: Sequence[StepSpec],
-                      prev: Sequence[Any] = (), first: bool = False) -> None:
+                      prev: Sequence[Any] = (), first: bool = False,
+                      generations: Mapping[int, int] | None = None) -> None:
         """Publish the members of a stage.
 
         If one cannot be published (Celery already retried), it and the
@@ -139,6 +151,7 @@ class Coordinator:
         Arguments:
             prev: the previous stage's results.
             first: the saga's first stage: publishing errors are raised.
+            generations: the publish generation of steps sent again.
 
         Raises:
             Exception: the publishing error, for the first stage only (the
@@ -146,7 +159,9 @@ class Coordinator:
         """
         for n, step in enumerate(steps):
             try:
-                self.publish_step(saga_id, step, *step.called_with(prev))
+                self.publish_step(saga_id, step, *step.called_with(prev),
+                                  generation=(generations or {}).get(
+                                      step.index, 1))
             except Exception as exc:  # noqa: BLE001 - becomes a step failure
                 logger.exception('saga %s: could not publish %s',
                                  saga_id, step.describe())
@@ -251,6 +266,13 @@ class Coordinator:
     def recover(self, saga_id: str) -> Outcome:
         """Act on a saga whose leases lapsed (the sweep found it due)."""
         outcome = self.store.recover(saga_id)
+        if outcome.forward:
+            logger.warning(
+                'saga %s: steps %s were dispatched but their publishing was '
+                'never confirmed (the publisher died): published again',
+                saga_id, ', '.join(str(s.index) for s in outcome.forward))
+            self.publish_stage(saga_id, outcome.forward, outcome.results,
+                               generations=outcome.generations)
         for index in outcome.stopped:
             logger.warning('saga %s: step %d given up: its lease lapsed',
                            saga_id, index)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
-from .bootsteps import WORKER_OPTIONS, CompensateRecovery
+from .bootsteps import WORKER_OPTIONS, CompensateReceive, CompensateRecovery
 from .appstate import AppState, attach_state, find_state, get_state
 from .monitoring import connect_events
 from .settings import Settings
@@ -41,6 +41,7 @@ def install(app: Celery) -> AppState:
     _annotate(app)
     state.handlers = (*connect_signals(app), *connect_events(app))
     app.steps['worker'].add(CompensateRecovery)
+    app.steps['consumer'].add(CompensateReceive)
     for option in WORKER_OPTIONS:
         app.user_options['worker'].add(option)
     return state

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 from celery.utils.saferepr import saferepr
 
-__all__ = ('SAGA_ID', 'STEP', 'ATTEMPT', 'DEADLINE', 'IDEMPOTENCY_KEY',
+__all__ = ('SAGA_ID', 'STEP', 'ATTEMPT', 'DEADLINE', 'GENERATION',
+           'IDEMPOTENCY_KEY',
            'IDENTITY', 'KWARGSREPR_MAXSIZE', 'identity', 'label_kwargs',
            'is_labelled')
 
@@ -21,6 +22,9 @@ ATTEMPT = 'compensate_attempt'             #: undos only
 #: forward steps only: past this time the sweep may have given the step up,
 #: so the worker checks the record before running the body
 DEADLINE = 'compensate_deadline'
+#: forward steps the sweep published again: the publish generation (absent
+#: on a first publish); a worker refuses a copy older than the record's
+GENERATION = 'compensate_generation'
 IDEMPOTENCY_KEY = 'compensate_idempotency_key'   #: undos only
 
 #: The identity headers, in the order ``kwargsrepr`` shows them.

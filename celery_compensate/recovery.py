@@ -22,8 +22,9 @@ from celery.utils.log import get_logger
 from .clients import servers
 from .coordinator import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
-from .model import parse_task_id
-from .store import TRANSIENT_ERRORS, Reply, SagaStore, shard_of
+from .messages import GENERATION
+from .model import TaskIdInfo, parse_task_id
+from .store import TRANSIENT_ERRORS, Reply, SagaStore, new_token, shard_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -37,6 +38,14 @@ logger = get_logger(__name__)
 #: sagas taken per shard and sweep
 SWEEP_BATCH = 100
 
+#: RECEIVE replies that refuse a copy, and why (logged)
+_REFUSED = {
+    Reply.DONE: 'it is already done',
+    Reply.GIVEN_UP: 'it was given up',
+    Reply.STALE: 'it was published again; this copy is older',
+    Reply.NOT_DISPATCHED: 'its stage was never dispatched',
+}
+
 
 def _snapshot(requests: Iterable[Any]) -> list[Any]:
     # the worker's event loop adds and discards requests while we copy
@@ -49,14 +58,14 @@ def _snapshot(requests: Iterable[Any]) -> list[Any]:
 
 
 def held_by_this_worker(active_only: bool = False
-                        ) -> Iterator[tuple[str, int, int | None]]:
+                        ) -> Iterator[tuple[str, TaskIdInfo]]:
     """The saga steps and undo attempts this worker process holds: reserved
     (prefetched, or waiting for their ETA) or running.
 
     Arguments:
         active_only: only those running (a worker shutting down).
     Yields:
-        tuple: ``(saga id, step index, undo attempt or None)``.
+        tuple: ``(task id, what it is)``.
     """
     from celery.worker import state
     names = ('active_requests',) if active_only else (
@@ -65,10 +74,17 @@ def held_by_this_worker(active_only: bool = False
     for name in names:
         requests.extend(_snapshot(getattr(state, name, ())))
     for request in requests:
-        info = parse_task_id(getattr(request, 'id', None))
+        task_id = getattr(request, 'id', None)
+        info = parse_task_id(task_id)
         if info is not None:
-            yield (info.saga_id, info.index,
-                   info.attempt if info.is_undo else None)
+            yield task_id, info
+
+
+def _succeeded(task_id: str) -> bool:
+    """Whether this worker saw ``task_id`` succeed (Celery keeps the last
+    ``CELERY_WORKER_SUCCESSFUL_MAX`` of them, for three hours)."""
+    from celery.worker import state
+    return task_id in state.successful_requests
 
 
 def check_persistence(client: Any, safe_url: str) -> list[str]:
@@ -138,6 +154,12 @@ class Recovery:
         self._last_error = float('-inf')
         #: whether the last sweep held off (see :meth:`sweep`)
         self.was_held = False
+        #: the saga tasks this worker received, by task id: what each is and
+        #: the holder token it was received as (see :meth:`receive`)
+        self.holding: dict[str, tuple[TaskIdInfo, str]] = {}
+        #: recorded as the holder of what nobody was seen receiving
+        self.token = new_token()
+        self._receive_error = float('-inf')
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -174,6 +196,9 @@ class Recovery:
             self._guard(self.renew)
             self._drained.wait(max(0.0, self.settings.heartbeat_interval
                                    - (time.monotonic() - started)))
+        # what ended during the last heartbeat, and what a warm shutdown
+        # returns to the broker (reserved and ETA messages)
+        self._guard(self.renew)
 
     def _sweep_loop(self) -> None:
         while not self._stop.is_set():
@@ -184,14 +209,78 @@ class Recovery:
 
     # -- the work -----------------------------------------------------------
 
+    def receive(self, task_id: str | None, headers: Any) -> bool:
+        """The worker's consumer took a message from the broker and is
+        about to hand it to the pool (or keep it for its ETA): record the
+        saga task as held by this worker at once, so a worker killed now is
+        noticed within the step's lease, not the queue timeout.
+
+        Called in the consumer's event loop, so it never raises; while the
+        store is unreachable it lets messages through unrecorded (the next
+        heartbeat records them).
+
+        Returns:
+            bool: ``False`` if the copy must not run (the record settled
+            the step already, or this is an older copy of a step published
+            again); the caller acks it without running it.
+        """
+        info = parse_task_id(task_id)
+        if info is None or task_id is None:
+            return True
+        if time.monotonic() - self._receive_error < self.settings.heartbeat_interval:
+            return True
+        holder = new_token()
+        try:
+            generation = int((headers or {}).get(GENERATION) or 1)
+            verdict = self.store.receive(info.saga_id, info.index,
+                                         info.attempt if info.is_undo
+                                         else None, generation, holder)
+        except Exception as exc:  # noqa: BLE001 - never into the consumer
+            self._receive_error = time.monotonic()
+            logger.warning('celery_compensate: could not record that this '
+                           'worker received %s (%s); its next heartbeat '
+                           'will', task_id, exc)
+            return True
+        if verdict in _REFUSED:
+            logger.info('saga %s: a copy of step %d not run: %s',
+                        info.saga_id, info.index, _REFUSED[verdict])
+            return False
+        if verdict is Reply.HELD:
+            self.holding[task_id] = (info, holder)
+        return True
+
     def renew(self) -> int:
-        """Renew the leases of what this worker holds (one pipeline).
+        """Report the forward steps that left this worker since the last
+        heartbeat (:meth:`SagaStore.left`), then renew the leases of what
+        it holds (one pipeline each).
 
         Returns:
             int: how many leases were renewed.
         """
-        held = list(held_by_this_worker(active_only=self._draining))
-        return self.store.renew(held) if held else 0
+        held = dict(held_by_this_worker(active_only=self._draining))
+        gone = [task_id for task_id in list(self.holding)
+                if task_id not in held]
+        left = []
+        for task_id in gone:
+            info, holder = self.holding.pop(task_id)
+            if not info.is_undo:
+                left.append((task_id, info, holder))
+        if left:
+            try:
+                self.store.left([(info.saga_id, info.index, holder,
+                                  _succeeded(task_id))
+                                 for task_id, info, holder in left])
+            except Exception:
+                # told at the next heartbeat (unless received again)
+                for task_id, info, holder in left:
+                    self.holding.setdefault(task_id, (info, holder))
+                raise
+        if not held:
+            return 0
+        return self.store.renew(
+            [(info.saga_id, info.index,
+              info.attempt if info.is_undo else None)
+             for info in held.values()], self.token)
 
     def sweep(self) -> int:
         """If this worker is the sweeper, recover every saga that is due.

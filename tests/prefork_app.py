@@ -35,3 +35,33 @@ if os.environ.get('COMPENSATE_TEST_VISIBILITY'):
 install(app)
 
 from tests import tasks  # noqa: E402,F401  (registers the shared tasks)
+
+
+# -- faults placed between two of the library's own actions ----------------
+
+from celery import signals  # noqa: E402
+
+from celery_compensate.messages import SAGA_ID, STEP  # noqa: E402
+from tests.tasks import kill_on_publish_key  # noqa: E402
+
+
+@signals.before_task_publish.connect
+def _kill_on_publish(headers=None, **_):
+    headers = headers or {}
+    if headers.get(SAGA_ID) is None or headers.get('compensate_attempt'):
+        return
+    import redis as _redis
+    rds = _redis.Redis.from_url(os.environ['COMPENSATE_TEST_BROKER'],
+                                decode_responses=True)
+    key = kill_on_publish_key(os.environ['COMPENSATE_TEST_PREFIX'])
+    want = rds.get(key)
+    if not want:
+        return
+    saga_id, step, mode = want.rsplit(':', 2)
+    if headers[SAGA_ID] != saga_id or str(headers[STEP]) != step:
+        return
+    if rds.delete(key):
+        import signal as _signal
+        if mode == 'worker':
+            os.kill(os.getppid(), _signal.SIGKILL)
+        os.kill(os.getpid(), _signal.SIGKILL)

@@ -15,7 +15,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from celery_compensate.appstate import get_state
 from celery_compensate.store import layout as L
@@ -41,6 +41,13 @@ def ledger_key(app: Any, saga_id: str) -> str:
 def note(task: Task, entry: str) -> None:
     saga_id = getattr(task.request, 'compensate_saga_id', None) or 'none'
     client_for(task.app).rpush(ledger_key(task.app, saga_id), entry)
+
+
+def kill_on_publish_key(prefix: str) -> str:
+    """``<saga id>:<step>:<child|worker>``: the process that publishes that
+    step (after recording the one before it) is SIGKILLed first (see
+    ``tests/prefork_app.py``)."""
+    return f'{prefix}-t:kill-on-publish'
 
 
 def hosts_key(app: Any, saga_id: str) -> str:
@@ -90,12 +97,22 @@ def do(self: Task, name: str, fail: bool = False, sleep: float = 0.0,
     """A step with an undo; may sleep, fail, or kill its own process."""
     note(self, f'start:{name}')
     note_host(self, name)
-    if sleep:
+    if sleep and kwargs.get('ignore_term'):
+        # a body that a revoke with terminate cannot stop
+        before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            time.sleep(sleep)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+    elif sleep:
         time.sleep(sleep)
     if kwargs.get('kill'):
         os.kill(os.getpid(), signal.SIGKILL)
     if kwargs.get('reject'):
         raise Reject('rejected on purpose', requeue=False)
+    if kwargs.get('ignore'):
+        note(self, f'ignored:{name}')
+        raise Ignore()
     if fail:
         note(self, f'fail:{name}')
         raise ValueError(f'{name} failed on purpose')
@@ -149,6 +166,33 @@ def flaky(self: Task, name: str, times: int) -> str:
     note(self, f'try:{name}:{self.request.retries}')
     if self.request.retries < times:
         raise self.retry(countdown=0)
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.parked', compensate_with='t.undo')
+def parked(self: Task, name: str, queue: str, sleep: float = 0.0) -> str:
+    """Runs ``sleep`` seconds, then retries once into ``queue`` (where it
+    waits until a worker consumes it), then succeeds."""
+    note(self, f'try:{name}:{self.request.retries}')
+    if not self.request.retries:
+        time.sleep(sleep)
+        raise self.retry(countdown=0, queue=queue, max_retries=1)
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
+@shared_task(bind=True, name='t.requeued', compensate_with='t.undo',
+             acks_late=True)
+def requeued(self: Task, name: str, sleep: float = 0.0) -> str:
+    """Runs ``sleep`` seconds, then ``Reject(requeue=True)`` the first time
+    (``acks_late``: the message goes back to the queue), then succeeds."""
+    note(self, f'start:{name}')
+    time.sleep(sleep)
+    if client_for(self.app).set(countdown_key(
+            self.app, self.request.compensate_saga_id, f'{name}-requeued'),
+            1, nx=True):
+        raise Reject('requeued on purpose', requeue=True)
     note(self, f'do:{name}')
     return f'res-{name}'
 

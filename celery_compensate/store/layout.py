@@ -45,7 +45,13 @@ Fields (``i`` a step index, ``k`` a stage index)
 ``k<i>``    its stage; ``u<i>`` 0 no undo, 1 undo, 2 undo also on failure
 ``o<i>``    its lease once held; ``ou<i>`` its undo's; ``c<i>`` countdown
 ``d<i>``    deadline of what is in flight for step ``i`` (forward task or
-            undo); ``h<i>`` ``1`` once a worker holds it
+            undo); ``h<i>`` the holder (a token of the worker's copy) once
+            a worker received it
+``ob<i>``   ``1`` while the step's message is in the outbox: its stage was
+            dispatched by a completion whose publishing is not confirmed
+            yet; ``pb<k>`` the step whose completion dispatched stage ``k``;
+            ``pg<i>`` the step's publish generation (absent: 1), raised
+            each time the sweep publishes it again
 ``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
             when settled; ``fe<i>`` why it failed
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``ab<i>``
@@ -71,9 +77,10 @@ __all__ = (
     'SHARDS', 'shard_of', 'Keys',
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
-    'members', 'waiting', 'undos_left', 'stage_token',
+    'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
     'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
-    'deadline', 'held', 'step_state', 'result', 'settled_at', 'failure',
+    'deadline', 'held', 'outbox', 'generation', 'step_state', 'result',
+    'settled_at', 'failure',
     'undo_state', 'attempt', 'attempts_before', 'undo_started', 'undone_at',
     'undo_error', 'late', 'redo', 'settle_token', 'begin_token', 'undo_token',
     'STEP_FIELDS', 'STAGE_FIELDS', 'SAGA_FIELDS',
@@ -194,6 +201,12 @@ def stage_token(k: int) -> str:
     return f'dn{k}'
 
 
+def publisher(k: int) -> str:
+    """The step whose completion dispatched stage ``k`` (its worker
+    confirms the publishing)."""
+    return f'pb{k}'
+
+
 # -- step fields: the prefix, then the step index ----------------------------
 
 
@@ -233,8 +246,19 @@ def deadline(i: int) -> str:
 
 
 def held(i: int) -> str:
-    """``1`` once a worker holds what is in flight."""
+    """The holder (a token of one worker's copy) once a worker received
+    what is in flight."""
     return f'h{i}'
+
+
+def outbox(i: int) -> str:
+    """``1`` while the step's message may not be published yet."""
+    return f'ob{i}'
+
+
+def generation(i: int) -> str:
+    """How many times the step was published (absent: once)."""
+    return f'pg{i}'
 
 
 def step_state(i: int) -> str:
@@ -319,11 +343,12 @@ def _prefixes(*fields: Callable[[int], str]) -> dict[str, str]:
 
 
 #: the prefix of every per-stage field, by function name
-STAGE_FIELDS = _prefixes(members, waiting, undos_left, stage_token)
+STAGE_FIELDS = _prefixes(members, waiting, undos_left, stage_token,
+                         publisher)
 
 #: the prefix of every per-step field, by function name
 STEP_FIELDS = _prefixes(
     spec, stage, undo_flag, lease, undo_lease, countdown, deadline, held,
-    step_state, result, settled_at, failure, undo_state, attempt,
-    attempts_before, undo_started, undone_at, undo_error, late, redo,
-    settle_token, begin_token, undo_token)
+    outbox, generation, step_state, result, settled_at, failure,
+    undo_state, attempt, attempts_before, undo_started, undone_at,
+    undo_error, late, redo, settle_token, begin_token, undo_token)

@@ -43,7 +43,10 @@ class Reply(str, enum.Enum):
     UNDONE = 'undone'               #: the undo succeeded
     RETRY = 'retry'                 #: the attempt failed; the next one is due
     IGNORED = 'ignored'             #: the undo is not in flight
-    # leases and recovery: renew, recover
+    # leases and recovery: receive, release, confirm, renew, recover
+    HELD = 'held'                   #: a worker received it: run it
+    GIVEN_UP = 'given-up'           #: the step was given up: refuse the copy
+    CONFIRMED = 'confirmed'         #: what a completion dispatched was published
     RENEWED = 'renewed'             #: the lease was extended
     GONE = 'gone'                   #: nothing of that is in flight any more
     RECOVERED = 'recovered'         #: lapsed leases were acted on

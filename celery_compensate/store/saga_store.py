@@ -62,6 +62,9 @@ class Outcome:
     undos: list[UndoDue] = field(default_factory=list)
     #: steps given up by the call (lost by a dead worker, or aborted)
     stopped: list[int] = field(default_factory=list)
+    #: the publish generation of each step of ``forward`` published again
+    #: by the sweep (a step published for the first time is absent: 1)
+    generations: dict[int, int] = field(default_factory=dict)
 
 
 def _state(value: Any) -> SagaState | None:
@@ -187,12 +190,23 @@ class SagaStore:
             self.settings.undo_max_attempts, '1' if started else '0',
             countdown))
 
-    def renew(self, held: Iterable[tuple[str, int, int | None]]) -> int:
+    def receive(self, saga_id: str, index: int, attempt: int | None,
+                generation: int, holder: str) -> Reply:
+        """A worker took step ``index`` (or attempt ``attempt`` of its
+        undo) from the broker: mark it held by ``holder``, or say why the
+        copy must not run (see ``lua/receive.lua``)."""
+        return Reply(self._change(
+            'receive', saga_id, '', index,
+            '' if attempt is None else attempt, generation, holder))
+
+    def renew(self, held: Iterable[tuple[str, int, int | None]],
+              holder: str = '-') -> int:
         """Extend the leases of the steps and undo attempts a live worker
         holds, in one round trip.
 
         Arguments:
             held: ``(saga id, step index, undo attempt or None)`` triples.
+            holder: recorded for what nobody holds yet (its RECEIVE failed).
         Returns:
             int: how many were still in flight (and renewed).
         """
@@ -200,9 +214,29 @@ class SagaStore:
         for saga_id, index, attempt in held:
             self._commands['renew'](
                 keys=self.keys.for_saga(saga_id),
-                args=['', 0, 0, index, '' if attempt is None else attempt],
+                args=['', 0, 0, index, '' if attempt is None else attempt,
+                      holder],
                 client=pipe)
         return sum(Reply(r) is Reply.RENEWED for r in self._run(pipe.execute))
+
+    def left(self, gone: Iterable[tuple[str, int, str, bool]]) -> list[Reply]:
+        """Report the forward steps that left a worker, in one round trip:
+        a succeeded one confirms what its completion dispatched
+        (``lua/confirm.lua``), any other is queued again if its copy still
+        holds it (``lua/release.lua``).
+
+        Arguments:
+            gone: ``(saga id, step index, holder, succeeded)`` tuples.
+        Returns:
+            list: each one's reply.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for saga_id, index, holder, succeeded in gone:
+            name, extra = ('confirm', []) if succeeded else ('release',
+                                                             [holder])
+            self._commands[name](keys=self.keys.for_saga(saga_id),
+                                 args=['', 0, 0, index, *extra], client=pipe)
+        return [Reply(r) for r in self._run(pipe.execute)]
 
     def due(self, limit: int, gap: float, hold: float
             ) -> tuple[float, list[str], list[int]]:
@@ -467,8 +501,11 @@ class SagaStore:
             return Outcome(status)
         try:
             results = [loads(r) for r in reply[3]] if len(reply) > 3 else []
-            forward = ([StepSpec.from_dict(loads(spec)) for _, spec in reply[4]]
-                       if len(reply) > 4 else [])
+            forward, generations = [], {}
+            for entry in (reply[4] if len(reply) > 4 else ()):
+                forward.append(StepSpec.from_dict(loads(entry[1])))
+                if len(entry) > 2:
+                    generations[int(entry[0])] = int(entry[2])
             undos = []
             for _, spec, result, prev, attempt, countdown in (
                     reply[5] if len(reply) > 5 else ()):
@@ -481,7 +518,7 @@ class SagaStore:
             ) from exc
         stopped = [int(i) for i in reply[6]] if len(reply) > 6 else []
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
-                       forward, undos, stopped)
+                       forward, undos, stopped, generations)
 
 
 #: Errors after which the same call may succeed: connection trouble (also

@@ -89,9 +89,10 @@ _STEP = {'s': L.step_state, 'r': L.result, 't': L.settled_at,
          'rd': L.redo, 'tk': L.settle_token, 'tb': L.begin_token,
          'tu': L.undo_token, 'e': L.undo_error, 'b': L.undo_started,
          'z': L.undone_at, 'u': L.undo_flag, 'k': L.stage, 'p': L.spec,
-         'o': L.lease, 'ou': L.undo_lease}
+         'o': L.lease, 'ou': L.undo_lease, 'ob': L.outbox,
+         'pg': L.generation}
 _STAGE = {'w': L.waiting, 'y': L.undos_left, 'g': L.members,
-          'dn': L.stage_token}
+          'dn': L.stage_token, 'pb': L.publisher}
 _SAGA = {'state': L.STATE, 'cur': L.CUR, 'late': L.LATE,
          'reason': L.REASON, 'failed': L.FAILED, 'claim': L.CLAIM,
          'cf': L.CF, 'ended': L.ENDED, 'fin': L.FIN, 'rt': L.RT,
@@ -420,9 +421,10 @@ STEP_DONE = [
          old=RUNNING, new=RUNNING,
          fields={**step(0, s='D', r='"ra"', t=PRESENT, tk=PRESENT),
                  **stage(0, w=0, dn=PRESENT), **saga(cur=1),
-                 **stage(1, w=2), **step(1, s='R', d=About(QT), h=ABSENT),
-                 **step(2, s='R', d=About(QT))},
-         forward=[1, 2], results=['ra'], due=About(QT), live=True,
+                 **stage(1, w=2, pb=0),
+                 **step(1, s='R', d=About(LEASE), h=ABSENT, ob=1),
+                 **step(2, s='R', d=About(LEASE), ob=1)},
+         forward=[1, 2], results=['ra'], due=About(LEASE), live=True,
          ends=False),
     Case('step_done:running:member-recorded', done_call(1, '"r1"'),
          Reply.RECORDED, seed=at_stage1(), old=RUNNING, new=RUNNING,
@@ -441,9 +443,10 @@ STEP_DONE = [
     Case('step_done:running:resent-next', twice(done_call(0, '"ra"', 'tk')),
          Reply.NEXT, old=RUNNING, new=RUNNING,
          fields={**step(0, s='D', r='"ra"', t=PRESENT, tk='tk'),
-                 **stage(0, w=0, dn='tk'), **saga(cur=1), **stage(1, w=2),
-                 **step(1, s='R', d=About(QT)), **step(2, s='R', d=About(QT))},
-         forward=[1, 2], results=['ra'], due=About(QT)),
+                 **stage(0, w=0, dn='tk'), **saga(cur=1),
+                 **stage(1, w=2, pb=0), **step(1, s='R', d=About(LEASE), ob=1),
+                 **step(2, s='R', d=About(LEASE), ob=1)},
+         forward=[1, 2], results=['ra'], due=About(LEASE)),
     Case('step_done:completed:resent', twice(done_call(3, '"rc"', 'tk')),
          Reply.COMPLETED, seed=at_stage2(), old=RUNNING, new=COMPLETED,
          fields={**step(3, s='D', r='"rc"', t=PRESENT, tk='tk'),
@@ -647,12 +650,12 @@ def begin(i: int, attempt: int, token: str = 'tb-new'):
 UNDO_BEGIN = [
     Case('undo_begin:compensating:queued-runs', begin(1, 1, 'tb-1'),
          Reply.RUN, seed=c_failed(),
-         fields=step(1, x='R', b=PRESENT, tb='tb-1', h=1,
+         fields=step(1, x='R', b=PRESENT, tb='tb-1', h='tb-1',
                      d=About(UNDO_LEASE)),
          due=About(UNDO_LEASE)),
     Case('undo_begin:compensating:waiting-runs', begin(1, 2, 'tb-2'),
          Reply.RUN, seed=seed(c_failed(), step(1, x='W', a=2)),
-         fields=step(1, x='R', a=2, b=PRESENT, tb='tb-2', h=1,
+         fields=step(1, x='R', a=2, b=PRESENT, tb='tb-2', h='tb-2',
                      d=About(UNDO_LEASE))),
     Case('undo_begin:compensating:resent', begin(1, 1, 'tb-1'), Reply.RUN,
          seed=seed(c_failed(), step(1, x='R', tb='tb-1', h=1)),
@@ -887,7 +890,7 @@ def renew(i: int, attempt: int | None = None):
 
 RENEW = [
     Case('renew:running:takes-queued-step', renew(0), Reply.RENEWED,
-         fields=step(0, h=1, d=About(LEASE)), due=About(LEASE)),
+         fields=step(0, h='-', d=About(LEASE)), due=About(LEASE)),
     Case('renew:running:extends-held-step', renew(0), Reply.RENEWED,
          seed=step(0, h=1, d=LAPSED), fields=step(0, h=1, d=About(LEASE)),
          due=About(LEASE)),
@@ -896,7 +899,7 @@ RENEW = [
     Case('renew:running:settled-step', renew(0), Reply.GONE,
          seed=at_stage1(), fields=step(0, h=ABSENT)),
     Case('renew:compensating:takes-undo', renew(1, 1), Reply.RENEWED,
-         seed=c_failed(), fields=step(1, h=1, d=About(UNDO_LEASE)),
+         seed=c_failed(), fields=step(1, h='-', d=About(UNDO_LEASE)),
          due=About(UNDO_LEASE)),
     Case('renew:compensating:stale-attempt', renew(1, 2), Reply.GONE,
          seed=c_failed(), fields=step(1, h=ABSENT, d=FAR)),
@@ -908,6 +911,97 @@ RENEW = [
 def test_renew(case, celery_app, rds, monkeypatch):
     count = run_case(case, celery_app, rds, monkeypatch)
     assert count == (1 if case.reply is Reply.RENEWED else 0)
+
+
+# -- receive, release, confirm ----------------------------------------------
+
+def receive(i: int, attempt: int | None = None, generation: int = 1):
+    return lambda store, sid: store.receive(sid, i, attempt, generation,
+                                            'hold-new')
+
+
+def left(i: int, succeeded: bool, holder: str = 'hold-1'):
+    return lambda store, sid: store.left([(sid, i, holder, succeeded)])
+
+
+def in_outbox() -> dict[str, Any]:
+    """RUNNING: ``a`` done by a call whose publishing of ``b1``/``b2`` is
+    not confirmed yet (their step lease runs)."""
+    return seed(at_stage1(), step(1, ob=1), step(2, ob=1), stage(1, pb=0))
+
+
+RECEIVE = [
+    Case('receive:running:queued-step-held', receive(0), Reply.HELD,
+         fields=step(0, h='hold-new', d=About(LEASE)), due=About(LEASE)),
+    Case('receive:running:outbox-step-held', receive(1), Reply.HELD,
+         seed=in_outbox(),
+         fields=step(1, h='hold-new', d=About(LEASE), ob=ABSENT),
+         due=About(LEASE)),
+    Case('receive:running:another-holder-taken-over', receive(1),
+         Reply.HELD, seed=at_stage1(held=(1,)),
+         fields=step(1, h='hold-new', d=About(LEASE))),
+    Case('receive:running:same-holder', lambda store, sid: store.receive(
+        sid, 1, None, 1, '1'), Reply.HELD, seed=at_stage1(held=(1,)),
+         fields=step(1, h=1, d=FAR)),
+    Case('receive:running:done-refused', receive(0), Reply.DONE,
+         seed=at_stage1(), fields=step(0, s='D', h=ABSENT)),
+    Case('receive:compensating:given-up-refused', receive(2), Reply.GIVEN_UP,
+         seed=b2_failed(), fields=step(2, s='F', h=ABSENT)),
+    Case('receive:running:older-generation-refused', receive(1),
+         Reply.STALE, seed=seed(at_stage1(), step(1, pg=2)),
+         fields=step(1, h=ABSENT, pg=2)),
+    Case('receive:running:current-generation-held', receive(1, None, 2),
+         Reply.HELD, seed=seed(at_stage1(), step(1, pg=2)),
+         fields=step(1, h='hold-new', pg=2, d=About(LEASE))),
+    Case('receive:running:not-dispatched-refused', receive(3),
+         Reply.NOT_DISPATCHED, fields=step(3, s='P', h=ABSENT)),
+    Case('receive:running:unknown-step', receive(9), Reply.UNKNOWN_STEP),
+    Case('receive:compensating:queued-undo-held', receive(1, 1), Reply.HELD,
+         seed=c_failed(), fields=step(1, h='hold-new', d=About(UNDO_LEASE)),
+         due=About(UNDO_LEASE)),
+    Case('receive:compensating:running-undo-untouched', receive(1, 1),
+         Reply.HELD, seed=seed(c_failed(), step(1, x='R', tb='tb1', h='tb1')),
+         fields=step(1, h='tb1', d=FAR)),
+    Case('receive:compensating:stale-undo-attempt', receive(1, 2),
+         Reply.GONE, seed=c_failed(), fields=step(1, h=ABSENT)),
+    Case('receive:missing', receive(0), Reply.MISSING, exists=False),
+]
+
+
+@pytest.mark.parametrize('case', [param(c) for c in RECEIVE])
+def test_receive(case, celery_app, rds, monkeypatch):
+    run_case(case, celery_app, rds, monkeypatch)
+
+
+RELEASE_CONFIRM = [
+    Case('release:running:held-step-queued-again', left(1, False),
+         Reply.RELEASED, seed=seed(at_stage1(), step(1, h='hold-1')),
+         fields=step(1, h=ABSENT, d=About(QT), s='R'), due=True),
+    Case('release:running:held-by-another-copy', left(1, False),
+         Reply.NOT_HELD, seed=seed(at_stage1(), step(1, h='hold-2')),
+         fields=step(1, h='hold-2', d=FAR)),
+    Case('release:running:settled', left(0, False), Reply.NOT_HELD,
+         seed=at_stage1(), fields=step(0, s='D')),
+    Case('confirm:running:outbox-to-queue', left(0, True), Reply.CONFIRMED,
+         seed=seed(in_outbox(), step(1, d='100.000'), step(2, d='100.000')),
+         fields={**step(1, ob=ABSENT, d=About(QT)),
+                 **step(2, ob=ABSENT, d=About(QT))},
+         due=About(QT)),
+    Case('confirm:running:received-member-keeps-its-lease', left(0, True),
+         Reply.CONFIRMED, seed=seed(in_outbox(), step(1, h='w1', ob=None)),
+         fields={**step(1, h='w1', d=FAR),
+                 **step(2, ob=ABSENT, d=About(QT))}),
+    Case('confirm:running:not-the-publisher', left(1, True), Reply.GONE,
+         seed=seed(in_outbox(), done(1), stage(1, w=1)),
+         fields=step(2, ob=1)),
+    Case('confirm:running:nothing-in-the-outbox', left(0, True), Reply.GONE,
+         seed=seed(at_stage1(), stage(1, pb=0)), fields=step(1, d=FAR)),
+]
+
+
+@pytest.mark.parametrize('case', [param(c) for c in RELEASE_CONFIRM])
+def test_release_and_confirm(case, celery_app, rds, monkeypatch):
+    run_case(case, celery_app, rds, monkeypatch)
 
 
 # -- recover --------------------------------------------------------------
@@ -948,6 +1042,24 @@ RECOVER = [
                  **saga(state='COMPENSATING', reason=Has(HELD_LOST),
                         failed=1, claim=PRESENT, cstart=PRESENT)},
          undos=[(1, 1)], stopped=[1]),
+    Case('recover:running:outbox-step-published-again', recover,
+         Reply.RECOVERED,
+         seed=seed(in_outbox(), step(1, d=LAPSED), {DUE: 1}),
+         old=RUNNING, new=RUNNING,
+         fields={**step(1, s='R', ob=ABSENT, pg=2, d=About(QT), h=ABSENT),
+                 **step(2, ob=1, d=FAR)},
+         forward=[1], results=['r0'], undos=[], stopped=[], due=About(QT)),
+    Case('recover:running:outbox-step-with-a-bad-spec-given-up', recover,
+         Reply.RECOVERED,
+         seed=seed(in_outbox(), step(1, d=LAPSED, p='{"index": 1, "st'),
+                   {DUE: 1}),
+         old=RUNNING, new=COMPENSATING,
+         fields={**step(1, s='F', fe=Has(QUEUED_LOST), t=PRESENT,
+                        tk=PRESENT, ob=1, pg=ABSENT),
+                 **stage(1, w=1),
+                 **saga(state='COMPENSATING', reason=Has(QUEUED_LOST),
+                        failed=1, claim=PRESENT, cstart=PRESENT)},
+         undos=[], stopped=[1], due=True),
     Case('recover:running:not-lapsed', recover, Reply.RECOVERED,
          seed=seed(at_stage1(), {DUE: 1}), old=RUNNING, new=RUNNING,
          undos=[], stopped=[], due=float(FAR)),

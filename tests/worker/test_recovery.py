@@ -229,22 +229,55 @@ def test_an_undo_whose_message_was_lost_is_sent_again(
     assert res.steps[0].undo_attempts == 1
 
 
-@pytest.mark.compensate_conf(**FAST)
+@pytest.mark.compensate_conf(**{**FAST, 'compensate_step_timeout': 6,
+                                'compensate_queue_timeout': 6,
+                                'compensate_heartbeat_interval': 2.5})
 def test_abort_on_a_threads_worker_undoes_the_late_completer(
         celery_app, celery_worker, rds):
-    """A threads pool cannot terminate the running step: it completes after
-    the abort, is undone as a late completer, and the next link never
-    runs."""
+    """A threads pool cannot terminate the running step.  The abort comes
+    a moment after b started, before any heartbeat: b was marked held when
+    the worker received it, so its stage waits for it; it completes after
+    the abort, is undone first, then a; the next link never runs."""
     res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=1.0),
                tasks.do.si('c')).apply_async()
-    wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
+    wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id),
+             interval=0.005)
     assert res.abort('stock count is wrong') is True
     assert res.wait(timeout=10) is SagaState.COMPENSATED
-    wait_for(lambda: sorted(undone(ledger(rds, celery_app, res.id)))
-             == ['a', 'b'])
     log = ledger(rds, celery_app, res.id)
-    assert 'do:b' in log and 'start:c' not in log
+    assert undone(log) == ['b', 'a'], log
+    assert log.index('do:b') < log.index('undo-start:a')
+    assert 'start:c' not in log
     assert res.info().reason == 'aborted: stock count is wrong'
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_an_ignored_step_waits_the_queue_timeout(celery_app, celery_worker,
+                                                 rds):
+    """b runs past a heartbeat (held), then raises ``Ignore`` and nothing
+    is published again: released to the queue lease, it is given up when
+    no worker took it within the queue timeout, not as a dead worker."""
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=0.5, ignore=True),
+               tasks.do.si('c')).apply_async()
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+    assert res.steps[1].failure.startswith(
+        'lost: no worker took it from the broker'), res.steps[1].failure
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_step_rejected_with_requeue_runs_again_and_completes(
+        celery_app, celery_worker, rds):
+    """``Reject(requeue=True)`` (an ``acks_late`` task) sends the same
+    message back: it is received (held) again, runs and completes; nothing
+    is compensated."""
+    res = saga(tasks.do.si('a'), tasks.requeued.si('b', sleep=0.3),
+               tasks.do.si('c')).apply_async()
+    assert res.wait(timeout=10) is SagaState.COMPLETED, (
+        res.info().reason, ledger(rds, celery_app, res.id))
+    log = ledger(rds, celery_app, res.id)
+    assert log.count('start:b') == 2 and log.count('do:b') == 1
+    assert undone(log) == []
 
 
 def test_abort_of_a_saga_that_is_not_running_changes_nothing(
@@ -389,7 +422,7 @@ def test_a_redis_stall_longer_than_a_lease_is_not_a_dead_worker(
     res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=3.0)).apply_async()
     wait_for(lambda: 'start:b' in ledger(rds, celery_app, res.id))
     store = get_state(celery_app).store
-    wait_for(lambda: rds.hget(store.keys.saga(res.id), L.held(1)) == '1')  # held
+    wait_for(lambda: rds.hget(store.keys.saga(res.id), L.held(1)))  # held
     rds.execute_command('CLIENT', 'PAUSE', 1500, 'WRITE')
     assert res.wait(timeout=15) is SagaState.COMPLETED
     assert undone(ledger(rds, celery_app, res.id)) == []

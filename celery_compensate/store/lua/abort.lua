@@ -48,9 +48,9 @@ if st ~= 'RUNNING' then
 end
 local stopped = running()
 for _, i in ipairs(stopped) do
-  if hget('h' .. i) ~= '1' then
-    -- still in the broker: it never started; give it up now (the revoke
-    -- stops it; if it runs anyway it is undone as a late completer)
+  if not hget('h' .. i) then
+    -- no worker received it (RECEIVE marks a step held before the pool
+    -- gets it): give it up now; a copy received later is refused
     redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[4], 't' .. i, now,
                'tk' .. i, token)
     redis.call('HINCRBY', h, 'w' .. cur, -1)

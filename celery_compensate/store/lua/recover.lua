@@ -1,6 +1,8 @@
 --- RECOVER: the sweep found the saga due; act on every lease that lapsed
---- (checked again here, atomically).  A forward step nobody holds is
---- given up (the saga compensates; its undo runs only if it opted in to
+--- (checked again here, atomically).  A forward step still in the outbox
+--- (its publisher died before confirming) is published again; one that
+--- was queued or held and nobody holds any more is given up (the saga
+--- compensates; its undo runs only if it opted in to
 --- compensate_on_failure, as the step may never have run); a queued or
 --- waiting undo is sent again (only one copy can begin); a running undo
 --- whose worker died counts as a failed attempt.  What is settled or still
@@ -11,15 +13,17 @@
 --- ARGV[1-3] token, now, ttl; ARGV[4] saga id; ARGV[5] max undo attempts;
 ---   ARGV[6], ARGV[7] the undo retry backoff and its cap (seconds)
 ---
---- Replies {status, old state, new state, {}, {}, undos to publish,
---- forward steps given up}:
+--- Replies {status, old state, new state, the results of the stage
+--- before the current one, {index, spec, generation} of each forward step
+--- to publish again, undos to publish, forward steps given up}:
 ---   recovered  acted on what lapsed (possibly nothing)
 ---   inactive   the saga is not RUNNING or COMPENSATING: rescored only
 ---   stuck      nothing in flight, yet not settled (a damaged record):
 ---              the caller quarantines it
 ---   missing    no such saga: its index entries are dropped
 ---
---- Transitions: step R -> F (lost; saga RUNNING -> COMPENSATING); undo
+--- Transitions: step R in the outbox -> R queued, published again
+--- (``pg`` + 1); step R -> F (lost; saga RUNNING -> COMPENSATING); undo
 --- Q/W re-sent (queued lease); undo R -> W (a + 1, sent after the backoff
 --- a failed attempt gets) or -> F with saga -> COMPENSATION_FAILED; then
 --- as step_failed (open the stage, walk down).
@@ -45,7 +49,7 @@ if st ~= 'RUNNING' and st ~= 'COMPENSATING' then
   rescore()
   return {'inactive', st, st}
 end
-local t, out, lost = clock(), {}, {}
+local t, out, lost, again = clock(), {}, {}, {}
 local candidates = {}
 local cur = num('cur')
 if cur >= 0 then
@@ -62,10 +66,22 @@ for _, i in ipairs(candidates) do
   local d = tonumber(hget('d' .. i) or '')
   local s, x = hget('s' .. i), hget('x' .. i) or ''
   if d and d <= t then
-    if s == 'R' then
+    if s == 'R' and not hget('h' .. i) and hget('ob' .. i) == '1'
+        and pcall(cjson.decode, hget('p' .. i) or '') then
+      -- dispatched by a completion whose worker never confirmed the
+      -- publishing (it died in between), and no worker received it:
+      -- publish it again; an older copy is refused when received (a spec
+      -- that cannot be decoded cannot be published: it is given up below)
+      local gen = num('pg' .. i) + 1
+      if gen < 2 then gen = 2 end
+      redis.call('HSET', h, 'pg' .. i, gen)
+      redis.call('HDEL', h, 'ob' .. i)
+      wait_lease(i, hget('c' .. i))
+      again[#again + 1] = {tonumber(i), hget('p' .. i), gen}
+    elseif s == 'R' then
       local why = 'lost: its worker died (no lease renewal for ' ..
                   hget('o' .. i) .. 's)'
-      if hget('h' .. i) ~= '1' then
+      if not hget('h' .. i) then
         why = 'lost: no worker took it from the broker within ' ..
               hget('qt') .. 's'
       end
@@ -105,4 +121,12 @@ if (now_st == 'RUNNING' or now_st == 'COMPENSATING') and not earliest() then
   return {'stuck', st, now_st, {}, {}, out, lost}
 end
 rescore()
-return {'recovered', st, now_st, {}, {}, out, lost}
+-- what the steps published again are called with: the stage before's
+-- results, as when the stage was dispatched
+local prev = {}
+if #again > 0 and cur > 0 then
+  for j in string.gmatch(hget('g' .. (cur - 1)) or '', '%d+') do
+    prev[#prev + 1] = hget('r' .. j) or 'null'
+  end
+end
+return {'recovered', st, now_st, prev, again, out, lost}

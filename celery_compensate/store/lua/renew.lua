@@ -4,7 +4,8 @@
 ---
 --- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
 --- ARGV[1-3] token, now, ttl (unused); ARGV[4] step index; ARGV[5] the
----   undo attempt, or '' for the forward task
+---   undo attempt, or '' for the forward task; ARGV[6] the holder (see
+---   receive.lua), taken when nobody holds it yet
 ---
 --- Replies (a status alone):
 ---   renewed  the lease was extended (the first renewal marks it held)
@@ -30,9 +31,11 @@ else
   end
   field = 'ou'
 end
-if hget('h' .. i) ~= '1' then
-  -- a worker took it from the broker: from now on its lease is short
-  hold_lease(i, field)
+if not hget('h' .. i) then
+  -- a worker took it from the broker unseen (its RECEIVE failed): from
+  -- now on its lease is short
+  hold_lease(i, field, ARGV[6])
+  if field == 'o' then redis.call('HDEL', h, 'ob' .. i) end
   rescore()
   return 'renewed'
 end

@@ -20,7 +20,7 @@
 ---   error CORRUPT  the record lacks the step's stage, spec or counters
 ---
 --- Transitions: step R -> D (F -> D for a late completer of a given-up
---- step); stage complete -> next stage P -> R (queued lease) and
+--- step); stage complete -> next stage P -> R (in the outbox) and
 --- ``cur`` + 1, or saga RUNNING -> COMPLETED (expires, :live -> :ends);
 --- saga COMPENSATING/COMPENSATED/COMPENSATION_FAILED: see ``late`` above.
 
@@ -38,8 +38,12 @@ local k = tonumber(f[3] or '')
 local g = k and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
 
 -- Stage k is complete: finish the saga, or mark the next stage dispatched
--- (its leases start now: each may wait qt plus its countdown in the
--- broker) and hand it, with stage k's results, to the caller to publish.
+-- and hand it, with stage k's results, to the caller to publish.  The
+-- next stage starts in the outbox (``ob``, ``pb``): until a worker
+-- receives a member or the publisher's worker confirms it succeeded, each
+-- member has its step lease (plus its countdown), after which the sweep
+-- publishes it again: a publisher killed between this call and its
+-- publishing does not strand the saga.
 -- ``set`` holds the field-value pairs still to be written (this step's
 -- record, in the common case): everything goes out in one HSET.  ``again``:
 -- a resent call dispatches the stage once more, so its steps' held marks
@@ -69,6 +73,7 @@ local function next_stage(set, again)
     steps[#steps + 1] = j
     want[#want + 1] = 'c' .. j
     want[#want + 1] = 'p' .. j
+    want[#want + 1] = 'o' .. j
     held[#held + 1] = 'h' .. j
   end
   local v = many('HMGET', want)
@@ -82,11 +87,14 @@ local function next_stage(set, again)
   local t, best, nxt = clock(), nil, {}
   set[#set + 1] = 'cur'; set[#set + 1] = nk
   set[#set + 1] = 'w' .. nk; set[#set + 1] = #steps
+  set[#set + 1] = 'pb' .. nk; set[#set + 1] = i
   for m, j in ipairs(steps) do
-    local d = t + tonumber(qt) + tonumber(v[nres + 2 * m - 1] or '0')
+    local o = nres + 3 * m
+    local d = t + tonumber(v[o] or qt) + tonumber(v[o - 2] or '0')
     set[#set + 1] = 's' .. j; set[#set + 1] = 'R'
     set[#set + 1] = 'd' .. j; set[#set + 1] = string.format('%.3f', d)
-    nxt[#nxt + 1] = {tonumber(j), v[nres + 2 * m]}
+    set[#set + 1] = 'ob' .. j; set[#set + 1] = 1
+    nxt[#nxt + 1] = {tonumber(j), v[o - 1]}
     if best == nil or d < best then best = d end
   end
   many('HSET', set)

@@ -33,6 +33,6 @@ if x == 'R' then
   return 'running'
 end
 redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, now, 'tb' .. i, token)
-hold_lease(i, 'ou')
+hold_lease(i, 'ou', token)
 rescore()
 return 'run'

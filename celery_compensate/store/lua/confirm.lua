@@ -1,0 +1,39 @@
+--- CONFIRM: step i's task succeeded in a worker, so whatever its completion
+--- dispatched was published (the publish happens inside the task, before
+--- it returns).  The members of the stage it dispatched that no worker
+--- received yet leave the outbox: from now on they wait in the broker
+--- under the queue lease.  Sent by the worker's main process with its
+--- heartbeat, for every saga step that succeeded there.
+---
+--- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
+--- ARGV[1-3] token, now, ttl (unused); ARGV[4] step index
+---
+--- Replies (a status alone):
+---   confirmed  members of the stage it dispatched left the outbox
+---   gone       its completion dispatched nothing still in the outbox
+---
+--- Transitions: forward R in the outbox -> R queued.
+
+--- @include "includes/saga"
+--- @include "includes/fields"
+--- @include "includes/wait_lease"
+--- @include "includes/rescore"
+
+local i = ARGV[4]
+local k = tonumber(hget('k' .. i) or '')
+if not k then return 'gone' end
+local nk = k + 1
+if hget('pb' .. nk) ~= i then return 'gone' end
+local n = 0
+for j in string.gmatch(hget('g' .. nk) or '', '%d+') do
+  if hget('ob' .. j) == '1' then
+    redis.call('HDEL', h, 'ob' .. j)
+    if hget('s' .. j) == 'R' and not hget('h' .. j) then
+      wait_lease(j, hget('c' .. j))
+    end
+    n = n + 1
+  end
+end
+if n == 0 then return 'gone' end
+rescore()
+return 'confirmed'

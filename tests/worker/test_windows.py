@@ -1,0 +1,141 @@
+"""Faults placed exactly between two of the library's own actions.
+
+Random chaos rarely lands in these windows; each test here puts a fault in
+one on purpose, against real prefork workers (``celery worker -P prefork``
+subprocesses) and a real Redis, and checks that the saga ends, on time and
+correctly:
+
+- a whole worker killed right after it received a step (before any
+  heartbeat): the step's lease, not the queue timeout;
+- the process that recorded a step killed before it published the next
+  (a ``before_task_publish`` hook in ``tests/prefork_app.py`` SIGKILLs it
+  exactly there): the next link is published again, its body runs once;
+- a step that goes back to the broker (``self.retry`` into a queue nobody
+  consumes yet) and waits there longer than its lease: not compensated;
+- an abort a moment after a step started: no undo overtakes it.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from celery_compensate import SagaState, StepState, saga
+
+from .. import tasks
+from ..helpers import undone, wait_for
+from .test_recovery import _cluster, entries
+
+pytestmark = pytest.mark.prefork
+
+#: the step lease and the sweep interval of these workers; the heartbeat is
+#: long next to the few milliseconds each fault takes to land, so each
+#: lands before the worker renews anything
+LEASE, SWEEP, HEARTBEAT = 3.0, 0.5, 1.0
+#: how long a message may wait in the broker: long, so that a saga ended
+#: by the queue timeout fails the test
+QUEUE = 60.0
+
+
+@pytest.fixture
+def cluster(redis_url):
+    with _cluster(redis_url, step_timeout=LEASE, queue_timeout=QUEUE,
+                  heartbeat_interval=HEARTBEAT,
+                  recovery_interval=SWEEP) as env:
+        yield env
+
+
+def _sweeper(app, start):
+    """A worker that consumes nothing the sagas use: it only sweeps (and
+    holds the sweeper lock before any fault)."""
+    prefix = app.conf.compensate_key_prefix
+    return start('sweeper', '-Q', f'{prefix}-idle')
+
+
+def test_whole_worker_killed_right_after_receiving_a_step(cluster):
+    """Killed before its first heartbeat: the step was marked held when the
+    worker received it, so the sweep gives it up within its lease plus a
+    sweep (plus a second), not the queue timeout."""
+    app, rds, start = cluster
+    _sweeper(app, start)
+    first = start('first')
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=60), tasks.do.si('c'),
+               app=app).apply_async()
+    wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15,
+             interval=0.005)
+    first.kill()
+    killed = time.monotonic()
+    wait_for(lambda: res.steps[1].state is StepState.FAILED,
+             timeout=LEASE + SWEEP + 10, interval=0.05)
+    elapsed = time.monotonic() - killed
+    assert elapsed < LEASE + 2 * SWEEP + 1, elapsed
+    start('second')              # runs the undo
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    assert undone(entries(app, rds, res.id)) == ['a']
+    assert 'lost: its worker died' in res.steps[1].failure
+
+
+@pytest.mark.parametrize('mode', ['child', 'worker'])
+def test_killed_between_recording_a_step_and_publishing_the_next(
+        cluster, mode):
+    """Step a is recorded done; its process (the pool child, or the whole
+    worker) dies before b is published.  The record lists b as not yet
+    confirmed published; the sweep publishes it within its lease plus a
+    sweep, and the saga completes with every body run once."""
+    app, rds, start = cluster
+    _sweeper(app, start)
+    start('one')
+    start('two')
+    saga_id = f'kill-{mode}-{uuid.uuid4().hex[:8]}'
+    rds.set(tasks.kill_on_publish_key(app.conf.compensate_key_prefix),
+            f'{saga_id}:1:{mode}')
+    started = time.monotonic()
+    res = saga(tasks.do.si('a', sleep=0.5), tasks.do.si('b'),
+               tasks.do.si('c'), app=app).apply_async(saga_id=saga_id)
+    assert res.wait(timeout=LEASE + SWEEP + 15) is SagaState.COMPLETED
+    assert time.monotonic() - started < 0.5 + LEASE + 2 * SWEEP + 3
+    assert rds.get(tasks.kill_on_publish_key(app.conf.compensate_key_prefix)) is None
+    log = entries(app, rds, res.id)
+    assert [e for e in log if e.startswith('do:')] == ['do:a', 'do:b', 'do:c']
+    assert undone(log) == []
+
+
+def test_a_retried_step_waiting_in_the_broker_is_not_compensated(cluster):
+    """b runs past a heartbeat (so its worker renewed it: held), then
+    retries into a queue nobody consumes and waits there three leases.
+    Back in the broker it holds the queue lease, not its worker's, so the
+    saga stays RUNNING; once a worker consumes that queue it completes."""
+    app, rds, start = cluster
+    start('first')
+    prefix = app.conf.compensate_key_prefix
+    park = f'{prefix}-parked'
+    res = saga(tasks.do.si('a'), tasks.parked.si('b', park, sleep=HEARTBEAT + 0.5), tasks.do.si('c'),
+               app=app).apply_async()
+    wait_for(lambda: 'try:b:0' in entries(app, rds, res.id), timeout=15)
+    time.sleep(HEARTBEAT + 0.5 + 3 * LEASE + 2 * SWEEP)   # the fault is the wait itself
+    assert res.state is SagaState.RUNNING
+    assert res.steps[1].state is StepState.RUNNING
+    start('parked', '-Q', park)
+    assert res.wait(timeout=20) is SagaState.COMPLETED
+    log = entries(app, rds, res.id)
+    assert 'do:b' in log and undone(log) == []
+
+
+def test_abort_a_moment_after_a_step_started_terminates_it(cluster):
+    """The abort comes a moment after b started, before its worker's first
+    heartbeat.  b was marked held when received, so the abort does not take
+    it for never started (it would then be undone, if it completed, after
+    a's undo): it is revoked with terminate, and its stage settles when the
+    worker reports it terminated."""
+    app, rds, start = cluster
+    start('only')
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=30),
+               tasks.do.si('c'), app=app).apply_async()
+    wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15,
+             interval=0.005)
+    assert res.abort() is True
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    log = entries(app, rds, res.id)
+    assert undone(log) == ['a'] and 'do:b' not in log, log
+    assert 'terminated' in res.steps[1].failure, res.steps[1].failure
