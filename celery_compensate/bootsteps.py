@@ -77,7 +77,8 @@ def _receiving(strategy: Callable[..., Any], recovery: Recovery,
                 callbacks: Any, **kwargs: Any) -> Any:
         headers = getattr(message, 'headers', None)
         if isinstance(headers, dict) and not recovery.receive(
-                headers.get('id'), headers):
+                headers.get('id'), headers,
+                getattr(message, 'delivery_info', None)):
             ack(logger, errors)
             return None
         return strategy(message, body, ack, reject, callbacks, **kwargs)

@@ -19,7 +19,8 @@ from .exceptions import (
     ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
 )
 from .messages import (
-    DEADLINE, GENERATION, IDEMPOTENCY_KEY, identity, label_kwargs,
+    DEADLINE, GENERATION, IDEMPOTENCY_KEY, OUTBOX_UNTIL, identity,
+    label_kwargs,
 )
 from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
@@ -58,22 +59,30 @@ class Coordinator:
 
     def publish_step(self, saga_id: str, step: StepSpec,
                      args: Sequence[Any], kwargs: Mapping[str, Any],
-                     generation: int = 1) -> None:
+                     generation: int = 1, outbox: bool = False) -> None:
         """Publish forward step ``step`` with the given arguments.
 
         Arguments:
             generation: how many times it has been published, this time
                 included (the sweep publishes a step again when its
                 publisher died before confirming it).
+            outbox: its stage was dispatched into the outbox (by a
+                completion): the message says until when the sweep cannot
+                have published it again.
         """
         self.check_task(saga_id, step.describe(), step.call.name)
         options = _allowed(step.call.options)
+        now = time.time()
         lease = self.settings.queue_timeout + step.delay
         ident = identity(saga_id, step.index)
         headers = {**(options.pop('headers', None) or {}), **ident,
-                   DEADLINE: round(time.time() + lease, 3)}
+                   DEADLINE: round(now + lease, 3)}
         if generation > 1:
             headers[GENERATION] = generation
+        elif outbox:
+            headers[OUTBOX_UNTIL] = round(
+                now + (step.timeout or self.settings.step_timeout)
+                + step.delay, 3)
         options['kwargsrepr'] = self._label(ident, kwargs,
                                             options.get('kwargsrepr'))
         self.app.signature(
@@ -161,7 +170,7 @@ class Coordinator:
             try:
                 self.publish_step(saga_id, step, *step.called_with(prev),
                                   generation=(generations or {}).get(
-                                      step.index, 1))
+                                      step.index, 1), outbox=not first)
             except Exception as exc:  # noqa: BLE001 - becomes a step failure
                 logger.exception('saga %s: could not publish %s',
                                  saga_id, step.describe())

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from celery.utils.saferepr import saferepr
 
 __all__ = ('SAGA_ID', 'STEP', 'ATTEMPT', 'DEADLINE', 'GENERATION',
+           'OUTBOX_UNTIL',
            'IDEMPOTENCY_KEY',
            'IDENTITY', 'KWARGSREPR_MAXSIZE', 'identity', 'label_kwargs',
            'is_labelled')
@@ -25,6 +26,10 @@ DEADLINE = 'compensate_deadline'
 #: forward steps the sweep published again: the publish generation (absent
 #: on a first publish); a worker refuses a copy older than the record's
 GENERATION = 'compensate_generation'
+#: forward steps of a stage dispatched by a completion: until this time the
+#: sweep cannot have published the step again (its outbox lease runs), so a
+#: worker receiving it later checks the record before the body may run
+OUTBOX_UNTIL = 'compensate_outbox_until'
 IDEMPOTENCY_KEY = 'compensate_idempotency_key'   #: undos only
 
 #: The identity headers, in the order ``kwargsrepr`` shows them.

@@ -12,6 +12,7 @@ decides what each lapse means.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -22,7 +23,7 @@ from celery.utils.log import get_logger
 from .clients import servers
 from .coordinator import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
-from .messages import GENERATION
+from .messages import GENERATION, OUTBOX_UNTIL
 from .model import TaskIdInfo, parse_task_id
 from .store import TRANSIENT_ERRORS, Reply, SagaStore, new_token, shard_of
 
@@ -160,12 +161,20 @@ class Recovery:
         #: recorded as the holder of what nobody was seen receiving
         self.token = new_token()
         self._receive_error = float('-inf')
+        #: receipts the consumer queued for the ``compensate-receipts``
+        #: thread: ``(task id, what it is, holder, generation)``
+        self._receipts: collections.deque[
+            tuple[str, TaskIdInfo, str, int]] = collections.deque()
+        self._receipt_due = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._renew_loop, daemon=True,
-                                          name='compensate-leases')]
+                                          name='compensate-leases'),
+                         threading.Thread(target=self._receipt_loop,
+                                          daemon=True,
+                                          name='compensate-receipts')]
         if self.sweep_enabled:
             self._threads.append(threading.Thread(
                 target=self._sweep_loop, daemon=True, name='compensate-sweep'))
@@ -178,7 +187,7 @@ class Recovery:
         none is left."""
         self._stop.set()
         self._draining = True
-        for thread in self._threads[1:]:
+        for thread in self._threads[2:]:
             thread.join(timeout)
         if self._owner:
             try:
@@ -200,6 +209,14 @@ class Recovery:
         # returns to the broker (reserved and ETA messages)
         self._guard(self.renew)
 
+    def _receipt_loop(self) -> None:
+        while not self._drained.is_set():
+            self._receipt_due.wait(self.settings.heartbeat_interval)
+            self._receipt_due.clear()
+            self._guard(self.send_receipts)
+            if self._draining and not any(held_by_this_worker(True)):
+                break
+
     def _sweep_loop(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
@@ -209,15 +226,25 @@ class Recovery:
 
     # -- the work -----------------------------------------------------------
 
-    def receive(self, task_id: str | None, headers: Any) -> bool:
+    def receive(self, task_id: str | None, headers: Any,
+                delivery_info: Any = None) -> bool:
         """The worker's consumer took a message from the broker and is
         about to hand it to the pool (or keep it for its ETA): record the
-        saga task as held by this worker at once, so a worker killed now is
-        noticed within the step's lease, not the queue timeout.
+        saga task as held by this worker, so a worker killed now is noticed
+        within the step's lease, not the queue timeout.
+
+        Usually the receipt is queued for the ``compensate-receipts``
+        thread, which sends whatever is pending in one pipeline at once
+        (the event loop does not wait on Redis).  A copy that may have a
+        twin the record settled or superseded is checked here, before the
+        pool gets it: a redelivered message, one the sweep published again
+        (``compensate_generation``), or one received after the sweep could
+        have published its step again (``compensate_outbox_until``, less a
+        heartbeat for clock skew).
 
         Called in the consumer's event loop, so it never raises; while the
-        store is unreachable it lets messages through unrecorded (the next
-        heartbeat records them).
+        store is unreachable messages pass (the next heartbeat records
+        them).
 
         Returns:
             bool: ``False`` if the copy must not run (the record settled
@@ -227,19 +254,32 @@ class Recovery:
         info = parse_task_id(task_id)
         if info is None or task_id is None:
             return True
-        if time.monotonic() - self._receive_error < self.settings.heartbeat_interval:
-            return True
-        holder = new_token()
+        headers = headers or {}
         try:
-            generation = int((headers or {}).get(GENERATION) or 1)
-            verdict = self.store.receive(info.saga_id, info.index,
-                                         info.attempt if info.is_undo
-                                         else None, generation, holder)
+            generation = int(headers.get(GENERATION) or 1)
+            until = float(headers.get(OUTBOX_UNTIL) or 'inf')
+        except (TypeError, ValueError):
+            generation, until = 1, 0.0      # odd headers: check the record
+        holder = new_token()
+        receipt = (task_id, info, holder, generation)
+        risky = (not info.is_undo and (
+            generation > 1 or (delivery_info or {}).get('redelivered')
+            or time.time() > until - self.settings.heartbeat_interval))
+        if not risky or (time.monotonic() - self._receive_error
+                         < self.settings.heartbeat_interval):
+            self._receipts.append(receipt)
+            self._receipt_due.set()
+            return True
+        try:
+            verdict = self.store.receive(info.saga_id, info.index, None,
+                                         generation, holder)
         except Exception as exc:  # noqa: BLE001 - never into the consumer
             self._receive_error = time.monotonic()
-            logger.warning('celery_compensate: could not record that this '
-                           'worker received %s (%s); its next heartbeat '
-                           'will', task_id, exc)
+            logger.warning('celery_compensate: could not check the saga '
+                           'record of %s before running it (%s)', task_id,
+                           exc)
+            self._receipts.append(receipt)
+            self._receipt_due.set()
             return True
         if verdict in _REFUSED:
             logger.info('saga %s: a copy of step %d not run: %s',
@@ -249,6 +289,41 @@ class Recovery:
             self.holding[task_id] = (info, holder)
         return True
 
+    def send_receipts(self) -> int:
+        """Record what the consumer received since the last call, in one
+        pipeline (the ``compensate-receipts`` thread).
+
+        Returns:
+            int: how many receipts were sent.
+        """
+        items = []
+        while self._receipts:
+            items.append(self._receipts.popleft())
+        if not items:
+            return 0
+        try:
+            replies = self.store.receive_many([
+                (info.saga_id, info.index,
+                 info.attempt if info.is_undo else None, generation, holder)
+                for _, info, holder, generation in items])
+        except Exception:
+            # the heartbeat marks them held (as this holder) instead
+            for task_id, info, holder, _ in items:
+                self.holding.setdefault(task_id, (info, holder))
+            raise
+        for (task_id, info, holder, _), verdict in zip(items, replies,
+                                                       strict=True):
+            if verdict is Reply.HELD:
+                self.holding[task_id] = (info, holder)
+            elif verdict in _REFUSED:
+                # an ordinary copy (not redelivered, not published again):
+                # a duplicate sent by someone else; it runs, and the
+                # record ignores its outcome
+                logger.warning('saga %s: a copy of step %d was received '
+                               'although %s', info.saga_id, info.index,
+                               _REFUSED[verdict])
+        return len(items)
+
     def renew(self) -> int:
         """Report the forward steps that left this worker since the last
         heartbeat (:meth:`SagaStore.left`), then renew the leases of what
@@ -257,6 +332,7 @@ class Recovery:
         Returns:
             int: how many leases were renewed.
         """
+        self.send_receipts()        # so that what they hold is known
         held = dict(held_by_this_worker(active_only=self._draining))
         gone = [task_id for task_id in list(self.holding)
                 if task_id not in held]
@@ -279,8 +355,9 @@ class Recovery:
             return 0
         return self.store.renew(
             [(info.saga_id, info.index,
-              info.attempt if info.is_undo else None)
-             for info in held.values()], self.token)
+              info.attempt if info.is_undo else None,
+              self.holding.get(task_id, (info, self.token))[1])
+             for task_id, info in held.items()])
 
     def sweep(self) -> int:
         """If this worker is the sweeper, recover every saga that is due.

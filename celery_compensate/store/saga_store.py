@@ -199,23 +199,40 @@ class SagaStore:
             'receive', saga_id, '', index,
             '' if attempt is None else attempt, generation, holder))
 
-    def renew(self, held: Iterable[tuple[str, int, int | None]],
-              holder: str = '-') -> int:
+    def receive_many(self, items: Iterable[tuple[str, int, int | None, int,
+                                               str]]) -> list[Reply]:
+        """:meth:`receive` for many tasks, in one round trip.
+
+        Arguments:
+            items: ``(saga id, step index, undo attempt or None, publish
+                generation, holder)`` tuples.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for saga_id, index, attempt, generation, holder in items:
+            self._commands['receive'](
+                keys=self.keys.for_saga(saga_id),
+                args=['', 0, 0, index, '' if attempt is None else attempt,
+                      generation, holder], client=pipe)
+        return [Reply(r) for r in self._run(pipe.execute)]
+
+    def renew(self, held: Iterable[tuple[str, int, int | None] |
+                                   tuple[str, int, int | None, str]]) -> int:
         """Extend the leases of the steps and undo attempts a live worker
         holds, in one round trip.
 
         Arguments:
-            held: ``(saga id, step index, undo attempt or None)`` triples.
-            holder: recorded for what nobody holds yet (its RECEIVE failed).
+            held: ``(saga id, step index, undo attempt or None[, holder])``
+                tuples; the holder (default ``-``) is recorded for what
+                nobody holds yet (its receipt was not recorded).
         Returns:
             int: how many were still in flight (and renewed).
         """
         pipe = self.client.pipeline(transaction=False)
-        for saga_id, index, attempt in held:
+        for saga_id, index, attempt, *holder in held:
             self._commands['renew'](
                 keys=self.keys.for_saga(saga_id),
                 args=['', 0, 0, index, '' if attempt is None else attempt,
-                      holder],
+                      holder[0] if holder else '-'],
                 client=pipe)
         return sum(Reply(r) is Reply.RENEWED for r in self._run(pipe.execute))
 
@@ -285,8 +302,9 @@ class SagaStore:
               token: str | None = None) -> Outcome:
         """Stop a running saga: give up its in-flight steps and claim
         compensation (status ``aborted``, or ``not-running``/``missing``)."""
-        return self._decoded(saga_id, self._change('abort', saga_id, token,
-                                                   reason[:2000]))
+        return self._decoded(saga_id, self._change(
+            'abort', saga_id, token, reason[:2000],
+            self.settings.heartbeat_interval))
 
     def retry(self, saga_id: str, token: str | None = None) -> Outcome:
         """Re-drive a COMPENSATION_FAILED saga from the undos that failed

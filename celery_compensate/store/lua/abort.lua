@@ -1,12 +1,18 @@
 --- ABORT: an operator stops a running saga.  Compensation is claimed and
---- the caller revokes its in-flight forward steps: a step no worker holds
---- yet is given up at once; a held one stays running until its revoke
---- (terminate) is reported, it completes anyway (then it is undone
---- first), or its lease lapses, so its undo never runs while its effect
---- may still happen.
+--- the caller revokes its in-flight forward steps.  No step is settled
+--- here: a worker may have received a step a moment ago without its
+--- receipt being recorded yet (receipts are sent within a fraction of a
+--- second, at the latest by the next heartbeat).  A held step stays
+--- running until its revoke (terminate) is reported, it completes anyway
+--- (then it is undone first), or its lease lapses; a step no worker holds
+--- gets ``fe<i>`` = the reason and a lease of ARGV[5] seconds (a
+--- heartbeat): received in that time it is held and running, else the
+--- sweep gives it up with that reason.  So no undo starts while a step
+--- that may have started can still land.
 ---
 --- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
---- ARGV[1-3] token, now, ttl; ARGV[4] reason
+--- ARGV[1-3] token, now, ttl; ARGV[4] reason; ARGV[5] seconds a step no
+---   worker holds may still turn out received (the heartbeat interval)
 ---
 --- Replies {status, old state, new state, {}, {}, undos due, steps to
 --- revoke}:
@@ -16,12 +22,14 @@
 ---   missing      no such saga
 ---
 --- Transitions: saga RUNNING -> COMPENSATING (``reason``, no ``failed``);
---- queued steps R -> F; the current stage is opened, settled stages are
+--- steps no worker holds: out of the outbox, lease ARGV[5] (the sweep
+--- then sets R -> F); the current stage is opened, settled stages are
 --- walked down (possibly -> COMPENSATED).
 
 --- @include "includes/saga"
 --- @include "includes/fields"
 --- @include "includes/num"
+--- @include "includes/clock"
 --- @include "includes/rescore"
 --- @include "includes/claim"
 --- @include "includes/advance"
@@ -47,13 +55,14 @@ if st ~= 'RUNNING' then
   return {'not-running', st, st}
 end
 local stopped = running()
+local t = clock()
 for _, i in ipairs(stopped) do
   if not hget('h' .. i) then
-    -- no worker received it (RECEIVE marks a step held before the pool
-    -- gets it): give it up now; a copy received later is refused
-    redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[4], 't' .. i, now,
-               'tk' .. i, token)
-    redis.call('HINCRBY', h, 'w' .. cur, -1)
+    -- not known to be received: settled by the sweep after the grace,
+    -- unless its receipt comes first
+    redis.call('HSET', h, 'fe' .. i, ARGV[4], 'd' .. i,
+               string.format('%.3f', t + tonumber(ARGV[5])))
+    redis.call('HDEL', h, 'ob' .. i)
   end
 end
 claim(nil, ARGV[4])

@@ -25,8 +25,8 @@
 ---   unknown-step    the saga has no such step: run it (a plain task)
 ---   missing         no such saga: run it (nothing to protect)
 ---
---- Transitions: forward R queued or in the outbox -> R held (``h<i>``,
---- ``ob<i>`` cleared); undo Q/W -> held.
+--- Transitions: forward R queued, in the outbox or aborted unheld -> R
+--- held (``h<i>``; ``ob<i>``, ``fe<i>`` cleared); undo Q/W -> held.
 
 --- @include "includes/saga"
 --- @include "includes/fields"
@@ -54,7 +54,9 @@ if s ~= 'R' then return 'not-dispatched' end
 if tonumber(ARGV[6]) < tonumber(f[3] or '1') then return 'stale' end
 if f[6] ~= ARGV[7] then
   hold_lease(i, 'o', ARGV[7])
-  redis.call('HDEL', h, 'ob' .. i)
+  -- received: out of the outbox, and no longer taken for never started
+  -- by an abort (``fe``)
+  redis.call('HDEL', h, 'ob' .. i, 'fe' .. i)
   rescore()
 end
 return 'held'

@@ -82,8 +82,9 @@ for _, i in ipairs(candidates) do
       local why = 'lost: its worker died (no lease renewal for ' ..
                   hget('o' .. i) .. 's)'
       if not hget('h' .. i) then
-        why = 'lost: no worker took it from the broker within ' ..
-              hget('qt') .. 's'
+        -- an abort's reason, when nobody received it during its grace
+        why = hget('fe' .. i) or ('lost: no worker took it from the ' ..
+                                  'broker within ' .. hget('qt') .. 's')
       end
       redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, why, 't' .. i, now,
                  'tk' .. i, token)

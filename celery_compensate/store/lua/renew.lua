@@ -35,7 +35,7 @@ if not hget('h' .. i) then
   -- a worker took it from the broker unseen (its RECEIVE failed): from
   -- now on its lease is short
   hold_lease(i, field, ARGV[6])
-  if field == 'o' then redis.call('HDEL', h, 'ob' .. i) end
+  if field == 'o' then redis.call('HDEL', h, 'ob' .. i, 'fe' .. i) end
   rescore()
   return 'renewed'
 end
