@@ -10,8 +10,8 @@ from . import signals
 from .canvas import Saga, saga
 from .exceptions import (
     CompensateError, CorruptSagaRecord, ImproperlyConfigured, InvalidSaga,
-    ResultNotSerializable, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
-    SagaTimeoutError, TaskRefused,
+    ResultNotSerializable, ResultTooLarge, SagaNotFound, SagaStoreError,
+    SagaStoreUnavailable, SagaTimeoutError, TaskRefused,
 )
 from .install import install
 from .model import SagaState, StepState, UndoState
@@ -23,6 +23,7 @@ __all__ = (
     'install', 'saga', 'Saga', 'SagaResult', 'SagaState', 'StepState',
     'UndoState', 'signals',
     'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
-    'InvalidSaga', 'ResultNotSerializable', 'SagaNotFound', 'SagaStoreError',
-    'SagaStoreUnavailable', 'SagaTimeoutError', 'TaskRefused',
+    'InvalidSaga', 'ResultNotSerializable', 'ResultTooLarge', 'SagaNotFound',
+    'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
+    'TaskRefused',
 )

@@ -16,11 +16,11 @@ from kombu.utils.json import dumps
 
 from . import signals
 from .exceptions import (
-    ResultNotSerializable, SagaStoreUnavailable, TaskRefused,
+    ResultNotSerializable, ResultTooLarge, SagaStoreUnavailable, TaskRefused,
 )
 from .messages import (
     DEADLINE, GENERATION, IDEMPOTENCY_KEY, OUTBOX_UNTIL, identity,
-    label_kwargs,
+    label_kwargs, unstored,
 )
 from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
@@ -187,17 +187,34 @@ class Coordinator:
         """A forward step returned: record it, then publish what is next.
 
         Raises:
-            ResultNotSerializable: the return value cannot be stored; the
-                step has been recorded as failed.
+            ResultNotSerializable: the return value cannot be stored (not
+                JSON, or over ``compensate_result_max_bytes``: then
+                :exc:`ResultTooLarge`).  The step took effect: it is
+                recorded failed with a placeholder result
+                (:func:`~celery_compensate.messages.unstored`), the saga
+                compensates and the step's undo runs with the placeholder.
         """
+        err: ResultNotSerializable | None = None
         try:
             result_json = dumps(retval)
         except (TypeError, ValueError) as exc:
             err = ResultNotSerializable(
                 f'saga {info.saga_id}: step {info.index} returned '
-                f'{type(retval).__name__} which cannot be stored as JSON: {exc}')
-            self.step_failed(info, repr(err))
-            raise err from exc
+                f'{type(retval).__name__} which cannot be stored as JSON: '
+                f'{exc}')
+            err.__cause__ = exc
+        else:
+            size = len(result_json.encode())
+            if size > self.settings.result_max_bytes:
+                err = ResultTooLarge(
+                    f'saga {info.saga_id}: step {info.index} returned '
+                    f'{size} bytes of JSON, more than '
+                    f'compensate_result_max_bytes '
+                    f'({self.settings.result_max_bytes})')
+        if err is not None:
+            why = f'{type(err).__name__}: {err}'
+            self.step_failed(info, why, placeholder=dumps(unstored(why)))
+            raise err
         token = new_token()
         outcome = self.persist(
             lambda: self.store.step_done(info.saga_id, info.index,
@@ -205,9 +222,15 @@ class Coordinator:
             info, 'the completion of step')
         self.apply(info.saga_id, outcome, step=info.index)
 
-    def step_failed(self, info: TaskIdInfo, reason: str) -> Outcome:
-        """A forward step failed for good: claim or join compensation."""
-        outcome = self.store.step_failed(info.saga_id, info.index, reason)
+    def step_failed(self, info: TaskIdInfo, reason: str,
+                    placeholder: str = '') -> Outcome:
+        """A forward step failed for good: claim or join compensation.
+
+        Arguments:
+            placeholder: see :meth:`SagaStore.step_failed`.
+        """
+        outcome = self.store.step_failed(info.saga_id, info.index, reason,
+                                         placeholder)
         self.apply(info.saga_id, outcome, step=info.index, reason=reason)
         return outcome
 

@@ -7,7 +7,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 __all__ = (
     'CompensateError', 'ImproperlyConfigured', 'InvalidSaga', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
-    'ResultNotSerializable', 'CorruptSagaRecord', 'TaskRefused',
+    'ResultNotSerializable', 'ResultTooLarge', 'CorruptSagaRecord',
+    'TaskRefused',
 )
 
 
@@ -49,8 +50,14 @@ class CorruptSagaRecord(SagaStoreError):
 
 
 class ResultNotSerializable(CompensateError, TypeError):
-    """A step's return value cannot be stored as JSON, so its undo could not
-    be called with it.  The step counts as failed."""
+    """A step's return value cannot be stored (not JSON, or larger than
+    ``compensate_result_max_bytes``).  The step took effect, so the saga
+    compensates and the step's undo runs, with a placeholder
+    (:func:`celery_compensate.messages.unstored`) as its result."""
+
+
+class ResultTooLarge(ResultNotSerializable):
+    """A step's result is larger than ``compensate_result_max_bytes``."""
 
 
 class SagaTimeoutError(CompensateError, CeleryTimeoutError, TimeoutError):

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from celery.utils.saferepr import saferepr
 
 __all__ = ('SAGA_ID', 'STEP', 'ATTEMPT', 'DEADLINE', 'GENERATION',
-           'OUTBOX_UNTIL',
+           'OUTBOX_UNTIL', 'UNSTORED_RESULT', 'unstored',
            'IDEMPOTENCY_KEY',
            'IDENTITY', 'KWARGSREPR_MAXSIZE', 'identity', 'label_kwargs',
            'is_labelled')
@@ -31,6 +31,11 @@ GENERATION = 'compensate_generation'
 #: worker receiving it later checks the record before the body may run
 OUTBOX_UNTIL = 'compensate_outbox_until'
 IDEMPOTENCY_KEY = 'compensate_idempotency_key'   #: undos only
+
+#: The key of the placeholder an undo gets as the result of a step whose
+#: result could not be stored (not JSON, or over
+#: ``compensate_result_max_bytes``): ``{UNSTORED_RESULT: "<why>"}``.
+UNSTORED_RESULT = 'compensate_result_unstored'
 
 #: The identity headers, in the order ``kwargsrepr`` shows them.
 IDENTITY = (SAGA_ID, STEP, ATTEMPT)
@@ -80,3 +85,8 @@ def label_kwargs(identity: Mapping[str, Any], kwargs: Mapping[str, Any],
 def is_labelled(kwargsrepr: Any) -> bool:
     """Whether a ``kwargsrepr`` already starts with the saga identity."""
     return isinstance(kwargsrepr, str) and kwargsrepr.startswith(_LABEL)
+
+
+def unstored(why: str) -> dict[str, str]:
+    """The placeholder result of a step whose result could not be stored."""
+    return {UNSTORED_RESULT: why}

@@ -177,6 +177,12 @@ def _queue_name(key: str, value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _byte_size(key: str, value: Any) -> int:
+    _require(isinstance(value, int) and not isinstance(value, bool)
+             and value >= 64, key, 'an integer number of bytes >= 64', value)
+    return int(value)
+
+
 def _attempts(key: str, value: Any) -> int:
     # one attempt would give an undo no retry at all: a revoked copy or a
     # killed worker would end the compensation at once
@@ -276,6 +282,11 @@ class Settings:
             'normal routing. Set it on every worker (undos are sent by '
             'whichever worker records a failure or an undo) and have a worker '
             'consume it (see Performance)')
+    result_max_bytes = Option(
+        'compensate_result_max_bytes', 65536, _byte_size,
+        doc="largest step result stored, in bytes of JSON; a step whose "
+            "result is larger (or cannot be encoded) counts as completed "
+            "but the saga compensates, and its undo gets a placeholder")
     undo_max_attempts = Option(
         'compensate_undo_max_attempts', 6, _attempts,
         doc='attempts per undo before `COMPENSATION_FAILED`')

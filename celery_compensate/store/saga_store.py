@@ -145,13 +145,20 @@ class SagaStore:
         trip) and return what must be dispatched next.  Resending with the
         same ``token`` is safe."""
         return self._decoded(saga_id, self._change(
-            'step_done', saga_id, token, index, result_json))
+            'step_done', saga_id, token, index, result_json), result_json)
 
-    def step_failed(self, saga_id: str, index: int, reason: str) -> Outcome:
+    def step_failed(self, saga_id: str, index: int, reason: str,
+                    placeholder: str = '') -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
-        was running."""
+        was running.
+
+        Arguments:
+            placeholder: the body returned but its result cannot be stored:
+                this JSON stands for it, and the step is undone like a
+                completed one.
+        """
         return self._decoded(saga_id, self._change(
-            'step_failed', saga_id, None, index, reason[:2000]))
+            'step_failed', saga_id, None, index, reason[:2000], placeholder))
 
     def undo_begin(self, saga_id: str, index: int, attempt: int,
                    token: str) -> Reply:
@@ -207,13 +214,10 @@ class SagaStore:
             items: ``(saga id, step index, undo attempt or None, publish
                 generation, holder)`` tuples.
         """
-        pipe = self.client.pipeline(transaction=False)
-        for saga_id, index, attempt, generation, holder in items:
-            self._commands['receive'](
-                keys=self.keys.for_saga(saga_id),
-                args=['', 0, 0, index, '' if attempt is None else attempt,
-                      generation, holder], client=pipe)
-        return [Reply(r) for r in self._run(pipe.execute)]
+        return [Reply(r) for r in self._batch([
+            ('receive', saga_id, [index, '' if attempt is None else attempt,
+                                  generation, holder])
+            for saga_id, index, attempt, generation, holder in items])]
 
     def renew(self, held: Iterable[tuple[str, int, int | None] |
                                    tuple[str, int, int | None, str]]) -> int:
@@ -227,14 +231,10 @@ class SagaStore:
         Returns:
             int: how many were still in flight (and renewed).
         """
-        pipe = self.client.pipeline(transaction=False)
-        for saga_id, index, attempt, *holder in held:
-            self._commands['renew'](
-                keys=self.keys.for_saga(saga_id),
-                args=['', 0, 0, index, '' if attempt is None else attempt,
-                      holder[0] if holder else '-'],
-                client=pipe)
-        return sum(Reply(r) is Reply.RENEWED for r in self._run(pipe.execute))
+        return sum(Reply(r) is Reply.RENEWED for r in self._batch([
+            ('renew', saga_id, [index, '' if attempt is None else attempt,
+                                holder[0] if holder else '-'])
+            for saga_id, index, attempt, *holder in held]))
 
     def left(self, gone: Iterable[tuple[str, int, str, bool]]) -> list[Reply]:
         """Report the forward steps that left a worker, in one round trip:
@@ -247,13 +247,10 @@ class SagaStore:
         Returns:
             list: each one's reply.
         """
-        pipe = self.client.pipeline(transaction=False)
-        for saga_id, index, holder, succeeded in gone:
-            name, extra = ('confirm', []) if succeeded else ('release',
-                                                             [holder])
-            self._commands[name](keys=self.keys.for_saga(saga_id),
-                                 args=['', 0, 0, index, *extra], client=pipe)
-        return [Reply(r) for r in self._run(pipe.execute)]
+        return [Reply(r) for r in self._batch([
+            ('confirm', saga_id, [index]) if succeeded else
+            ('release', saga_id, [index, holder])
+            for saga_id, index, holder, succeeded in gone])]
 
     def due(self, limit: int, gap: float, hold: float
             ) -> tuple[float, list[str], list[int]]:
@@ -469,6 +466,24 @@ class SagaStore:
         except CorruptSagaRecord as exc:
             raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
 
+    def _batch(self, calls: list[tuple[str, str, list[Any]]]) -> list[Any]:
+        """Run ``(command, saga id, args after token/now/ttl)`` calls in one
+        round trip: a pipeline, or the script itself when there is one call
+        (a pipeline of scripts costs redis-py an extra ``SCRIPT EXISTS``
+        round trip, which a worker's per-message receipts would pay)."""
+        def args(rest: list[Any]) -> list[Any]:
+            return ['', 0, 0, *rest]
+        if len(calls) == 1:
+            name, saga_id, rest = calls[0]
+            return [self._run(self._commands[name],
+                              keys=self.keys.for_saga(saga_id),
+                              args=args(rest))]
+        pipe = self.client.pipeline(transaction=False)
+        for name, saga_id, rest in calls:
+            self._commands[name](keys=self.keys.for_saga(saga_id),
+                                 args=args(rest), client=pipe)
+        return self._run(pipe.execute) if calls else []
+
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
@@ -499,14 +514,15 @@ class SagaStore:
                 'a saga record holds bytes that are not UTF-8 text (records '
                 f'are JSON): {exc}') from exc
 
-    def _decoded(self, saga_id: str, reply: list[Any]) -> Outcome:
+    def _decoded(self, saga_id: str, reply: list[Any],
+                 own: str | None = None) -> Outcome:
         try:
-            return self._outcome(reply)
+            return self._outcome(reply, own)
         except CorruptSagaRecord as exc:
             raise CorruptSagaRecord(f'saga {saga_id!r}: {exc}') from exc
 
     @staticmethod
-    def _outcome(reply: list[Any]) -> Outcome:
+    def _outcome(reply: list[Any], own: str | None = None) -> Outcome:
         """Decode a script's reply.
 
         Raises:
@@ -518,7 +534,9 @@ class SagaStore:
         if len(reply) < 3:
             return Outcome(status)
         try:
-            results = [loads(r) for r in reply[3]] if len(reply) > 3 else []
+            # '' is the calling step's own result, which is not sent back
+            results = [loads(own if r == '' and own is not None else r)
+                       for r in reply[3]] if len(reply) > 3 else []
             forward, generations = [], {}
             for entry in (reply[4] if len(reply) > 4 else ()):
                 forward.append(StepSpec.from_dict(loads(entry[1])))

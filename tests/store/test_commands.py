@@ -553,7 +553,25 @@ def test_step_done(case, celery_app, rds, monkeypatch):
 
 # -- step_failed ----------------------------------------------------------
 
+def failed_unstored(i: int):
+    return lambda store, sid: store.step_failed(
+        sid, i, 'ResultTooLarge: too big',
+        '{"compensate_result_unstored": "ResultTooLarge: too big"}')
+
+
 STEP_FAILED = [
+    Case('step_failed:running:result-not-stored-is-undone',
+         failed_unstored(1), Reply.CLAIMED, seed=at_stage1(held=(1,)),
+         old=RUNNING, new=COMPENSATING,
+         fields={**step(1, s='F', fe='ResultTooLarge: too big', t=PRESENT,
+                        tk=PRESENT, u=2, x='Q', a=1, d=About(QT),
+                        h=ABSENT,
+                        r='{"compensate_result_unstored": '
+                          '"ResultTooLarge: too big"}'),
+                 **stage(1, w=1, y=1),
+                 **saga(state='COMPENSATING', failed=1, claim=PRESENT,
+                        cstart=PRESENT, reason='ResultTooLarge: too big')},
+         undos=[(1, 1)], due=True),
     Case('step_failed:running:claims', failed_call(2), Reply.CLAIMED,
          seed=at_stage1(), old=RUNNING, new=COMPENSATING,
          fields={**step(2, s='F', fe='boom', t=PRESENT, tk=PRESENT,

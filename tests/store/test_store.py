@@ -26,9 +26,11 @@ def make(celery_app, stages, sid='s') -> SagaStore:
 
 def again(store: SagaStore, script, sid: str, token: str, *args):
     """Run a script as redis-py does when it resends a command whose reply
-    was lost: same arguments, same token."""
+    was lost: same arguments, same token (a step's own result, which
+    step_done does not send back, is the one it sent)."""
+    own = args[1] if len(args) > 1 and isinstance(args[1], str) else None
     return store._outcome(script(keys=store.keys.for_saga(sid), args=[
-        token, repr(time.time()), 60, *args]))
+        token, repr(time.time()), 60, *args]), own)
 
 
 def test_a_resent_step_record_answers_again(celery_app, rds):
@@ -370,3 +372,24 @@ def test_a_lost_attempt_gets_the_backoff_of_a_failed_one(celery_app, rds):
         lease = float(rds.hget(key, L.deadline(0))) - (sec + usec / 1e6)
         qt = store.settings.queue_timeout
         assert qt + delay - 1 < lease <= qt + delay + 0.01   # rounded to ms
+
+
+def test_a_completion_does_not_send_the_step_s_own_result_back(
+        celery_app, rds, monkeypatch):
+    """STEP_DONE answers with the finished stage's results for the next
+    stage, except the calling step's own (it has it): a big result crosses
+    the network once."""
+    store = make(celery_app, [['a'], ['b']])
+    big = '"' + 'x' * 50_000 + '"'
+    replies = []
+    original = store._run
+
+    def spy(fn, *args, **kwargs):
+        reply = original(fn, *args, **kwargs)
+        replies.append(reply)
+        return reply
+
+    monkeypatch.setattr(store, '_run', spy)
+    out = store.step_done('s', 0, big, token='tok')
+    assert replies[-1][3] == ['']                 # not sent back
+    assert out.results == ['x' * 50_000]          # the caller's own

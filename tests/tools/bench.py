@@ -124,7 +124,9 @@ class Bench:
         self.stop_worker()
         queues = ['bench', 'bench-fail'] + ([undo_queue] if undo_queue else [])
         env = {'COMPENSATE_BENCH_BROKER': self.url,
-               'COMPENSATE_BENCH_UNDO_QUEUE': undo_queue or ''}
+               'COMPENSATE_BENCH_UNDO_QUEUE': undo_queue or '',
+               'COMPENSATE_BENCH_NO_RECEIPTS':
+                   os.environ.get('COMPENSATE_BENCH_NO_RECEIPTS', '')}
         extra = ['--prefetch-multiplier', '1'] if undo_queue else []
         self.worker = WorkerProcess(
             'tests.tools.bench_app', env, '-P', 'prefork', '-c', '2',

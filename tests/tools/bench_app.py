@@ -26,6 +26,10 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 install(app)
+if os.environ.get('COMPENSATE_BENCH_NO_RECEIPTS'):
+    # an A/B switch for measuring what the consumer's receipts cost
+    from celery_compensate.bootsteps import CompensateReceive
+    app.steps['consumer'].discard(CompensateReceive)
 
 _done: list[redis.Redis] = []
 

@@ -10,6 +10,7 @@ from celery import signals as celery_signals
 
 from celery_compensate import SagaState, UndoState, saga, signals
 from celery_compensate.appstate import get_state
+from celery_compensate.messages import UNSTORED_RESULT
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
 from celery_compensate.store import SagaStore, shard_of
 from celery_compensate.store import layout as L
@@ -209,12 +210,39 @@ def test_unknown_task_in_the_worker_compensates(celery_app, celery_worker, rds):
     assert undone(ledger(rds, celery_app, res.id)) == ['a']
 
 
-def test_unserializable_result_fails_the_step(celery_app, celery_worker, rds):
+def test_a_step_whose_result_cannot_be_stored_is_undone(
+        celery_app, celery_worker, rds):
+    """Its body returned (its effect happened) but the result is not JSON:
+    the saga compensates, naming the encoding problem, and the step's own
+    undo runs first, with the documented placeholder as its result."""
     res = saga(tasks.do.si('a'), tasks.unserializable.si('u'),
                tasks.do.si('c')).apply_async()
     assert res.wait(timeout=15) is SagaState.COMPENSATED
     assert 'cannot be stored as JSON' in res.info().reason
-    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+    log = ledger(rds, celery_app, res.id)
+    assert undone(log) == ['u', 'a'] and 'start:c' not in log
+    undo_u = next(e for e in log if e.startswith('undo:u:'))
+    assert f"{{'{UNSTORED_RESULT}': 'ResultNotSerializable: " in undo_u
+
+
+@pytest.mark.compensate_conf(compensate_result_max_bytes=1024)
+def test_a_result_over_the_size_limit_is_not_stored(
+        celery_app, celery_worker, rds):
+    """compensate_result_max_bytes bounds stored results the same way: the
+    step is undone with the placeholder, the reason names the limit, and
+    the record never holds the result."""
+    big = 'x' * 2000
+    res = saga(tasks.do.si('a'), tasks.do.si(big), tasks.do.si('c')
+               ).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    reason = res.info().reason
+    assert 'ResultTooLarge' in reason and (
+        'more than compensate_result_max_bytes (1024)') in reason
+    log = ledger(rds, celery_app, res.id)
+    assert undone(log) == [big, 'a']
+    record = rds.hgetall(get_state(celery_app).store.keys.saga(res.id))
+    assert all(len(v) < 1500 for k, v in record.items()
+               if not k.startswith('p')), 'a field holds the big result'
 
 
 @pytest.mark.compensate_conf(compensate_result_expires=1,

@@ -4,8 +4,9 @@
 --- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
 --- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] result JSON
 ---
---- Replies {status, old state, new state, results of the finished stage,
---- {index, spec} of each step of the next stage, undos due}:
+--- Replies {status, old state, new state, results of the finished stage
+--- ('' for the calling step's own: the caller has it), {index, spec} of
+--- each step of the next stage, undos due}:
 ---   next           completed the last running member of its stage: publish
 ---                  the next stage with these results (RUNNING)
 ---   completed      completed the last stage: saga RUNNING -> COMPLETED
@@ -81,8 +82,8 @@ local function next_stage(set, again)
   local n = 0
   for j in string.gmatch(g[1], '%d+') do
     n = n + 1
-    -- this step's result may still be in ``set``
-    results[n] = (not again and j == i and ARGV[5]) or v[n] or 'null'
+    -- this step's own result is not sent back (the caller has it): ''
+    results[n] = (not again and j == i and '') or v[n] or 'null'
   end
   local t, best, nxt = clock(), nil, {}
   set[#set + 1] = 'cur'; set[#set + 1] = nk

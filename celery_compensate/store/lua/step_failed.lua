@@ -4,7 +4,10 @@
 --- claims its compensation, exactly once however many notifications come.
 ---
 --- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
---- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] reason
+--- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] reason; ARGV[6]
+---   '' or, when the body returned but its result cannot be stored, the
+---   placeholder result (JSON): the step took effect, so its undo runs
+---   (``u<i>`` 1 -> 2) and gets the placeholder
 ---
 --- Replies {status, old state, new state, {}, {}, undos due}:
 ---   claimed         the saga was RUNNING: now COMPENSATING
@@ -18,7 +21,8 @@
 ---   missing         no such saga
 ---   error CORRUPT   the record lacks the step's stage, spec or counters
 ---
---- Transitions: step R -> F; saga RUNNING -> COMPENSATING (claimed, with
+--- Transitions: step R -> F (with a placeholder result: undone like a
+--- completed step); saga RUNNING -> COMPENSATING (claimed, with
 --- ``reason`` and ``failed``); the stage under compensation is opened
 --- (undos of its completed members and compensate_on_failure ones due);
 --- settled stages are walked down, possibly COMPENSATING -> COMPENSATED.
@@ -48,6 +52,10 @@ end
 local bad = damaged(i)
 if bad then return bad end
 local k = hget('k' .. i)
+if (ARGV[6] or '') ~= '' then
+  redis.call('HSET', h, 'r' .. i, ARGV[6])
+  if hget('u' .. i) == '1' then redis.call('HSET', h, 'u' .. i, 2) end
+end
 redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, ARGV[5], 't' .. i, now,
            'tk' .. i, token)
 if s == 'R' then redis.call('HINCRBY', h, 'w' .. k, -1) end
