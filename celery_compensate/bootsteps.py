@@ -8,14 +8,11 @@ from typing import Any, Callable
 from celery import bootsteps
 from click import Option
 
-from celery.utils.log import get_logger
-
 from .appstate import get_state
 from .recovery import Recovery
 
 __all__ = ('CompensateRecovery', 'CompensateReceive', 'WORKER_OPTIONS')
 
-logger = get_logger(__name__)
 
 #: ``celery worker`` options this library adds.
 WORKER_OPTIONS = (
@@ -50,12 +47,12 @@ class CompensateRecovery(bootsteps.StartStopStep):
 
 
 class CompensateReceive(bootsteps.StartStopStep):
-    """Record every saga task the consumer receives as held by this worker
-    before the pool (or the ETA timer) gets it, and drop a copy the saga
-    record already settled, before its body can run.
+    """Queue a receipt for every saga task the consumer receives (see
+    :meth:`Recovery.receive`), before the pool or the ETA timer gets it.
 
-    It wraps each task's strategy after the ``Tasks`` step (re)built them,
-    so it follows consumer restarts.
+    It wraps each task's strategy once the ``Tasks`` step built them, and
+    again whenever they are rebuilt (a consumer restart, or
+    ``pool_restart`` with ``reload``, which calls ``update_strategies``).
     """
 
     label = 'CompensateReceive'
@@ -65,22 +62,41 @@ class CompensateReceive(bootsteps.StartStopStep):
         recovery = getattr(c.controller, 'compensate_recovery', None)
         if recovery is None:
             return
-        for name, strategy in list(c.strategies.items()):
-            if not getattr(strategy, '_compensate_receive', False):
-                c.strategies[name] = _receiving(strategy, recovery,
-                                                c.connection_errors)
+        recovery.bucketed = lambda: _bucketed(c)
+        _wrap_strategies(c, recovery)
+        update = c.update_strategies
+        if not getattr(update, '_compensate_receive', False):
+            def update_strategies(*args: Any, **kwargs: Any) -> Any:
+                result = update(*args, **kwargs)
+                _wrap_strategies(c, recovery)
+                return result
+
+            update_strategies._compensate_receive = True  # type: ignore[attr-defined]
+            c.update_strategies = update_strategies
 
 
-def _receiving(strategy: Callable[..., Any], recovery: Recovery,
-               errors: Any) -> Callable[..., Any]:
+def _wrap_strategies(c: Any, recovery: Recovery) -> None:
+    for name, strategy in list(c.strategies.items()):
+        if not getattr(strategy, '_compensate_receive', False):
+            c.strategies[name] = _receiving(strategy, recovery)
+
+
+def _bucketed(c: Any) -> list[Any]:
+    """The requests waiting in the consumer's rate-limit buckets."""
+    out = []
+    for bucket in list(getattr(c, 'task_buckets', {}).values()):
+        for item in list(getattr(bucket, 'contents', ()) or ()):
+            out.append(item[0] if isinstance(item, tuple) else item)
+    return out
+
+
+def _receiving(strategy: Callable[..., Any],
+               recovery: Recovery) -> Callable[..., Any]:
     def receive(message: Any, body: Any, ack: Any, reject: Any,
                 callbacks: Any, **kwargs: Any) -> Any:
         headers = getattr(message, 'headers', None)
-        if isinstance(headers, dict) and not recovery.receive(
-                headers.get('id'), headers,
-                getattr(message, 'delivery_info', None)):
-            ack(logger, errors)
-            return None
+        if isinstance(headers, dict):
+            recovery.receive(headers.get('id'), headers)
         return strategy(message, body, ack, reject, callbacks, **kwargs)
 
     receive._compensate_receive = True  # type: ignore[attr-defined]

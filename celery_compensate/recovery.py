@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import redis
 from celery.utils.log import get_logger
@@ -23,7 +23,7 @@ from celery.utils.log import get_logger
 from .clients import servers
 from .coordinator import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
-from .messages import GENERATION, OUTBOX_UNTIL
+from .messages import GENERATION, SAGA_ID
 from .model import TaskIdInfo, parse_task_id
 from .store import TRANSIENT_ERRORS, Reply, SagaStore, new_token, shard_of
 
@@ -39,7 +39,12 @@ logger = get_logger(__name__)
 #: sagas taken per shard and sweep
 SWEEP_BATCH = 100
 
-#: RECEIVE replies that refuse a copy, and why (logged)
+#: Seconds a busy worker waits between two pipelines of receipts: a task
+#: is recorded as held at most this long after its worker received it.
+RECEIPT_GAP = 0.02
+
+#: RECEIVE replies for a copy the record does not expect, and why (logged:
+#: a copy that can have such a twin checks the record before its body)
 _REFUSED = {
     Reply.DONE: 'it is already done',
     Reply.GIVEN_UP: 'it was given up',
@@ -160,7 +165,9 @@ class Recovery:
         self.holding: dict[str, tuple[TaskIdInfo, str]] = {}
         #: recorded as the holder of what nobody was seen receiving
         self.token = new_token()
-        self._receive_error = float('-inf')
+        #: set by the consumer bootstep: the requests waiting in its
+        #: rate-limit buckets (in none of Celery's request sets, yet held)
+        self.bucketed: Callable[[], Iterable[Any]] = tuple
         #: receipts the consumer queued for the ``compensate-receipts``
         #: thread: ``(task id, what it is, holder, generation)``
         self._receipts: collections.deque[
@@ -213,9 +220,13 @@ class Recovery:
         while not self._drained.is_set():
             self._receipt_due.wait(self.settings.heartbeat_interval)
             self._receipt_due.clear()
+            started = time.monotonic()
             self._guard(self.send_receipts)
             if self._draining and not any(held_by_this_worker(True)):
                 break
+            # what arrives meanwhile goes in the next pipeline
+            self._drained.wait(max(0.0, RECEIPT_GAP
+                                   - (time.monotonic() - started)))
 
     def _sweep_loop(self) -> None:
         while not self._stop.is_set():
@@ -226,68 +237,31 @@ class Recovery:
 
     # -- the work -----------------------------------------------------------
 
-    def receive(self, task_id: str | None, headers: Any,
-                delivery_info: Any = None) -> bool:
-        """The worker's consumer took a message from the broker and is
-        about to hand it to the pool (or keep it for its ETA): record the
-        saga task as held by this worker, so a worker killed now is noticed
-        within the step's lease, not the queue timeout.
+    def receive(self, task_id: str | None, headers: Any) -> None:
+        """The worker's consumer took a message from the broker: queue a
+        receipt that records the saga task as held by this worker, so a
+        worker killed from now on is noticed within the step's lease, not
+        the queue timeout.
 
-        Usually the receipt is queued for the ``compensate-receipts``
-        thread, which sends whatever is pending in one pipeline at once
-        (the event loop does not wait on Redis).  A copy that may have a
-        twin the record settled or superseded is checked here, before the
-        pool gets it: a redelivered message, one the sweep published again
-        (``compensate_generation``), or one received after the sweep could
-        have published its step again (``compensate_outbox_until``, less a
-        heartbeat for clock skew).
-
-        Called in the consumer's event loop, so it never raises; while the
-        store is unreachable messages pass (the next heartbeat records
-        them).
-
-        Returns:
-            bool: ``False`` if the copy must not run (the record settled
-            the step already, or this is an older copy of a step published
-            again); the caller acks it without running it.
+        The ``compensate-receipts`` thread sends the pending receipts in
+        one pipeline, at once when it is idle, else at most every
+        :data:`RECEIPT_GAP` seconds (so a busy worker pays a fraction of a
+        round trip per task, and the event loop never waits on Redis).
+        Called in the consumer's event loop: it never raises.
         """
         info = parse_task_id(task_id)
         if info is None or task_id is None:
-            return True
+            return
         headers = headers or {}
         try:
-            generation = int(headers.get(GENERATION) or 1)
-            until = float(headers.get(OUTBOX_UNTIL) or 'inf')
+            # a copy without the identity headers (a replacement sent by
+            # ``self.replace``) has no generation of its own: 0, unchecked
+            generation = (int(headers.get(GENERATION) or 1)
+                          if headers.get(SAGA_ID) is not None else 0)
         except (TypeError, ValueError):
-            generation, until = 1, 0.0      # odd headers: check the record
-        holder = new_token()
-        receipt = (task_id, info, holder, generation)
-        risky = (not info.is_undo and (
-            generation > 1 or (delivery_info or {}).get('redelivered')
-            or time.time() > until - self.settings.heartbeat_interval))
-        if not risky or (time.monotonic() - self._receive_error
-                         < self.settings.heartbeat_interval):
-            self._receipts.append(receipt)
-            self._receipt_due.set()
-            return True
-        try:
-            verdict = self.store.receive(info.saga_id, info.index, None,
-                                         generation, holder)
-        except Exception as exc:  # noqa: BLE001 - never into the consumer
-            self._receive_error = time.monotonic()
-            logger.warning('celery_compensate: could not check the saga '
-                           'record of %s before running it (%s)', task_id,
-                           exc)
-            self._receipts.append(receipt)
-            self._receipt_due.set()
-            return True
-        if verdict in _REFUSED:
-            logger.info('saga %s: a copy of step %d not run: %s',
-                        info.saga_id, info.index, _REFUSED[verdict])
-            return False
-        if verdict is Reply.HELD:
-            self.holding[task_id] = (info, holder)
-        return True
+            generation = 0
+        self._receipts.append((task_id, info, new_token(), generation))
+        self._receipt_due.set()
 
     def send_receipts(self) -> int:
         """Record what the consumer received since the last call, in one
@@ -316,9 +290,9 @@ class Recovery:
             if verdict is Reply.HELD:
                 self.holding[task_id] = (info, holder)
             elif verdict in _REFUSED:
-                # an ordinary copy (not redelivered, not published again):
-                # a duplicate sent by someone else; it runs, and the
-                # record ignores its outcome
+                # a copy that could have such a twin checks the record
+                # before its body runs; this one is a duplicate sent by
+                # someone else: it runs, and the record ignores its outcome
                 logger.warning('saga %s: a copy of step %d was received '
                                'although %s', info.saga_id, info.index,
                                _REFUSED[verdict])
@@ -334,6 +308,12 @@ class Recovery:
         """
         self.send_receipts()        # so that what they hold is known
         held = dict(held_by_this_worker(active_only=self._draining))
+        if not self._draining:
+            for request in _snapshot(self.bucketed()):
+                task_id = getattr(request, 'id', None)
+                info = parse_task_id(task_id)
+                if info is not None and task_id is not None:
+                    held[task_id] = info
         gone = [task_id for task_id in list(self.holding)
                 if task_id not in held]
         left = []

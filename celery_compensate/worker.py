@@ -30,7 +30,7 @@ from celery.utils.log import get_logger
 
 from .appstate import find_state
 from .exceptions import ResultNotSerializable, SagaStoreUnavailable
-from .messages import DEADLINE
+from .messages import DEADLINE, GENERATION, OUTBOX_UNTIL, SAGA_ID
 from .model import StepState, TaskIdInfo, parse_task_id
 from .store import Reply, new_token
 
@@ -106,13 +106,14 @@ class CallAnnotation:
 
 def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
-    why = _may_be_settled(state, task.request)
+    why, generation = _may_be_settled(state, task.request)
     if why:
-        # kombu restored this message after a worker died, or it waited
-        # past its lease: run the body only if the saga has no record of
-        # how the step ended (a round trip paid by such messages only)
+        # a copy that can have a twin the record settled or superseded:
+        # run the body only if the record expects this copy (a round trip
+        # paid by such messages only)
         try:
-            code, result = state.store.step_status(info.saga_id, info.index)
+            code, result, current = state.store.step_status(
+                info.saga_id, info.index)
         except SagaStoreUnavailable as exc:
             # cannot tell whether the step already ended: do not run the
             # body now, and do not fail the step either
@@ -122,6 +123,11 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
                         '%s', info.saga_id, info.index, why,
                         'done' if code == StepState.DONE else 'given up')
             return result
+        if generation and generation < current:
+            logger.info('saga %s: step %d not run (%s): it was published '
+                        'again; this copy is older', info.saga_id,
+                        info.index, why)
+            return None
     try:
         retval = orig(task, *args, **kwargs)
     except (Retry, Ignore):
@@ -146,25 +152,43 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
     return retval
 
 
-def _may_be_settled(state: AppState, request: Any) -> str:
-    """Why the saga may have settled this step without this copy (a
-    redelivered message, or one that started after its lease could have
-    lapsed and the sweep gave the step up), or ``''``."""
-    if (request.delivery_info or {}).get('redelivered'):
-        return 'redelivered'
-    deadline = getattr(request, DEADLINE, None)
-    if deadline is None:
-        deadline = (getattr(request, 'headers', None) or {}).get(
-            DEADLINE)
-    if deadline is None:
-        return ''
+def _may_be_settled(state: AppState, request: Any) -> tuple[str, int]:
+    """Why this copy may have a twin the saga record settled or superseded,
+    or ``''``; and its publish generation (0: unknown, a copy without the
+    identity headers such as a replacement).
+
+    Such a copy is a redelivered message (kombu restored it after a worker
+    died), one the sweep published again, one started after the sweep
+    could have published its step again (its outbox window), or one
+    started after its queue lease could have lapsed.  A heartbeat of
+    margin covers clocks that differ between workers and Redis.
+    """
+    headers = getattr(request, 'headers', None) or {}
+
+    def header(name: str) -> Any:
+        value = getattr(request, name, None)
+        return headers.get(name) if value is None else value
+
     try:
-        # a heartbeat's margin: workers' clocks and Redis's may differ
-        late = time.time() > (float(deadline)
-                              - state.settings.heartbeat_interval)
+        generation = (int(header(GENERATION) or 1)
+                      if header(SAGA_ID) is not None else 0)
     except (TypeError, ValueError):
-        return ''
-    return 'started after its lease' if late else ''
+        generation = 0
+    if (request.delivery_info or {}).get('redelivered'):
+        return 'redelivered', generation
+    if generation > 1:
+        return 'published again', generation
+    margin = state.settings.heartbeat_interval
+    now = time.time()
+    for name, why in ((OUTBOX_UNTIL, 'started after its outbox window'),
+                      (DEADLINE, 'started after its lease')):
+        try:
+            limit = float(header(name))
+        except (TypeError, ValueError):
+            continue
+        if now > limit - margin:
+            return why, generation
+    return '', generation
 
 
 def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
@@ -176,15 +200,37 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
     except SagaStoreUnavailable as exc:
         # the body has not run: not a failed attempt; try again later
         raise _retry_later(state, task, exc) from exc
+    if verdict is Reply.RUNNING:
+        # another copy of this attempt holds it: the copy Celery sent for
+        # its own retry, replace or requeue, racing that copy's release, or
+        # a second copy while the first runs.  Try again shortly: released
+        # by then, it runs; done or superseded, it stops.
+        logger.info('saga %s: undo of step %d attempt %d is running in '
+                    'another copy; this copy tries again in %.1fs',
+                    info.saga_id, info.index, info.attempt,
+                    _recheck(state))
+        raise _retry_later(state, task, None, _recheck(state))
     if verdict is not Reply.RUN:
         logger.info('saga %s: undo of step %d attempt %d not run: %s',
                     info.saga_id, info.index, info.attempt, verdict)
         return None
     try:
         retval = orig(task, *args, **kwargs)
-    except Retry:
-        # the undo task's own retry: Celery sends this attempt again
+    except (Retry, Ignore):
+        # the undo task's own retry, replace (Celery sends the replacement
+        # under this task id, then raises Ignore) or Ignore: not a failed
+        # attempt; the attempt is queued again for the copy that follows
+        # (an Ignore with nothing after it is re-sent by the sweep after
+        # the queue timeout)
         _guarded(state.store.undo_release, info.saga_id, info.index, token)
+        raise
+    except Reject as exc:
+        if exc.requeue:
+            _guarded(state.store.undo_release, info.saga_id, info.index,
+                     token)
+            raise
+        _guarded(state.coordinator.undo_failed, info, exc)
+        _mark_handled(exc)
         raise
     except Exception as exc:
         _guarded(state.coordinator.undo_failed, info, exc)
@@ -199,11 +245,20 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
     return retval
 
 
-def _retry_later(state: AppState, task: Task, exc: Exception) -> Retry:
-    """Have Celery send this message again after a heartbeat, whatever the
-    task's own retry budget (the body has not run)."""
+def _retry_later(state: AppState, task: Task, exc: Exception | None,
+                 countdown: float | None = None) -> Retry:
+    """Have Celery send this message again after ``countdown`` seconds (a
+    heartbeat by default), whatever the task's own retry budget (the body
+    has not run)."""
     return task.retry(exc=exc, max_retries=task.request.retries + 1,
-                      countdown=state.settings.heartbeat_interval)
+                      countdown=(state.settings.heartbeat_interval
+                                 if countdown is None else countdown))
+
+
+def _recheck(state: AppState) -> float:
+    """Seconds before a copy that found its undo attempt running elsewhere
+    tries again."""
+    return min(1.0, state.settings.heartbeat_interval)
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> None:

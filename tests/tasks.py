@@ -197,6 +197,14 @@ def requeued(self: Task, name: str, sleep: float = 0.0) -> str:
     return f'res-{name}'
 
 
+@shared_task(bind=True, name='t.limited', compensate_with='t.undo',
+             rate_limit='40/m')
+def limited(self: Task, name: str) -> str:
+    """A rate-limited step: copies wait in the worker's token bucket."""
+    note(self, f'do:{name}')
+    return f'res-{name}'
+
+
 @shared_task(bind=True, name='t.unserializable', compensate_with='t.undo')
 def unserializable(self: Task, name: str) -> object:
     note(self, f'do:{name}')
@@ -295,6 +303,29 @@ def retrying_undo(self: Task, result: Any, name: str, *args: Any,
     note(self, f'undo-start:{name}:{self.request.retries}')
     if self.request.retries == 0:
         raise self.retry(countdown=0)
+    note(self, f'undo:{name}:{result!r}')
+
+
+@shared_task(bind=True, name='t.replacing_undo')
+def replacing_undo(self: Task, result: Any, name: str, *args: Any,
+                   **kwargs: Any) -> None:
+    """An undo that hands its work to ``t.undo`` with ``self.replace``."""
+    note(self, f'replacing:{name}')
+    saga_id = self.request.compensate_saga_id
+    raise self.replace(undo.si(result, name).set(
+        headers={'compensate_saga_id': saga_id}))
+
+
+@shared_task(bind=True, name='t.ignoring_undo')
+def ignoring_undo(self: Task, result: Any, name: str, *args: Any,
+                  **kwargs: Any) -> None:
+    """An undo that raises ``Ignore`` the first time, then succeeds."""
+    from celery.exceptions import Ignore as _Ignore
+    if client_for(self.app).set(countdown_key(
+            self.app, self.request.compensate_saga_id, f'{name}-ignored'),
+            1, nx=True):
+        note(self, f'ignored:{name}')
+        raise _Ignore()
     note(self, f'undo:{name}:{result!r}')
 
 

@@ -323,12 +323,16 @@ class SagaStore:
             raise CorruptSagaRecord(
                 f'saga {saga_id!r} has an unknown state {value!r}') from None
 
-    def step_status(self, saga_id: str, index: int) -> tuple[str | None, Any]:
-        """Forward state code of step ``index`` and its recorded result
-        (``(None, None)`` when the saga does not exist)."""
-        step, result = self._run(self.client.hmget, self.keys.saga(saga_id),
-                                 [L.step_state(index), L.result(index)])
-        return step, loads(result) if result else None
+    def step_status(self, saga_id: str, index: int
+                    ) -> tuple[str | None, Any, int]:
+        """Forward state code of step ``index``, its recorded result and
+        its publish generation (``(None, None, 1)`` when the saga does not
+        exist)."""
+        step, result, generation = self._run(
+            self.client.hmget, self.keys.saga(saga_id),
+            [L.step_state(index), L.result(index), L.generation(index)])
+        return (step, loads(result) if result else None,
+                int(generation or 1))
 
     def read(self, saga_id: str) -> SagaRecord:
         """Decode the whole saga record.

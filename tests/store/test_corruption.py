@@ -120,7 +120,8 @@ def test_a_pre_check_that_cannot_reach_redis_retries_the_step(
             raise SagaStoreUnavailable('saga store unreachable (test)')
         return original(*args)
 
-    monkeypatch.setattr(worker, '_may_be_settled', lambda state, req: 'test')
+    monkeypatch.setattr(worker, '_may_be_settled',
+                        lambda state, req: ('test', 1))
     monkeypatch.setattr(store, 'step_status', flaky)
     res = saga(tasks.do.si('a'), tasks.do.si('b')).apply_async()
     assert res.wait(timeout=15) is SagaState.COMPLETED

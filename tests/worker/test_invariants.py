@@ -376,6 +376,38 @@ def test_undo_retried_by_celery_itself_completes(celery_app, celery_worker, rds)
     assert res.steps[0].undo_attempts == 1
 
 
+def test_an_undo_that_replaces_itself_runs_the_replacement(
+        celery_app, celery_worker, rds):
+    """``self.replace()`` in an undo: Celery sends the replacement under the
+    attempt's task id and raises ``Ignore``; the attempt is released, not
+    counted as failed, and the replacement runs as the same attempt."""
+    res = saga(tasks.do.si('a').set(
+                   compensate_with=tasks.replacing_undo.s()),
+               tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, res.id)
+    assert 'replacing:a' in entries and "undo:a:'res-a'" in entries
+    assert res.steps[0].undo_attempts == 1
+    assert res.steps[0].undo_error is None
+
+
+@pytest.mark.compensate_conf(compensate_queue_timeout=1.0,
+                              compensate_step_timeout=1.0,
+                              compensate_heartbeat_interval=0.2,
+                              compensate_recovery_interval=0.2)
+def test_an_undo_that_raises_ignore_is_sent_again(
+        celery_app, celery_worker, rds):
+    """``Ignore`` in an undo means: this copy steps aside.  Not a failed
+    attempt: the attempt is queued again and, with nothing else coming,
+    the sweep sends it again after the queue timeout."""
+    res = saga(tasks.do.si('a').set(compensate_with=tasks.ignoring_undo.s()),
+               tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, res.id)
+    assert entries.count('ignored:a') == 1 and "undo:a:'res-a'" in entries
+    assert res.steps[0].undo_attempts == 1
+
+
 def test_a_stale_failure_of_a_stage_never_dispatched_changes_nothing(
         celery_app, celery_worker, rds):
     """A message with the task id of a later stage's step (stale, or

@@ -280,6 +280,26 @@ def test_a_step_rejected_with_requeue_runs_again_and_completes(
     assert undone(log) == []
 
 
+@pytest.mark.compensate_conf(**FAST)
+def test_a_step_waiting_in_a_rate_limit_bucket_is_held(
+        celery_app, celery_worker, rds):
+    """Celery keeps a rate-limited request in a token bucket, in none of
+    its reserved/scheduled/active sets: the worker still counts it as held
+    (renews it), so it is not released to a queue lease that lapses while
+    it waits (1.5 s apart here, queue timeout 1 s)."""
+    results = [saga(tasks.limited.si(f'l{n}')).apply_async() for n in range(3)]
+    assert [r.wait(timeout=15) for r in results] == [SagaState.COMPLETED] * 3
+
+
+def test_rebuilt_strategies_still_record_receipts(celery_app, celery_worker):
+    """``pool_restart`` with ``reload`` rebuilds the consumer's strategies
+    without restarting the consumer: they are wrapped again."""
+    consumer = celery_worker.consumer
+    consumer.update_strategies()
+    assert all(getattr(s, '_compensate_receive', False)
+               for s in consumer.strategies.values())
+
+
 def test_abort_of_a_saga_that_is_not_running_changes_nothing(
         celery_app, celery_worker, rds, caplog):
     res = saga(tasks.do.si('a')).apply_async()

@@ -22,6 +22,10 @@ import uuid
 import pytest
 
 from celery_compensate import SagaState, StepState, saga
+from celery_compensate.appstate import get_state
+from celery_compensate.messages import OUTBOX_UNTIL, SAGA_ID, STEP
+from celery_compensate.model import step_task_id
+from celery_compensate.store import layout as L
 
 from .. import tasks
 from ..helpers import undone, wait_for
@@ -139,3 +143,30 @@ def test_abort_a_moment_after_a_step_started_terminates_it(cluster):
     log = entries(app, rds, res.id)
     assert undone(log) == ['a'] and 'do:b' not in log, log
     assert 'terminated' in res.steps[1].failure, res.steps[1].failure
+
+
+def test_an_older_copy_of_a_step_published_again_does_not_run(cluster):
+    """The sweep published b again (its publisher died before confirming
+    it); while that copy runs, the original message turns up late (past
+    its outbox window).  It checks the record before its body, finds a
+    newer generation and does not run: b's body runs once."""
+    app, rds, start = cluster
+    _sweeper(app, start)
+    workers = [start('one'), start('two')]
+    prefix = app.conf.compensate_key_prefix
+    saga_id = f'older-{uuid.uuid4().hex[:8]}'
+    rds.set(tasks.kill_on_publish_key(prefix), f'{saga_id}:1:child')
+    res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=3), tasks.do.si('c'),
+               app=app).apply_async(saga_id=saga_id)
+    key = get_state(app).store.keys.saga(saga_id)
+    wait_for(lambda: rds.hget(key, L.generation(1)) == '2'
+             and 'start:b' in entries(app, rds, saga_id), timeout=20)
+    app.signature('t.do', args=('b',), kwargs={'sleep': 3}).apply_async(
+        task_id=step_task_id(saga_id, 1),
+        headers={SAGA_ID: saga_id, STEP: 1,
+                 OUTBOX_UNTIL: round(time.time() - 60, 3)})
+    wait_for(lambda: any('it was published again; this copy is older'
+                         in w.output() for w in workers), timeout=15)
+    assert res.wait(timeout=20) is SagaState.COMPLETED
+    log = entries(app, rds, saga_id)
+    assert log.count('start:b') == 1 and log.count('do:b') == 1, log
