@@ -173,7 +173,7 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]],
 
 
 def connect(url: str, transport_options: Mapping[str, Any],
-            socket_timeout: float) -> Any:
+            socket_timeout: float, retries: int = 3) -> Any:
     """The client of the saga store named by ``url``.
 
     Arguments:
@@ -181,6 +181,7 @@ def connect(url: str, transport_options: Mapping[str, Any],
         transport_options: ``master_name``, ``sentinel_kwargs`` and
             ``min_other_sentinels`` for a Sentinel URL.
         socket_timeout: socket and connect timeout of every connection.
+        retries: how often a command whose connection broke is resent.
     Returns:
         a :class:`redis.Redis` (one server, or the primary behind the
         Sentinels) or a :class:`LazyRedisCluster`.
@@ -189,7 +190,7 @@ def connect(url: str, transport_options: Mapping[str, Any],
                 'socket_connect_timeout': socket_timeout}
     # a command whose connection broke is resent briefly (safe: every
     # script call carries a token)
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), 3)
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries)
     if is_cluster_url(url):
         nodes, options = parse_cluster_url(url)
 

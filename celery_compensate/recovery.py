@@ -40,8 +40,12 @@ logger = get_logger(__name__)
 SWEEP_BATCH = 100
 
 #: Seconds a busy worker waits between two pipelines of receipts: a task
-#: is recorded as held at most this long after its worker received it.
+#: is recorded as held at most this long after its worker received it (a
+#: worker that is not busy records it before the pool gets it).
 RECEIPT_GAP = 0.02
+
+#: Timeout of a receipt sent from the consumer's event loop.
+QUICK_TIMEOUT = 0.25
 
 #: RECEIVE replies for a copy the record does not expect, and why (logged:
 #: a copy that can have such a twin checks the record before its body)
@@ -173,6 +177,12 @@ class Recovery:
         self._receipts: collections.deque[
             tuple[str, TaskIdInfo, str, int]] = collections.deque()
         self._receipt_due = threading.Event()
+        self._last_receipt = float('-inf')
+        self._quick_off_until = float('-inf')
+        #: the client of receipts sent from the consumer's event loop: a
+        #: short timeout, no resend (it must not stall the consumer)
+        self.quick = SagaStore(settings, socket_timeout=min(
+            QUICK_TIMEOUT, settings.redis_socket_timeout), retries=0)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -238,16 +248,19 @@ class Recovery:
     # -- the work -----------------------------------------------------------
 
     def receive(self, task_id: str | None, headers: Any) -> None:
-        """The worker's consumer took a message from the broker: queue a
-        receipt that records the saga task as held by this worker, so a
-        worker killed from now on is noticed within the step's lease, not
-        the queue timeout.
+        """The worker's consumer took a message from the broker: record the
+        saga task as held by this worker, so a worker killed from now on is
+        noticed within the step's lease, not the queue timeout.
 
-        The ``compensate-receipts`` thread sends the pending receipts in
-        one pipeline, at once when it is idle, else at most every
-        :data:`RECEIPT_GAP` seconds (so a busy worker pays a fraction of a
-        round trip per task, and the event loop never waits on Redis).
-        Called in the consumer's event loop: it never raises.
+        When the worker is not busy (no receipt pending, none sent in the
+        last :data:`RECEIPT_GAP` seconds) the receipt is sent at once,
+        before the pool or the ETA timer gets the task, on a client with a
+        short timeout and no resend.  Otherwise, or when that fails, it is
+        queued: the ``compensate-receipts`` thread sends the pending
+        receipts in one pipeline at most every :data:`RECEIPT_GAP`
+        seconds, so a busy worker pays a fraction of a round trip per task
+        and its event loop never waits on a slow store.  Called in the
+        consumer's event loop: it never raises.
         """
         info = parse_task_id(task_id)
         if info is None or task_id is None:
@@ -260,12 +273,24 @@ class Recovery:
                           if headers.get(SAGA_ID) is not None else 0)
         except (TypeError, ValueError):
             generation = 0
-        self._receipts.append((task_id, info, new_token(), generation))
+        receipt = (task_id, info, new_token(), generation)
+        now = time.monotonic()
+        if (not self._receipts and now - self._last_receipt >= RECEIPT_GAP
+                and now >= self._quick_off_until):
+            self._last_receipt = now
+            try:
+                self._note_receipts([receipt], self.quick)
+                return
+            except Exception:  # noqa: BLE001 - never into the consumer
+                # queued instead; no direct receipt for a heartbeat
+                self._quick_off_until = (
+                    now + self.settings.heartbeat_interval)
+        self._receipts.append(receipt)
         self._receipt_due.set()
 
     def send_receipts(self) -> int:
-        """Record what the consumer received since the last call, in one
-        pipeline (the ``compensate-receipts`` thread).
+        """Record what the consumer received and queued since the last
+        call, in one pipeline (the ``compensate-receipts`` thread).
 
         Returns:
             int: how many receipts were sent.
@@ -273,10 +298,15 @@ class Recovery:
         items = []
         while self._receipts:
             items.append(self._receipts.popleft())
-        if not items:
-            return 0
+        if items:
+            self._last_receipt = time.monotonic()
+            self._note_receipts(items, self.store)
+        return len(items)
+
+    def _note_receipts(self, items: list[tuple[str, TaskIdInfo, str, int]],
+                       store: SagaStore) -> None:
         try:
-            replies = self.store.receive_many([
+            replies = store.receive_many([
                 (info.saga_id, info.index,
                  info.attempt if info.is_undo else None, generation, holder)
                 for _, info, holder, generation in items])
@@ -296,7 +326,6 @@ class Recovery:
                 logger.warning('saga %s: a copy of step %d was received '
                                'although %s', info.saga_id, info.index,
                                _REFUSED[verdict])
-        return len(items)
 
     def renew(self) -> int:
         """Report the forward steps that left this worker since the last
@@ -369,7 +398,11 @@ class Recovery:
                 extended = time.monotonic()
             try:
                 outcome = self.coordinator.recover(saga_id)
-                done += 1
+                # a saga's :due score is a lower bound: one that lapsed
+                # early finds nothing lapsed (and is rescored exactly)
+                done += bool(outcome.stopped or outcome.undos
+                             or outcome.forward
+                             or outcome.new_state is not outcome.old_state)
             except SagaStoreUnavailable:
                 raise
             except SagaStoreError as exc:

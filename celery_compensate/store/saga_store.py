@@ -78,9 +78,11 @@ class SagaStore:
         settings: the app's validated settings.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 socket_timeout: float | None = None,
+                 retries: int = 3) -> None:
         self.settings = settings
-        self.client = make_client(settings)
+        self.client = make_client(settings, socket_timeout, retries)
         self.keys = Keys(settings.key_prefix)
         #: each command's assembled source, by its script's SHA1 (to name
         #: the file and line of an error raised inside it)
@@ -591,12 +593,19 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def make_client(settings: Settings) -> Any:
+def make_client(settings: Settings, socket_timeout: float | None = None,
+                retries: int = 3) -> Any:
     """A client for the saga store, retrying briefly on connection errors:
     a :class:`redis.Redis` for one server or the primary behind Sentinels
     (following a failover), a :class:`~.clients.LazyRedisCluster` for a
-    Redis Cluster."""
+    Redis Cluster.
+
+    Arguments:
+        socket_timeout: instead of ``compensate_redis_socket_timeout``.
+        retries: resends of a command whose connection broke.
+    """
     return connect(settings.redis_url, settings.redis_transport_options,
-                   settings.redis_socket_timeout)
+                   settings.redis_socket_timeout if socket_timeout is None
+                   else socket_timeout, retries)
 
 

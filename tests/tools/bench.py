@@ -373,6 +373,67 @@ class Bench:
                 'keys_baseline': baseline_keys, 'keys_peak': peak_keys,
                 'keys_after_expiry': keys()}
 
+    def wide(self, width: int) -> dict[str, Any]:
+        """One saga whose middle stage has ``width`` members, through the
+        store directly: every member event's Redis time (``EVALSHA`` usec
+        per call, from ``INFO commandstats``), once completing the saga
+        and once compensating it (the last member fails)."""
+        from celery_compensate.model import Plan, TaskRef, UndoSpec
+        from celery_compensate.settings import Settings
+        from celery_compensate.store import SagaStore
+        settings = Settings.from_conf({
+            'compensate_redis_url': self.url,
+            'compensate_key_prefix': f'wide{width}'})
+        store = SagaStore(settings)
+        member = (TaskRef('bench.step'), UndoSpec('bench.undo'), False)
+        plan = Plan.from_stages([[(TaskRef('bench.step', (0,)),
+                                   UndoSpec('bench.undo'), False)],
+                                 [member] * width, [member]])
+        costs: dict[str, list[float]] = {}
+
+        def timed(kind: str, calls: Callable[[], Any]) -> None:
+            before = self.rds.info('commandstats').get('cmdstat_evalsha', {})
+            calls()
+            after = self.rds.info('commandstats')['cmdstat_evalsha']
+            n = after['calls'] - before.get('calls', 0)
+            usec = after['usec'] - before.get('usec', 0)
+            costs.setdefault(kind, []).append(usec / max(1, n))
+
+        took = {}
+        for sid, fail in ((f'ok{width}', False), (f'bad{width}', True)):
+            start = time.perf_counter()
+            store.create(sid, plan)
+            store.step_done(sid, 0, '"r0"')
+            members = range(1, width + 1)
+            timed('receive', lambda: [store.receive(sid, i, None, 1, 'w')
+                                      for i in members])
+            timed('renew', lambda: store.renew(
+                [(sid, i, None, 'w') for i in members]))
+            last = width if fail else width + 1
+            timed('step_done', lambda: [store.step_done(sid, i, '"r"')
+                                        for i in range(1, last)])
+            if fail:
+                timed('claim',
+                      lambda: store.step_failed(sid, width, 'boom'))
+                timed('undo_begin', lambda: [
+                    store.undo_begin(sid, i, 1, f'b{i}')
+                    for i in range(1, width)])
+                timed('undo_done', lambda: [store.undo_done(sid, i)
+                                            for i in range(1, width)])
+                store.undo_begin(sid, 0, 1, 'b0')
+                store.undo_done(sid, 0)
+            else:
+                store.step_done(sid, width + 1, '"r"')
+            state = store.get_state(sid).value
+            took[sid] = {'state': state,
+                         'seconds': time.perf_counter() - start}
+        self.rds.delete(*[k for k in self.rds.scan_iter(f'wide{width}:*',
+                                                        count=1000)])
+        per_event = {k: statistics.mean(v) for k, v in costs.items()}
+        # the claim opens the whole stage once: per member of the stage
+        per_event['claim, per member'] = per_event.pop('claim') / width
+        return {'width': width, 'usec_per_event': per_event, 'sagas': took}
+
     def sweep(self, stored: int, due: int = 100) -> dict[str, Any]:
         """One sweep with ``stored`` sagas stored, ``due`` of them lapsed."""
         from celery_compensate.model import Plan, TaskRef, UndoSpec
@@ -419,6 +480,10 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     t, lat = r['throughput'], r['latency']
     small, big = r['sweep']
     child = r['by_command']['per_step'].get('step_done', 0.0)
+    ws, wb = (w['usec_per_event'] for w in r['wide'])
+    # member events; the claim opens a whole stage once (shown, not a
+    # member event)
+    wide_pairs = {k: (ws[k], wb[k]) for k in ws if not k.startswith('claim')}
     flat = big['redis_commands'] <= small['redis_commands'] * 1.05 and \
         big['sweep_ms'] <= max(2 * small['sweep_ms'], small['sweep_ms'] + 20)
     return [
@@ -436,6 +501,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
          f"{r['memory']['keys_after_expiry']} (baseline "
          f"{r['memory']['keys_baseline']})",
          r['memory']['keys_after_expiry'] == r['memory']['keys_baseline']),
+        ('script time per member event, W=5,000 vs W=100',
+         'flat within 2x', ', '.join(
+             f"{k} {wb:.0f}/{ws:.0f} us" for k, (ws, wb) in wide_pairs.items()),
+         all(wb <= 2 * max(ws, 5.0) for ws, wb in wide_pairs.values())),
+        ('claim of a wide stage, per member, W=5,000 vs W=100', 'shown',
+         f"{wb['claim, per member']:.0f} vs {ws['claim, per member']:.0f} us",
+         True),
+        ('a 5,000-member saga completes / compensates', 'yes', ', '.join(
+            f"{v['state']} in {v['seconds']:.1f}s"
+            for v in r['wide'][1]['sagas'].values()),
+         [v['state'] for v in r['wide'][1]['sagas'].values()]
+         == ['COMPLETED', 'COMPENSATED']),
         (f"sweep cost, {big['stored']:,} vs {small['stored']:,} stored "
          '(100 due)', 'flat',
          f"{big['sweep_ms']:.1f} vs {small['sweep_ms']:.1f} ms, "
@@ -563,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             result['memory'] = bench.memory()
             print('sweep ...', flush=True)
             result['sweep'] = [bench.sweep(1000), bench.sweep(args.stored)]
+            print('wide stages ...', flush=True)
+            result['wide'] = [bench.wide(100), bench.wide(5000)]
         finally:
             bench.stop_worker()
     out = markdown(result)

@@ -90,16 +90,35 @@ from celery_compensate.store import layout as L
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FORWARD_KINDS = ('fail', 'time_limit', 'kill_child', 'dup', 'revoke', 'abort')
-UNDO_KINDS = ('undo_flaky', 'undo_kill', 'undo_never')
+FORWARD_KINDS = ('fail', 'time_limit', 'kill_child', 'dup', 'revoke', 'abort',
+                 'kill_early', 'kill_publish', 'retry_wait', 'unencodable')
+UNDO_KINDS = ('undo_flaky', 'undo_kill', 'undo_never', 'undo_replace',
+              'undo_ignore', 'undo_retry0')
 RUN_KINDS = ('kill_worker', 'kill_redis')
 ALL_FAULTS = FORWARD_KINDS + UNDO_KINDS + RUN_KINDS
 #: relative weights of the per-saga faults
 WEIGHTS = {'fail': 3.0, 'time_limit': 1.5, 'kill_child': 1.5, 'dup': 2.0,
            'revoke': 1.5, 'abort': 1.0, 'undo_flaky': 2.5, 'undo_kill': 1.0,
-           'undo_never': 0.3}
+           'undo_never': 0.3, 'kill_early': 0.6, 'kill_publish': 1.5,
+           'retry_wait': 1.5, 'unencodable': 1.0, 'undo_replace': 1.0,
+           'undo_ignore': 0.5, 'undo_retry0': 1.0}
 #: faults that end the forward run of a saga (at most one per saga)
-TERMINATING = ('fail', 'time_limit', 'kill_child', 'revoke', 'abort')
+TERMINATING = ('fail', 'time_limit', 'kill_child', 'revoke', 'abort',
+               'kill_early', 'unencodable')
+#: faults after which the saga must still complete (aimed at the windows
+#: between the library's own actions): with only these, or none, a
+#: compensated saga is ``healthy-compensated``
+HEALTHY = ('dup', 'kill_publish', 'retry_wait')
+#: the chaos app's step lease and sweep interval (tests/tools/chaos_app.py)
+#: and its queue timeout: a saga with nothing happening to it for longer
+#: than lease + sweep + 5 s (+ the queue timeout after an undo's Ignore)
+#: is ``stranded``
+LEASE, SWEEP, QUEUE_TIMEOUT = 3.0, 1.0, 20.0
+#: ledger entries that record a fault hitting a task
+_FAULT_ENTRIES = ('fail', 'kill', 'kill-worker', 'kill-publish', 'retry',
+                  'dup-sent',
+                  'undo-fail', 'undo-kill', 'undo-ignore', 'undo-replace',
+                  'undo-retry')
 FAULTY_RATIO = 0.35
 SLOW_RATIO = 0.08
 WORKER_CONCURRENCY = 2
@@ -107,6 +126,7 @@ VISIBILITY_TIMEOUT = 20.0
 
 #: the counts that must be zero
 MUST_BE_ZERO = ('double-undo', 'missing-undo', 'wrong-order', 'lost',
+                'stranded', 'healthy-compensated',
                 'undo-without-do', 'undo-not-due', 'completed-bad',
                 'forward-not-due', 'bad-idem', 'cf-unexpected', 'cf-missed',
                 'double-do', 'ledger-mismatch', 'orphan-ran', 'orphan-stuck')
@@ -245,6 +265,8 @@ class Plan:
     #: attempt, when submitted)
     revoke: list[tuple[int, str]] = field(default_factory=list)
     abort: int | None = None
+    #: wall times the driver revoked or aborted something of it
+    touched: list[float] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)
 
     @property
@@ -305,7 +327,10 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
             fx = ':fx' if rng.random() < 0.5 else ''
             plan.undo[j] = {'undo_flaky': f'flaky{fx}:{n_fail}',
                             'undo_kill': f'kill{fx}:1',
-                            'undo_never': 'never'}[undo_kind]
+                            'undo_never': 'never',
+                            'undo_replace': 'replace',
+                            'undo_ignore': 'ignore',
+                            'undo_retry0': 'retry0'}[undo_kind]
             plan.faults[undo_kind] += 1
         floor = plan.stage_of(j) + 1
         if term is None:   # the undo must be reached: fail a later step
@@ -320,6 +345,8 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
             plan.fwd[t] = f'{term}{fx}'
             if term == 'time_limit':
                 plan.time_limit.add(t)
+        elif term in ('kill_early', 'unencodable'):
+            plan.fwd[t] = term
         elif term == 'revoke':
             plan.fwd[t] = _slow(rng)
             plan.revoke.append((t, 'running' if rng.random() < 0.65
@@ -328,15 +355,26 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
             plan.fwd[t] = _slow(rng)
             plan.abort = t
         plan.faults[term] += 1
-    if 'dup' in chosen:   # on a step that runs: not after the failure
-        last = plan.stage_of(t) if t is not None else len(stages) - 1
-        free = [i for s in stages[:last + 1] for i in s
+    last = plan.stage_of(t) if t is not None else len(stages) - 1
+    for kind in ('dup', 'retry_wait', 'kill_publish'):
+        if kind not in chosen:
+            continue
+        # on a step that runs: not after the failure; kill_publish on the
+        # only member of a stage that has a next stage (it publishes it)
+        free = [i for k, s in enumerate(stages[:last + 1]) for i in s
                 if i not in plan.fwd
-                and not any(i == r for r, _ in plan.revoke)]
+                and not any(i == r for r, _ in plan.revoke)
+                and (kind != 'kill_publish'
+                     or (len(s) == 1 and k < min(last, len(stages) - 1)))]
         if free:
-            plan.fwd[rng.choice(free)] = 'dup'
-            plan.faults['dup'] += 1
+            plan.fwd[rng.choice(free)] = kind
+            plan.faults[kind] += 1
     return plan
+
+
+def wide_plan(key: int, width: int) -> Plan:
+    """One saga with a parallel stage of ``width`` members, no faults."""
+    return Plan(key, [[0], list(range(1, width + 1)), [width + 1]])
 
 
 def _slow(rng: random.Random) -> str:
@@ -356,6 +394,8 @@ class Attempt:
     error: str | None = None
     state: str | None = None
     aborted: bool = False
+    #: wall time the driver first saw it final
+    final_at: float | None = None
 
 
 # -- the ledger --------------------------------------------------------------
@@ -568,6 +608,12 @@ class Driver:
         self.warnings: list[str] = []
         self.stopping = False
         self.in_flight: tuple[int, int] = (-1, -1)
+        #: pool children seen per worker, and those of workers that died
+        #: (killed or exited): what ran there was touched by that fault
+        self.children: dict[int, set[int]] = defaultdict(set)
+        self.killed_pids: dict[int, float] = {}
+        #: wall times of the run-level faults every saga in flight met
+        self.redis_kills: list[float] = []
 
     # -- helpers ----------------------------------------------------------
 
@@ -648,7 +694,9 @@ class Driver:
             return
         w = self.rng.choice(undo or busy or alive)
         w.down = True
+        self.children[w.n] |= w.child_pids()
         w.kill()
+        self.died(w)
         self.done_kinds['kill_worker'] += 1
         pause = self.rng.uniform(1.0, 3.0)
         what = ', '.join(f'{k} {t}' for k, t in hits[w.n]) or 'idle'
@@ -665,9 +713,16 @@ class Driver:
         """Restart a worker that exited by itself, as a process supervisor
         would (Celery/kombu can die of a broker outage: 'Unrecoverable
         error')."""
+        now = time.time()
+        if now - getattr(self, '_children_seen', 0.0) > 0.2:
+            self._children_seen = now
+            for w in self.workers:
+                if w.running():
+                    self.children[w.n] |= w.child_pids()
         for w in self.workers:
             if w.down or w.running() or w.proc is None:
                 continue
+            self.died(w)
             code = w.proc.returncode
             self.done_kinds['worker-crash'] += 1
             self.warn(f'worker {w.n} exited by itself (status {code}): '
@@ -675,6 +730,13 @@ class Driver:
             self.say(f'worker {w.n} exited by itself (status {code}); '
                      'restarting it')
             w.start()
+
+    def died(self, w: ChaosWorker) -> None:
+        """Worker ``w`` is gone: what ran in its pool children was touched
+        by that fault (at this time)."""
+        now = time.time()
+        for pid in self.children.pop(w.n, set()):
+            self.killed_pids.setdefault(pid, now)
 
     def kill_redis(self) -> None:
         assert self.redis is not None
@@ -689,6 +751,7 @@ class Driver:
         def restart() -> None:
             assert self.redis is not None
             self.redis.start(wait=False)
+            self.redis_kills.append(time.time())
             self.pending_restarts -= 1
             self.say('redis-server restarted (AOF reload)')
         self.at(self.clock() + pause, restart)
@@ -700,6 +763,11 @@ class Driver:
             self.warn(f'revoke {task_id} skipped: Redis is down')
             return
         try:
+            from celery_compensate.model import parse_task_id
+            info = parse_task_id(task_id)
+            for a in self.attempts.values():
+                if info is not None and a.sid == info.saga_id:
+                    a.plan.touched.append(time.time())
             self.app.control.revoke(task_id, terminate=True,
                                     signal=self.rng.choice(('SIGTERM',
                                                             'SIGKILL')))
@@ -713,6 +781,7 @@ class Driver:
         if self.redis is None or not self.redis.running():
             self.warn(f'abort {att.sid} skipped: Redis is down')
             return
+        att.plan.touched.append(time.time())
         try:
             if res.abort():
                 att.aborted = True
@@ -836,6 +905,8 @@ class Driver:
             return
         for a, state in zip(todo, states, strict=True):
             a.state = state
+            if state in FINAL_STATES and a.final_at is None:
+                a.final_at = time.time()
 
     def acked(self) -> list[Attempt]:
         return [a for a in self.attempts.values() if a.acked]
@@ -861,6 +932,10 @@ class Driver:
 
         self.plans = [make_plan(self.rng, k, self.enabled)
                       for k in range(args.sagas)]
+        if args.wide:
+            # one saga with a wide parallel stage, among the others
+            at = self.rng.randrange(len(self.plans) + 1)
+            self.plans.insert(at, wide_plan(len(self.plans), args.wide))
         span = args.duration if args.duration else max(12.0, 0.3 * args.sagas)
         start = self.clock()
         left = list(self.plans)
@@ -951,6 +1026,13 @@ class Driver:
                 att.state = None
         result = analyse(self.attempts.values(), lines, effects, records)
         counts, problems, info = result.counts, result.problems, result.info
+        stranded, healthy = self.windows(lines)
+        counts['stranded'] = len(stranded)
+        counts['healthy-compensated'] = len(healthy)
+        for a, why in stranded + healthy:
+            problems.append({'kind': why, 'saga': a.sid, 'no': a.no,
+                             'state': a.state,
+                             'faults': dict(a.plan.faults)})
 
         acked = self.acked()
         finals = {s.value for s in FINAL_STATES}
@@ -992,6 +1074,8 @@ class Driver:
             f'{total_faults}, final {final}/{len(self.plans)}, double-undo '
             f'{counts["double-undo"]}, missing-undo {counts["missing-undo"]}, '
             f'wrong-order {counts["wrong-order"]}, lost {counts["lost"]}, '
+            f'stranded {counts["stranded"]}, healthy-compensated '
+            f'{counts["healthy-compensated"]}, '
             f'undo-without-do {counts["undo-without-do"]}, undo-not-due '
             f'{counts["undo-not-due"]}, completed-bad '
             f'{counts["completed-bad"]}, other {other}, compensation-failed '
@@ -1015,6 +1099,55 @@ class Driver:
                 'timings': self.timings, 'elapsed': elapsed,
             }, indent=1, default=str))
         return 1 if bad else 0
+
+    def windows(self, lines: list[str]
+                ) -> tuple[list[tuple[Attempt, str]],
+                           list[tuple[Attempt, str]]]:
+        """The sagas ``stranded`` (not final within lease + sweep + 5 s
+        after the last fault that touched them) and ``healthy-compensated``
+        (compensated although only faults after which a saga must complete
+        touched them, or none).
+
+        A fault touches a saga when the ledger shows one of its tasks
+        failing, being killed or stepping aside, when one of its tasks ran
+        in a pool child of a worker that died, or when Redis was killed
+        while it was not final."""
+        from celery_compensate.model import FINAL_STATES
+        finals = {s.value for s in FINAL_STATES}
+        touched: dict[int, list[float]] = defaultdict(list)
+        on_dead_worker: set[int] = set()
+        for line in lines:
+            kind, _, payload = line.partition(' ')
+            try:
+                data = json.loads(payload)
+                no = int(data['s'])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if kind in _FAULT_ENTRIES:
+                touched[no].append(float(data['ts']))
+            killed = self.killed_pids.get(data.get('pid'))
+            if killed is not None and float(data['ts']) <= killed:
+                touched[no].append(killed)
+                on_dead_worker.add(no)
+        stranded, healthy = [], []
+        for a in self.acked():
+            times = list(touched.get(a.no, ()))
+            times += [t for t in self.redis_kills
+                      if a.final_at is None or a.final_at > t]
+            times += a.plan.touched
+            if times:
+                allowance = LEASE + SWEEP + 5.0
+                if 'ignore' in a.plan.undo.values():
+                    allowance += QUEUE_TIMEOUT
+                if 'retry_wait' in a.plan.fwd.values():
+                    allowance += 4.0
+                if a.final_at is None or a.final_at > max(times) + allowance:
+                    stranded.append((a, 'stranded'))
+            if (a.state in ('COMPENSATED', 'COMPENSATION_FAILED')
+                    and set(a.plan.faults) <= set(HEALTHY)
+                    and a.no not in on_dead_worker):
+                healthy.append((a, 'healthy-compensated'))
+        return stranded, healthy
 
     def details(self, problems: list[dict[str, Any]], records: dict[str, Any],
                 per: dict[int, dict[int, StepLog]],
@@ -1103,6 +1236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    ' (default: all); prefix with - to drop from all, e.g. '
                    '"-kill_worker,-kill_redis"')
     p.add_argument('--json', default=None, help='write the results here')
+    p.add_argument('--wide', type=int, default=200,
+                   help='add one saga with a parallel stage this wide (0: '
+                        'none)')
     p.add_argument('--duration', type=float, default=None,
                    help='seconds over which sagas are submitted '
                    '(default: max(12, 0.3 * sagas))')

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery, Task
+from celery import Celery, Task, signals
+from celery.exceptions import Ignore
 
 from celery_compensate import install
 from celery_compensate.model import parse_task_id
@@ -165,6 +166,30 @@ class ChaosFailure(RuntimeError):
     """Raised on purpose."""
 
 
+#: saga ids whose next forward publish from this process kills it (the
+#: ``kill_publish`` fault: between recording a step and publishing the next
+#: link; a pool child publishes inside the step's own call)
+_KILL_ON_PUBLISH: set[str] = set()
+
+
+@signals.before_task_publish.connect
+def _kill_between_record_and_publish(headers: Any = None, **_: Any) -> None:
+    headers = headers or {}
+    sid = headers.get('compensate_saga_id')
+    if sid in _KILL_ON_PUBLISH and not headers.get('compensate_attempt'):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _compensate_headers(task: Task) -> dict[str, Any]:
+    return {k: v for k, v in vars(task.request).items()
+            if k.startswith('compensate_')}
+
+
+def _once(key: str) -> bool:
+    """True the first time ``key`` is asked for (across processes)."""
+    return bool(_retrying(_client()[0].set, f'{DUPS}:{key}', 1, nx=True))
+
+
 # -- the tasks -------------------------------------------------------------
 
 @app.task(bind=True, name='chaos.undo')
@@ -179,6 +204,17 @@ def undo(self: Task, saga_no: int, index: int, fault: str = '') -> str:
     idem = getattr(self.request, 'compensate_idempotency_key', None)
     attempt = getattr(parse_task_id(self.request.id), 'attempt', 0)
     note(self, 'undo-start', saga_no, index, idem=idem, f=fault)
+    # an undo's own Celery controls: none is a failed attempt
+    if kind == 'replace' and _once(f'replace:{saga_no}:{index}'):
+        note(self, 'undo-replace', saga_no, index)
+        raise self.replace(undo.si(saga_no, index, '').set(
+            headers=_compensate_headers(self)))
+    if kind == 'ignore' and _once(f'ignore:{saga_no}:{index}'):
+        note(self, 'undo-ignore', saga_no, index)
+        raise Ignore()
+    if kind == 'retry0' and not self.request.retries:
+        note(self, 'undo-retry', saga_no, index)
+        raise self.retry(countdown=0, max_retries=3)
     hits = kind == 'never' or (kind in ('flaky', 'kill') and attempt <= n)
 
     def apply() -> str:
@@ -215,6 +251,17 @@ def step(self: Task, saga_no: int, index: int, fault: str = '') -> str:
     effect is applied before the fault hits (an outcome in doubt)."""
     kind, fx, secs, _ = parse_fault(fault)
     note(self, 'start', saga_no, index, f=fault)
+    if kind == 'kill_early' and _once(f'kill_early:{saga_no}:{index}'):
+        # the whole worker, a moment after it received the step
+        note(self, 'kill-worker', saga_no, index)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    if kind == 'retry_wait' and not self.request.retries:
+        # back to the broker for longer than the step lease (3 s)
+        note(self, 'retry', saga_no, index)
+        raise self.retry(countdown=secs or 4.0, max_retries=1)
+    if kind == 'kill_publish' and _once(f'kill_publish:{saga_no}:{index}'):
+        note(self, 'kill-publish', saga_no, index)
+        _KILL_ON_PUBLISH.add(self.request.compensate_saga_id)
     if kind == 'dup':
         r = _client()[0]
         if _retrying(r.set, f'{DUPS}:{saga_no}:{index}', 1, nx=True):
@@ -246,4 +293,6 @@ def step(self: Task, saga_no: int, index: int, fault: str = '') -> str:
     if not fx:
         apply()
     note(self, 'end', saga_no, index)
+    if kind == 'unencodable':
+        return object()       # the effect happened; the result cannot be stored
     return f'r{saga_no}.{index}'

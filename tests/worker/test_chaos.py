@@ -23,7 +23,8 @@ SUMMARY = re.compile(
     r'^chaos: (?P<sagas>\d+) sagas, (?P<steps>\d+) steps, faults '
     r'(?P<faults>\d+), final (?P<final>\d+)/(?P<total>\d+), double-undo '
     r'(?P<double>\d+), missing-undo (?P<missing>\d+), wrong-order '
-    r'(?P<order>\d+), lost (?P<lost>\d+)', re.MULTILINE)
+    r'(?P<order>\d+), lost (?P<lost>\d+), stranded (?P<stranded>\d+), '
+    r'healthy-compensated (?P<healthy>\d+)', re.MULTILINE)
 
 
 # -- the checker ---------------------------------------------------------------
@@ -143,7 +144,8 @@ def test_chaos_short_run(tmp_path):
     seed = os.environ.get('CHAOS_SEED') or str(
         int.from_bytes(os.urandom(4), 'big') >> 1)
     cmd = [sys.executable, '-m', 'tests.tools.chaos', '--sagas', '30', '--seed',
-           seed, '--faults', ','.join(ALL_FAULTS), '--json', str(out)]
+           seed, '--faults', ','.join(ALL_FAULTS), '--wide', '0',
+           '--json', str(out)]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
     output = f'seed {seed}\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}'
@@ -152,7 +154,8 @@ def test_chaos_short_run(tmp_path):
     assert match, output
     assert match['sagas'] == match['final'] == match['total'] == '30', output
     assert (match['double'], match['missing'], match['order'],
-            match['lost']) == ('0', '0', '0', '0'), output
+            match['lost'], match['stranded'], match['healthy']) == (
+                '0', '0', '0', '0', '0', '0'), output
     result = json.loads(out.read_text())
     assert result['ok'] and result['final'] == result['sagas'] == 30, output
     assert {k: v for k, v in result['counts'].items() if v} == {}, output

@@ -17,7 +17,7 @@
 --- @include "includes/saga"
 --- @include "includes/fields"
 --- @include "includes/wait_lease"
---- @include "includes/rescore"
+--- @include "includes/lower"
 
 local i = ARGV[4]
 local k = tonumber(hget('k' .. i) or '')
@@ -30,10 +30,10 @@ for j in string.gmatch(hget('g' .. nk) or '', '%d+') do
     redis.call('HDEL', h, 'ob' .. j)
     if hget('s' .. j) == 'R' and not hget('h' .. j) then
       wait_lease(j, hget('c' .. j))
+      lower(hget('d' .. j))
     end
     n = n + 1
   end
 end
 if n == 0 then return 'gone' end
-rescore()
 return 'confirmed'

@@ -32,7 +32,7 @@
 --- @include "includes/fields"
 --- @include "includes/inflight"
 --- @include "includes/hold_lease"
---- @include "includes/rescore"
+--- @include "includes/lower"
 
 local i = ARGV[4]
 local f = redis.call('HMGET', h, 'state', 's' .. i, 'pg' .. i, 'x' .. i,
@@ -41,8 +41,7 @@ if not f[1] then return 'missing' end
 if ARGV[5] ~= '' then
   if not inflight(f[4] or '') or f[5] ~= ARGV[5] then return 'gone' end
   if f[4] ~= 'R' and f[6] ~= ARGV[7] then
-    hold_lease(i, 'ou', ARGV[7])
-    rescore()
+    lower(hold_lease(i, 'ou', ARGV[7]))
   end
   return 'held'
 end
@@ -53,10 +52,10 @@ if s == 'F' then return 'given-up' end
 if s ~= 'R' then return 'not-dispatched' end
 if tonumber(ARGV[6]) < tonumber(f[3] or '1') then return 'stale' end
 if f[6] ~= ARGV[7] then
-  hold_lease(i, 'o', ARGV[7])
+  local d = hold_lease(i, 'o', ARGV[7])
   -- received: out of the outbox, and no longer taken for never started
   -- by an abort (``fe``)
   redis.call('HDEL', h, 'ob' .. i, 'fe' .. i)
-  rescore()
+  lower(d)
 end
 return 'held'

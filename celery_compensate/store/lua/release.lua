@@ -19,11 +19,11 @@
 --- @include "includes/saga"
 --- @include "includes/fields"
 --- @include "includes/wait_lease"
---- @include "includes/rescore"
+--- @include "includes/lower"
 
 local i = ARGV[4]
 local f = redis.call('HMGET', h, 's' .. i, 'h' .. i, 'c' .. i)
 if f[1] ~= 'R' or f[2] ~= ARGV[5] then return 'not-held' end
 wait_lease(i, f[3])
-rescore()
+lower(hget('d' .. i))
 return 'released'

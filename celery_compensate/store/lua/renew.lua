@@ -18,7 +18,7 @@
 --- @include "includes/fields"
 --- @include "includes/inflight"
 --- @include "includes/hold_lease"
---- @include "includes/rescore"
+--- @include "includes/lower"
 
 if redis.call('EXISTS', h) == 0 then return 'gone' end
 local i = ARGV[4]
@@ -34,14 +34,13 @@ end
 if not hget('h' .. i) then
   -- a worker took it from the broker unseen (its RECEIVE failed): from
   -- now on its lease is short
-  hold_lease(i, field, ARGV[6])
+  lower(hold_lease(i, field, ARGV[6]))
   if field == 'o' then redis.call('HDEL', h, 'ob' .. i, 'fe' .. i) end
-  rescore()
   return 'renewed'
 end
+-- a later lease: the saga's entry in :due stays (a lower bound), O(1)
 local d = clock() + tonumber(hget(field .. i))
 if d > tonumber(hget('d' .. i) or '0') then
   redis.call('HSET', h, 'd' .. i, string.format('%.3f', d))
-  rescore()
 end
 return 'renewed'

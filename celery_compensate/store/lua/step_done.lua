@@ -36,7 +36,10 @@ local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
                      'u' .. i, 'ns', 'id', 'qt')
 local st, s, ns, id, qt = f[1], f[2], tonumber(f[6] or ''), f[7], f[8]
 local k = tonumber(f[3] or '')
-local g = k and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
+-- whether stage k has members and how many run; the member lists (O(W)
+-- bytes) are read only when the stage completes
+local g = k and {redis.call('HEXISTS', h, 'g' .. k) == 1,
+                 redis.call('HGET', h, 'w' .. k)}
 
 -- Stage k is complete: finish the saga, or mark the next stage dispatched
 -- and hand it, with stage k's results, to the caller to publish.  The
@@ -52,7 +55,8 @@ local g = k and redis.call('HMGET', h, 'g' .. k, 'w' .. k, 'g' .. (k + 1))
 -- s<j> = R), and every result is read from the record.
 local function next_stage(set, again)
   local nk = k + 1
-  if nk < ns and not g[3] then
+  local lists = redis.call('HMGET', h, 'g' .. k, 'g' .. nk)
+  if nk < ns and not lists[2] then
     -- the step's own record is kept: a resent call finds it
     if #set > 0 then redis.call('HSET', h, unpack(set)) end
     return redis.error_reply('CORRUPT stage ' .. nk .. ' of the saga record '
@@ -68,9 +72,9 @@ local function next_stage(set, again)
     return {'completed', 'RUNNING', 'COMPLETED'}
   end
   local want, steps, held = {}, {}, {}
-  for j in string.gmatch(g[1], '%d+') do want[#want + 1] = 'r' .. j end
+  for j in string.gmatch(lists[1], '%d+') do want[#want + 1] = 'r' .. j end
   local nres = #want
-  for j in string.gmatch(g[3], '%d+') do
+  for j in string.gmatch(lists[2], '%d+') do
     steps[#steps + 1] = j
     want[#want + 1] = 'c' .. j
     want[#want + 1] = 'p' .. j
@@ -80,7 +84,7 @@ local function next_stage(set, again)
   local v = many('HMGET', want)
   local results = {}
   local n = 0
-  for j in string.gmatch(g[1], '%d+') do
+  for j in string.gmatch(lists[1], '%d+') do
     n = n + 1
     -- this step's own result is not sent back (the caller has it): ''
     results[n] = (not again and j == i and '') or v[n] or 'null'
@@ -119,6 +123,7 @@ end
 --- @include "includes/num"
 --- @include "includes/damaged"
 --- @include "includes/rescore"
+--- @include "includes/touch"
 --- @include "includes/advance"
 --- @include "includes/late_undo"
 --- @include "includes/replay"
@@ -146,18 +151,19 @@ local left = tonumber(g[2] or '0')
 if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
   if left <= 0 then return next_stage({}, false) end
-  rescore()
+  -- other members run: the saga's :due entry stays a lower bound (O(1))
   return {'recorded', st, st}
 end
 -- A late completer: compensation began while this step was running, or
 -- the step had been given up (lost, aborted) and ran after all.
 local out = {}
-local cur = num('cur')
+local cur0 = hget('cur')
+local cur = tonumber(cur0 or '0')
 if f[5] ~= '0' then
   local x = hget('x' .. i) or ''
   if x == '' then
     if k == cur then
-      open_stage(cur, out)
+      open_member(i, k, out)
     elseif k > cur then
       -- its stage was already settled without it: undo it out of order
       late_undo(i, 1, out)
@@ -174,5 +180,5 @@ if f[5] ~= '0' then
   end
 end
 advance(out)
-rescore()
+touch(st, cur0, out)
 return {'late', st, hget('state'), {}, {}, out}

@@ -32,11 +32,12 @@
 --- @include "includes/num"
 --- @include "includes/damaged"
 --- @include "includes/rescore"
+--- @include "includes/touch"
 --- @include "includes/claim"
 --- @include "includes/advance"
 --- @include "includes/replay"
 
-local st = hget('state')
+local st, cur0 = hget('state'), hget('cur')
 if not st then return {'missing'} end
 local i = ARGV[4]
 local s = hget('s' .. i)
@@ -65,7 +66,10 @@ if st == 'RUNNING' then
   status = 'claimed'
 end
 local out = {}
-if tonumber(k) == num('cur') then open_stage(k, out) end
+if tonumber(k) == num('cur') then
+  -- claimed: the whole stage is opened (once); joined: only this member
+  if status == 'claimed' then open_stage(k, out) else open_member(i, k, out) end
+end
 advance(out)
-rescore()
+touch(st, cur0, out)
 return {status, st, hget('state'), {}, {}, out}

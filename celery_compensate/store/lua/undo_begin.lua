@@ -19,7 +19,7 @@
 --- @include "includes/fields"
 --- @include "includes/num"
 --- @include "includes/hold_lease"
---- @include "includes/rescore"
+--- @include "includes/lower"
 
 if redis.call('EXISTS', h) == 0 then return 'missing' end
 local i = ARGV[4]
@@ -33,6 +33,5 @@ if x == 'R' then
   return 'running'
 end
 redis.call('HSET', h, 'x' .. i, 'R', 'b' .. i, now, 'tb' .. i, token)
-hold_lease(i, 'ou', token)
-rescore()
+lower(hold_lease(i, 'ou', token))
 return 'run'

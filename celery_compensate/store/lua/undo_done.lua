@@ -20,11 +20,12 @@
 --- @include "includes/num"
 --- @include "includes/damaged"
 --- @include "includes/rescore"
+--- @include "includes/touch"
 --- @include "includes/late_undo"
 --- @include "includes/advance"
 --- @include "includes/replay"
 
-local st = hget('state')
+local st, cur0 = hget('state'), hget('cur')
 if not st then return {'missing'} end
 local i = ARGV[4]
 local x = hget('x' .. i) or ''
@@ -48,5 +49,5 @@ if hget('rd' .. i) == '1' then
   late_undo(i, num('a' .. i) + 1, out)
 end
 advance(out)
-rescore()
+touch(st, cur0, out)
 return {'undone', st, hget('state'), {}, {}, out}

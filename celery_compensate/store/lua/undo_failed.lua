@@ -28,6 +28,7 @@
 --- @include "includes/wait_lease"
 --- @include "includes/describe"
 --- @include "includes/rescore"
+--- @include "includes/lower"
 
 local st = hget('state')
 if not st then return {'missing'} end
@@ -55,5 +56,5 @@ if a - num('ab' .. i) >= tonumber(ARGV[7]) then
 end
 redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
 wait_lease(i, ARGV[9])
-rescore()
+lower(hget('d' .. i))
 return {'retry', st, st, {}, {}, {describe(i, a + 1)}}

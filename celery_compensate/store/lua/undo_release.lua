@@ -16,13 +16,13 @@
 --- @include "includes/saga"
 --- @include "includes/fields"
 --- @include "includes/wait_lease"
---- @include "includes/rescore"
+--- @include "includes/lower"
 
 local i = ARGV[4]
 if hget('x' .. i) == 'R' and hget('tb' .. i) == ARGV[5] then
   redis.call('HSET', h, 'x' .. i, 'Q')
   wait_lease(i, 0)
-  rescore()
+  lower(hget('d' .. i))
   return 'released'
 end
 return 'not-held'

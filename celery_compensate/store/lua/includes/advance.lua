@@ -3,20 +3,26 @@
 --- @include "due"
 --- @include "finish"
 
---- Stage k is being compensated: every member that completed (or failed
---- and opted in to compensate_on_failure) and has an undo not yet due
---- gets it now.  Idempotent.
-local function open_stage(k, out)
+--- Member i of stage k, the stage being compensated, gets its undo now if
+--- it completed (or failed and opted in to compensate_on_failure) and its
+--- undo is not due yet.  Idempotent, O(1).
+local function open_member(i, k, out)
   if hget('state') == 'COMPENSATION_FAILED' then return end
-  for i in string.gmatch(hget('g' .. k) or '', '%d+') do
-    local u = hget('u' .. i)
-    if u ~= '0' and (hget('x' .. i) or '') == '' then
-      local s = hget('s' .. i)
-      if s == 'D' or (s == 'F' and u == '2') then
-        due(i, out)
-        redis.call('HINCRBY', h, 'y' .. k, 1)
-      end
+  local u = hget('u' .. i)
+  if u ~= '0' and (hget('x' .. i) or '') == '' then
+    local s = hget('s' .. i)
+    if s == 'D' or (s == 'F' and u == '2') then
+      due(i, out)
+      redis.call('HINCRBY', h, 'y' .. k, 1)
     end
+  end
+end
+
+--- Stage k became the one being compensated: open every member (O(W),
+--- once per stage; a member that settles later opens itself).
+local function open_stage(k, out)
+  for i in string.gmatch(hget('g' .. k) or '', '%d+') do
+    open_member(i, k, out)
   end
 end
 

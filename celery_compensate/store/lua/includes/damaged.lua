@@ -6,7 +6,8 @@
 local function damaged(i)
   local k = tonumber(hget('k' .. i) or '')
   local w = k and hget('w' .. k)
-  if not k or not hget('g' .. k) or (w and not tonumber(w))
+  if not k or redis.call('HEXISTS', h, 'g' .. k) == 0
+      or (w and not tonumber(w))
       or not hget('p' .. i) or not hget('u' .. i) then
     return redis.error_reply('CORRUPT step ' .. i .. ' of the saga record '
                              .. 'lacks its stage, spec or counters')
