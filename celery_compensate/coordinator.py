@@ -271,7 +271,7 @@ class Coordinator:
             signals.undo_retry.send(
                 sender=self.app, saga_id=info.saga_id, step=info.index,
                 attempt=info.attempt, countdown=countdown, error=text)
-            self._publish_undo_or_log(info.saga_id, due, countdown)
+            self._publish_undos(info.saga_id, [due], countdown)
         elif outcome.status is Reply.FAILED:
             self._failed_for_good(
                 info.saga_id, info.index, outcome, text,
@@ -375,15 +375,35 @@ class Coordinator:
         if outcome.status is Reply.NEXT:
             self.publish_next_stage(saga_id, outcome)
         # undos first: logging and signal receivers must not delay them
-        for due in outcome.undos:
-            self._publish_undo_or_log(saga_id, due, due.countdown or None)
+        self._publish_undos(saga_id, outcome.undos)
         if new is not old:
             self._transition(saga_id, old, new, step, reason)
 
+    def _publish_undos(self, saga_id: str, dues: Sequence[UndoDue],
+                       countdown: float | None = None) -> None:
+        """Publish undo attempts, then tell the record which were sent, so
+        they wait under the queue lease (a publisher that dies in between
+        leaves them to the sweep after the undo's lease)."""
+        sent = []
+        for due in dues:
+            wait = due.countdown or countdown or None
+            if self._publish_undo_or_log(saga_id, due, wait):
+                sent.append((due.step.index, due.attempt, wait or 0.0))
+        if sent:
+            try:
+                self.store.undo_sent(saga_id, sent)
+            except Exception:  # noqa: BLE001 - sent: at worst sent again
+                logger.warning('saga %s: could not record that undos %s '
+                               'were sent; the sweep may send them again',
+                               saga_id, [i for i, _, _ in sent],
+                               exc_info=True)
+
     def _publish_undo_or_log(self, saga_id: str, due: UndoDue,
-                             countdown: float | None = None) -> None:
+                             countdown: float | None = None) -> bool:
+        """Returns: whether it was published."""
         try:
             self.publish_undo(saga_id, due, countdown=countdown)
+            return True
         except TaskRefused as exc:
             self._refuse(saga_id, due, str(exc))
         except _NEVER_SENT as exc:
@@ -402,6 +422,7 @@ class Coordinator:
                 'saga %s: could not publish attempt %d of the undo of step '
                 '%d; it stays queued in the saga record', saga_id,
                 due.attempt, due.step.index)
+        return False
 
     def _refuse(self, saga_id: str, due: UndoDue, text: str) -> None:
         """An undo that may not run fails every attempt at once: the saga

@@ -320,12 +320,12 @@ class Recovery:
             if verdict is Reply.HELD:
                 self.holding[task_id] = (info, holder)
             elif verdict in _REFUSED:
-                # a copy that could have such a twin checks the record
-                # before its body runs; this one is a duplicate sent by
-                # someone else: it runs, and the record ignores its outcome
-                logger.warning('saga %s: a copy of step %d was received '
-                               'although %s', info.saga_id, info.index,
-                               _REFUSED[verdict])
+                # usually the task ran and ended before its queued receipt
+                # went out; else a duplicate someone sent: a copy that
+                # could have such a twin checks the record before its body
+                # runs, and the record ignores a duplicate's outcome
+                logger.debug('saga %s: the receipt of step %d came when %s',
+                             info.saga_id, info.index, _REFUSED[verdict])
 
     def renew(self) -> int:
         """Report the forward steps that left this worker since the last

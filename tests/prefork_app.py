@@ -48,7 +48,7 @@ from tests.tasks import kill_on_publish_key  # noqa: E402
 @signals.before_task_publish.connect
 def _kill_on_publish(headers=None, **_):
     headers = headers or {}
-    if headers.get(SAGA_ID) is None or headers.get('compensate_attempt'):
+    if headers.get(SAGA_ID) is None:
         return
     import redis as _redis
     rds = _redis.Redis.from_url(os.environ['COMPENSATE_TEST_BROKER'],
@@ -58,7 +58,10 @@ def _kill_on_publish(headers=None, **_):
     if not want:
         return
     saga_id, step, mode = want.rsplit(':', 2)
-    if headers[SAGA_ID] != saga_id or str(headers[STEP]) != step:
+    # ``<i>`` a forward step, ``u<i>`` the undo of step i
+    which = (f'u{headers[STEP]}' if headers.get('compensate_attempt')
+             else str(headers[STEP]))
+    if headers[SAGA_ID] != saga_id or which != step:
         return
     if rds.delete(key):
         import signal as _signal

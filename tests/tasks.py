@@ -45,7 +45,8 @@ def note(task: Task, entry: str) -> None:
 
 def kill_on_publish_key(prefix: str) -> str:
     """``<saga id>:<step>:<child|worker>``: the process that publishes that
-    step (after recording the one before it) is SIGKILLed first (see
+    step (after recording the one before it; ``u<i>``: the undo of step i,
+    after recording it due) is SIGKILLed first (see
     ``tests/prefork_app.py``)."""
     return f'{prefix}-t:kill-on-publish'
 

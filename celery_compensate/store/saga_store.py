@@ -175,6 +175,14 @@ class SagaStore:
         return Reply(self._change('undo_release', saga_id, None, index,
                                   begin_token)) is Reply.RELEASED
 
+    def undo_sent(self, saga_id: str,
+                  sent: Sequence[tuple[int, int, float]]) -> Reply:
+        """The undo attempts ``(step index, attempt, countdown)`` were
+        published: they now wait under the queue lease (see
+        ``lua/undo_sent.lua``)."""
+        args = [str(v) for entry in sent for v in entry]
+        return Reply(self._change('undo_sent', saga_id, None, *args))
+
     def undo_done(self, saga_id: str, index: int,
                   token: str | None = None) -> Outcome:
         """Record step ``index`` as undone.  Resending with the same

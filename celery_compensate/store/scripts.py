@@ -28,7 +28,8 @@ __all__ = ('COMMANDS', 'Source', 'assemble', 'explain')
 #: Every command, by file name (without ``.lua``).
 COMMANDS = (
     'start', 'step_done', 'step_failed', 'undo_begin', 'undo_release',
-    'undo_done', 'undo_failed', 'receive', 'release', 'confirm', 'renew',
+    'undo_done', 'undo_failed', 'undo_sent', 'receive', 'release',
+    'confirm', 'renew',
     'recover', 'abort', 'retry', 'scan',
 )
 

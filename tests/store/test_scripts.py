@@ -76,17 +76,17 @@ def test_an_error_inside_a_command_names_its_file_and_line(celery_app, rds):
     store = get_state(celery_app).store
     assert store.create('e', _plan())
     store.step_done('e', 0, '"a"')
-    rds.hset(store.keys.saga('e'), L.QT, 'not a number')
+    rds.hset(store.keys.saga('e'), L.undo_lease(0), 'not a number')
     with pytest.raises(SagaStoreError) as info:
-        # the next stage's lease reads qt in the failure's open_stage
+        # the undo made due reads its lease in the failure's open_stage
         store.step_failed('e', 1, 'boom')
     message = str(info.value)
     assert 'user_script' not in message, message
-    assert re.search(r'includes/wait_lease\.lua:\d+ \(in step_failed\)',
+    assert re.search(r'includes/undo_wait\.lua:\d+ \(in step_failed\)',
                      message), message
-    line = int(re.search(r'wait_lease\.lua:(\d+)', message).group(1))
-    source = LUA.joinpath('includes', 'wait_lease.lua').read_text()
-    assert "hget('qt')" in source.splitlines()[line - 1]
+    line = int(re.search(r'undo_wait\.lua:(\d+)', message).group(1))
+    source = LUA.joinpath('includes', 'undo_wait.lua').read_text()
+    assert "hget('ou' .. i)" in source.splitlines()[line - 1]
 
 
 def test_explain_leaves_other_errors_alone():

@@ -357,7 +357,8 @@ def test_a_record_without_its_next_stage_keeps_the_step_and_is_corrupt(
 def test_a_lost_attempt_gets_the_backoff_of_a_failed_one(celery_app, rds):
     """The sweep counts a running attempt whose worker died as failed: the
     next one is sent after the same backoff (5 s after attempt 1, 10 s
-    after attempt 2), its lease starting after it."""
+    after attempt 2), its lease (the undo's own, until its publisher says
+    it was sent) starting after it."""
     store = make(celery_app, [['a'], ['b']])
     store.step_done('s', 0, '"ra"')
     store.step_failed('s', 1, 'boom')
@@ -370,8 +371,8 @@ def test_a_lost_attempt_gets_the_backoff_of_a_failed_one(celery_app, rds):
         assert (due.attempt, due.countdown) == (attempt + 1, delay)
         sec, usec = rds.time()
         lease = float(rds.hget(key, L.deadline(0))) - (sec + usec / 1e6)
-        qt = store.settings.queue_timeout
-        assert qt + delay - 1 < lease <= qt + delay + 0.01   # rounded to ms
+        ou = store.settings.step_timeout
+        assert ou + delay - 1 < lease <= ou + delay + 0.01   # rounded to ms
 
 
 def test_a_completion_does_not_send_the_step_s_own_result_back(

@@ -396,6 +396,7 @@ class Attempt:
     aborted: bool = False
     #: wall time the driver first saw it final
     final_at: float | None = None
+    submitted_at: float = 0.0
 
 
 # -- the ledger --------------------------------------------------------------
@@ -612,8 +613,9 @@ class Driver:
         #: (killed or exited): what ran there was touched by that fault
         self.children: dict[int, set[int]] = defaultdict(set)
         self.killed_pids: dict[int, float] = {}
-        #: wall times of the run-level faults every saga in flight met
-        self.redis_kills: list[float] = []
+        #: (killed, back) wall times of the Redis kills: every saga in
+        #: flight then met them
+        self.redis_kills: list[tuple[float, float]] = []
 
     # -- helpers ----------------------------------------------------------
 
@@ -743,6 +745,7 @@ class Driver:
         if self.stopping:
             return
         self.redis.kill()
+        killed_at = time.time()
         self.done_kinds['kill_redis'] += 1
         pause = self.rng.uniform(1.0, 2.0)
         self.say(f'kill -9 redis-server; restart in {pause:.1f}s')
@@ -751,7 +754,7 @@ class Driver:
         def restart() -> None:
             assert self.redis is not None
             self.redis.start(wait=False)
-            self.redis_kills.append(time.time())
+            self.redis_kills.append((killed_at, time.time()))
             self.pending_restarts -= 1
             self.say('redis-server restarted (AOF reload)')
         self.at(self.clock() + pause, restart)
@@ -824,6 +827,7 @@ class Driver:
         from celery_compensate.model import step_task_id, undo_task_id
         no = next(self._numbers)
         att = Attempt(no, plan, f'{self.prefix}-{no}')
+        att.submitted_at = time.time()
         self.attempts[no] = att
         try:
             saga(*self.build(plan, no), app=self.app).apply_async(
@@ -1031,8 +1035,10 @@ class Driver:
         counts['healthy-compensated'] = len(healthy)
         for a, why in stranded + healthy:
             problems.append({'kind': why, 'saga': a.sid, 'no': a.no,
-                             'state': a.state,
-                             'faults': dict(a.plan.faults)})
+                             'step': None, 'detail': (
+                                 f'{a.state}, faults '
+                                 f'{dict(a.plan.faults) or "none"}, forward '
+                                 f'{a.plan.fwd}, undo {a.plan.undo}')})
 
         acked = self.acked()
         finals = {s.value for s in FINAL_STATES}
@@ -1132,12 +1138,17 @@ class Driver:
         stranded, healthy = [], []
         for a in self.acked():
             times = list(touched.get(a.no, ()))
-            times += [t for t in self.redis_kills
-                      if a.final_at is None or a.final_at > t]
+            # in flight when Redis was killed: messages published in the
+            # last second may be gone with it (AOF everysec), and such a
+            # message waits out the queue timeout
+            redis_hit = [back for killed, back in self.redis_kills
+                         if a.submitted_at < killed
+                         and (a.final_at is None or a.final_at > killed)]
+            times += redis_hit
             times += a.plan.touched
             if times:
                 allowance = LEASE + SWEEP + 5.0
-                if 'ignore' in a.plan.undo.values():
+                if 'ignore' in a.plan.undo.values() or redis_hit:
                     allowance += QUEUE_TIMEOUT
                 if 'retry_wait' in a.plan.fwd.values():
                     allowance += 4.0

@@ -170,3 +170,23 @@ def test_an_older_copy_of_a_step_published_again_does_not_run(cluster):
     assert res.wait(timeout=20) is SagaState.COMPLETED
     log = entries(app, rds, saga_id)
     assert log.count('start:b') == 1 and log.count('do:b') == 1, log
+
+
+def test_killed_between_making_an_undo_due_and_publishing_it(cluster):
+    """b fails; its pool child records the claim (a's undo due) and is
+    SIGKILLed before publishing the undo.  Until its publisher confirms it,
+    the undo has its own lease, not the queue timeout: the sweep sends it
+    within that lease plus a sweep, and the saga is compensated."""
+    app, rds, start = cluster
+    _sweeper(app, start)
+    start('one')
+    prefix = app.conf.compensate_key_prefix
+    saga_id = f'undo-kill-{uuid.uuid4().hex[:8]}'
+    rds.set(tasks.kill_on_publish_key(prefix), f'{saga_id}:u0:child')
+    started = time.monotonic()
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True),
+               app=app).apply_async(saga_id=saga_id)
+    assert res.wait(timeout=LEASE + SWEEP + 15) is SagaState.COMPENSATED
+    assert time.monotonic() - started < LEASE + 2 * SWEEP + 4
+    assert rds.get(tasks.kill_on_publish_key(prefix)) is None
+    assert undone(entries(app, rds, saga_id)) == ['a']

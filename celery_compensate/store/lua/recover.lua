@@ -33,6 +33,7 @@
 --- @include "includes/num"
 --- @include "includes/clock"
 --- @include "includes/wait_lease"
+--- @include "includes/undo_wait"
 --- @include "includes/describe"
 --- @include "includes/rescore"
 --- @include "includes/claim"
@@ -92,7 +93,7 @@ for _, i in ipairs(candidates) do
       if hget('state') == 'RUNNING' then claim(i, why) end
       lost[#lost + 1] = tonumber(i)
     elseif x == 'Q' or x == 'W' then
-      wait_lease(i, 0)
+      undo_wait(i, 0)
       out[#out + 1] = describe(i, num('a' .. i))
     elseif x == 'R' and hget('state') ~= 'COMPENSATION_FAILED' then
       local a = num('a' .. i)
@@ -107,7 +108,7 @@ for _, i in ipairs(candidates) do
         local delay = math.min(tonumber(ARGV[7]),
                                tonumber(ARGV[6]) * 2 ^ math.max(0, a - 1))
         redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
-        wait_lease(i, delay)
+        undo_wait(i, delay)
         out[#out + 1] = describe(i, a + 1, delay)
       end
     end

@@ -23,7 +23,7 @@
 --- @include "includes/fields"
 --- @include "includes/num"
 --- @include "includes/damaged"
---- @include "includes/wait_lease"
+--- @include "includes/undo_wait"
 --- @include "includes/rescore"
 --- @include "includes/late_undo"
 --- @include "includes/advance"
@@ -47,7 +47,7 @@ for i = 0, n - 1 do
   if hget('x' .. i) == 'F' then
     local a = num('a' .. i)
     redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, a + 1, 'ab' .. i, a)
-    wait_lease(i, 0)
+    undo_wait(i, 0)
   end
 end
 local out = {}

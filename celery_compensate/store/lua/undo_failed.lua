@@ -25,7 +25,7 @@
 --- @include "includes/saga"
 --- @include "includes/fields"
 --- @include "includes/num"
---- @include "includes/wait_lease"
+--- @include "includes/undo_wait"
 --- @include "includes/describe"
 --- @include "includes/rescore"
 --- @include "includes/lower"
@@ -55,6 +55,6 @@ if a - num('ab' .. i) >= tonumber(ARGV[7]) then
   return {'failed', st, 'COMPENSATION_FAILED'}
 end
 redis.call('HSET', h, 'x' .. i, 'W', 'a' .. i, a + 1)
-wait_lease(i, ARGV[9])
+undo_wait(i, ARGV[9])
 lower(hget('d' .. i))
 return {'retry', st, st, {}, {}, {describe(i, a + 1)}}

@@ -1,6 +1,6 @@
 --- @include "fields"
 --- @include "num"
---- @include "wait_lease"
+--- @include "undo_wait"
 --- @include "describe"
 
 --- A finished saga has work again (a late undo): it stops expiring.
@@ -26,7 +26,7 @@ local function late_undo(i, attempt, out)
   -- a fresh budget: the attempts of an earlier undo of the step don't count
   redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, attempt, 'ab' .. i,
              attempt - 1)
-  wait_lease(i, 0)
+  undo_wait(i, 0)
   local k = hget('k' .. i)
   if tonumber(k) == num('cur') then
     redis.call('HDEL', h, 'l' .. i)
