@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import redis
@@ -46,6 +47,10 @@ RECEIPT_GAP = 0.02
 
 #: Timeout of a receipt sent from the consumer's event loop.
 QUICK_TIMEOUT = 0.25
+
+#: Seconds a receipt is left alone by the heartbeat's look for tasks that
+#: left the worker (Celery registers the request right after the receipt).
+RECENT = 1.0
 
 #: RECEIVE replies for a copy the record does not expect, and why (logged:
 #: a copy that can have such a twin checks the record before its body)
@@ -166,7 +171,7 @@ class Recovery:
         self.was_held = False
         #: the saga tasks this worker received, by task id: what each is and
         #: the holder token it was received as (see :meth:`receive`)
-        self.holding: dict[str, tuple[TaskIdInfo, str]] = {}
+        self.holding: dict[str, tuple[TaskIdInfo, str, float]] = {}
         #: recorded as the holder of what nobody was seen receiving
         self.token = new_token()
         #: set by the consumer bootstep: the requests waiting in its
@@ -224,7 +229,7 @@ class Recovery:
                                    - (time.monotonic() - started)))
         # what ended during the last heartbeat, and what a warm shutdown
         # returns to the broker (reserved and ETA messages)
-        self._guard(self.renew)
+        self._guard(partial(self.renew, last=True))
 
     def _receipt_loop(self) -> None:
         while not self._drained.is_set():
@@ -313,12 +318,13 @@ class Recovery:
         except Exception:
             # the heartbeat marks them held (as this holder) instead
             for task_id, info, holder, _ in items:
-                self.holding.setdefault(task_id, (info, holder))
+                self.holding.setdefault(task_id,
+                                        (info, holder, time.monotonic()))
             raise
         for (task_id, info, holder, _), verdict in zip(items, replies,
                                                        strict=True):
             if verdict is Reply.HELD:
-                self.holding[task_id] = (info, holder)
+                self.holding[task_id] = (info, holder, time.monotonic())
             elif verdict in _REFUSED:
                 # usually the task ran and ended before its queued receipt
                 # went out; else a duplicate someone sent: a copy that
@@ -327,15 +333,23 @@ class Recovery:
                 logger.debug('saga %s: the receipt of step %d came when %s',
                              info.saga_id, info.index, _REFUSED[verdict])
 
-    def renew(self) -> int:
+    def renew(self, last: bool = False) -> int:
         """Report the forward steps that left this worker since the last
         heartbeat (:meth:`SagaStore.left`), then renew the leases of what
         it holds (one pipeline each).
+
+        Arguments:
+            last: the worker is about to exit: what is not running any
+                more left it, however recently it was received.
 
         Returns:
             int: how many leases were renewed.
         """
         self.send_receipts()        # so that what they hold is known
+        # a task received in the last moment may not be among Celery's
+        # requests yet (the consumer adds it right after the receipt): it
+        # is looked at next time
+        recent = time.monotonic() - (0.0 if last else RECENT)
         held = dict(held_by_this_worker(active_only=self._draining))
         if not self._draining:
             for request in _snapshot(self.bucketed()):
@@ -343,11 +357,11 @@ class Recovery:
                 info = parse_task_id(task_id)
                 if info is not None and task_id is not None:
                     held[task_id] = info
-        gone = [task_id for task_id in list(self.holding)
-                if task_id not in held]
+        gone = [task_id for task_id, (_, _, at) in list(self.holding.items())
+                if task_id not in held and at < recent]
         left = []
         for task_id in gone:
-            info, holder = self.holding.pop(task_id)
+            info, holder, _ = self.holding.pop(task_id)
             if not info.is_undo:
                 left.append((task_id, info, holder))
         if left:
@@ -358,14 +372,14 @@ class Recovery:
             except Exception:
                 # told at the next heartbeat (unless received again)
                 for task_id, info, holder in left:
-                    self.holding.setdefault(task_id, (info, holder))
+                    self.holding.setdefault(task_id, (info, holder, 0.0))
                 raise
         if not held:
             return 0
         return self.store.renew(
             [(info.saga_id, info.index,
               info.attempt if info.is_undo else None,
-              self.holding.get(task_id, (info, self.token))[1])
+              self.holding.get(task_id, (info, self.token, 0.0))[1])
              for task_id, info in held.items()])
 
     def sweep(self) -> int:

@@ -23,7 +23,8 @@ from celery_compensate import (
     SagaNotFound, SagaResult, SagaState, StepState, UndoState, install, saga,
 )
 from celery_compensate.appstate import get_state
-from celery_compensate.model import Plan, TaskRef, UndoSpec
+from celery_compensate.messages import SAGA_ID, STEP
+from celery_compensate.model import Plan, TaskRef, UndoSpec, step_task_id
 from celery_compensate.recovery import Recovery
 from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, delete_keys
@@ -351,6 +352,29 @@ def test_a_long_gap_in_sweeps_is_not_taken_for_dead_workers(celery_app, rds):
         assert settle(recovery) == 1
         assert store.get_state('held') is SagaState.COMPENSATED
         assert 'lost' in store.read('held').steps[0].failure
+    finally:
+        recovery.stop()
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_task_received_a_moment_ago_is_not_taken_for_gone(celery_app, rds):
+    """The consumer records the receipt, then Celery registers the request:
+    a heartbeat in between must not take the task for one that left the
+    worker (and put it back under the queue lease)."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do'), UndoSpec('t.undo'), False)]])
+    store.create('fresh', plan)
+    recovery = Recovery(celery_app, store.settings)
+    key = store.keys.saga('fresh')
+    try:
+        recovery.receive(step_task_id('fresh', 0), {SAGA_ID: 'fresh', STEP: 0})
+        recovery.send_receipts()
+        holder = rds.hget(key, L.held(0))
+        assert holder
+        recovery.renew()        # no request registered in this process yet
+        assert rds.hget(key, L.held(0)) == holder
+        recovery.renew(last=True)   # a worker exiting: it left for good
+        assert rds.hget(key, L.held(0)) is None
     finally:
         recovery.stop()
 
