@@ -48,6 +48,10 @@ RECEIPT_GAP = 0.02
 #: Timeout of a receipt sent from the consumer's event loop.
 QUICK_TIMEOUT = 0.25
 
+#: A receipt sent from the event loop that took longer than this turns
+#: them off for a heartbeat (queued instead).
+QUICK_SLOW = 0.005
+
 #: Seconds a receipt is left alone by the heartbeat's look for tasks that
 #: left the worker (Celery registers the request right after the receipt).
 RECENT = 1.0
@@ -282,7 +286,6 @@ class Recovery:
         now = time.monotonic()
         if (not self._receipts and now - self._last_receipt >= RECEIPT_GAP
                 and now >= self._quick_off_until):
-            self._last_receipt = now
             try:
                 self._note_receipts([receipt], self.quick)
                 return
@@ -290,6 +293,13 @@ class Recovery:
                 # queued instead; no direct receipt for a heartbeat
                 self._quick_off_until = (
                     now + self.settings.heartbeat_interval)
+            finally:
+                self._last_receipt = done = time.monotonic()
+                if done - now > QUICK_SLOW:
+                    # a slow store: the event loop must not wait on it,
+                    # receipts are queued for a heartbeat
+                    self._quick_off_until = (
+                        done + self.settings.heartbeat_interval)
         self._receipts.append(receipt)
         self._receipt_due.set()
 
@@ -323,9 +333,13 @@ class Recovery:
             raise
         for (task_id, info, holder, _), verdict in zip(items, replies,
                                                        strict=True):
-            if verdict is Reply.HELD:
+            if verdict is Reply.HELD or (verdict is Reply.DONE
+                                         and not info.is_undo):
+                # a step that ended before its receipt went out is still
+                # reported at the heartbeat: its success confirms the
+                # stage it dispatched
                 self.holding[task_id] = (info, holder, time.monotonic())
-            elif verdict in _REFUSED:
+            if verdict is not Reply.HELD and verdict in _REFUSED:
                 # usually the task ran and ended before its queued receipt
                 # went out; else a duplicate someone sent: a copy that
                 # could have such a twin checks the record before its body

@@ -204,7 +204,18 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
         # another copy of this attempt holds it: the copy Celery sent for
         # its own retry, replace or requeue, racing that copy's release, or
         # a second copy while the first runs.  Try again shortly: released
-        # by then, it runs; done or superseded, it stops.
+        # by then, it runs; done or superseded, it stops.  Not for longer
+        # than the undo's lease: this copy's worker renews the attempt
+        # while it waits, so a copy whose worker died would otherwise be
+        # kept alive by it, and the sweep would never count it lost.
+        waited = task.request.retries * _recheck(state)
+        if waited >= state.settings.step_timeout:
+            logger.warning('saga %s: undo of step %d attempt %d still runs in '
+                           'another copy after %.0fs; this copy stops (the '
+                           'sweep sends the next attempt if that copy is '
+                           'gone)', info.saga_id, info.index, info.attempt,
+                           waited)
+            return None
         logger.info('saga %s: undo of step %d attempt %d is running in '
                     'another copy; this copy tries again in %.1fs',
                     info.saga_id, info.index, info.attempt,

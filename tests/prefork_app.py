@@ -32,6 +32,9 @@ if os.environ.get('COMPENSATE_TEST_UNDO_QUEUE'):
 if os.environ.get('COMPENSATE_TEST_VISIBILITY'):
     app.conf.broker_transport_options = {
         'visibility_timeout': float(os.environ['COMPENSATE_TEST_VISIBILITY'])}
+if os.environ.get('COMPENSATE_TEST_REJECT_ON_WORKER_LOST'):
+    app.conf.task_acks_late = True
+    app.conf.task_reject_on_worker_lost = True
 install(app)
 
 from tests import tasks  # noqa: E402,F401  (registers the shared tasks)

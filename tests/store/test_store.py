@@ -394,3 +394,23 @@ def test_a_completion_does_not_send_the_step_s_own_result_back(
     out = store.step_done('s', 0, big, token='tok')
     assert replies[-1][3] == ['']                 # not sent back
     assert out.results == ['x' * 50_000]          # the caller's own
+
+
+@pytest.mark.compensate_conf(compensate_queue_timeout=5,
+                             compensate_step_timeout=60,
+                             compensate_heartbeat_interval=1,
+                             compensate_recovery_interval=1)
+def test_a_sent_undo_with_a_shorter_queue_lease_lowers_the_saga_s_entry(
+        celery_app, rds):
+    """UNDO_SENT can move an undo's deadline earlier (the queue timeout is
+    shorter than the undo's own lease): the saga's :due entry follows, or
+    the sweep would look at it a lease too late."""
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"')
+    store.step_failed('s', 1, 'boom')           # a's undo due: lease 60 s
+    store.undo_sent('s', [(0, 1, 0.0)])         # sent: queue lease 5 s
+    sec, usec = rds.time()
+    now = sec + usec / 1e6
+    deadline = float(rds.hget(store.keys.saga('s'), L.deadline(0)))
+    score = rds.zscore(store.keys.due(shard_of('s')), 's')
+    assert deadline - now < 6 and score <= deadline

@@ -42,7 +42,8 @@ LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
 # -- whole workers killed ---------------------------------------------------
 
 @contextmanager
-def _cluster(redis_url: str, **conf: float) -> Iterator[
+def _cluster(redis_url: str, worker_env: dict[str, str] | None = None,
+             **conf: float) -> Iterator[
         tuple[Celery, redis.Redis, Callable[..., WorkerProcess]]]:
     """A producer app and a factory of prefork workers on its queue, all
     with the ``compensate_*`` settings ``conf`` (``step_timeout`` ...)."""
@@ -61,6 +62,7 @@ def _cluster(redis_url: str, **conf: float) -> Iterator[
             'COMPENSATE_TEST_QUEUE': f'{prefix}-q',
             **{f'COMPENSATE_TEST_{k.upper()}': str(v)
                for k, v in conf.items()},
+            **(worker_env or {}),
         }, '-P', 'prefork', '-c', '2', '-Q', f'{prefix}-q', *args, name=name,
             cwd=ROOT)
         workers.append(worker)
@@ -375,6 +377,63 @@ def test_a_task_received_a_moment_ago_is_not_taken_for_gone(celery_app, rds):
         assert rds.hget(key, L.held(0)) == holder
         recovery.renew(last=True)   # a worker exiting: it left for good
         assert rds.hget(key, L.held(0)) is None
+    finally:
+        recovery.stop()
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_step_that_ended_before_its_receipt_still_confirms_its_stage(
+        celery_app, rds):
+    """On a busy worker a fast step can end before its queued receipt goes
+    out (the receipt answers DONE): its success still confirms the stage
+    it dispatched, or the sweep would publish that stage again."""
+    from celery.worker import state as worker_state
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do'), UndoSpec('t.undo'), False)],
+                             [(TaskRef('t.do'), UndoSpec('t.undo'), False)]])
+    store.create('fast', plan)
+    store.step_done('fast', 0, '"ra"')          # b in the outbox
+    key = store.keys.saga('fast')
+    assert rds.hget(key, L.outbox(1)) == '1'
+    recovery = Recovery(celery_app, store.settings)
+    task_id = step_task_id('fast', 0)
+    worker_state.successful_requests.add(task_id)
+    try:
+        recovery._last_receipt = time.monotonic()   # busy: queued
+        recovery.receive(task_id, {SAGA_ID: 'fast', STEP: 0})
+        recovery.send_receipts()                    # answers DONE
+        recovery.renew(last=True)
+        assert rds.hget(key, L.outbox(1)) is None   # confirmed
+    finally:
+        worker_state.successful_requests.discard(task_id)
+        recovery.stop()
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_slow_store_turns_receipts_from_the_event_loop_off(
+        celery_app, rds, monkeypatch):
+    """A receipt sent from the consumer's event loop that took more than a
+    few milliseconds turns them off for a heartbeat: the next ones are
+    queued for the receipts thread, so a slow store cannot hold up the
+    consumer message after message."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do'), UndoSpec('t.undo'), False)]])
+    for sid in ('slow1', 'slow2'):
+        store.create(sid, plan)
+    recovery = Recovery(celery_app, store.settings)
+    original = recovery.quick.receive_many
+
+    def slow(items):
+        time.sleep(0.05)
+        return original(items)
+
+    monkeypatch.setattr(recovery.quick, 'receive_many', slow)
+    try:
+        recovery.receive(step_task_id('slow1', 0), {SAGA_ID: 'slow1', STEP: 0})
+        assert not recovery._receipts               # sent at once
+        time.sleep(0.03)                            # past the busy gap
+        recovery.receive(step_task_id('slow2', 0), {SAGA_ID: 'slow2', STEP: 0})
+        assert len(recovery._receipts) == 1         # queued instead
     finally:
         recovery.stop()
 

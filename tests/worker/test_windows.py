@@ -190,3 +190,21 @@ def test_killed_between_making_an_undo_due_and_publishing_it(cluster):
     assert time.monotonic() - started < LEASE + 2 * SWEEP + 4
     assert rds.get(tasks.kill_on_publish_key(prefix)) is None
     assert undone(entries(app, rds, saga_id)) == ['a']
+
+
+def test_a_requeued_undo_copy_does_not_keep_a_dead_attempt_alive(redis_url):
+    """acks_late + task_reject_on_worker_lost: the undo's pool child is
+    SIGKILLed and its message requeued.  The requeued copy finds the
+    attempt running (in the dead copy) and tries again; it stops after the
+    undo's lease, so its worker stops renewing the dead attempt, the sweep
+    counts it lost and the next attempt runs: the compensation ends."""
+    with _cluster(redis_url, step_timeout=LEASE, queue_timeout=QUEUE,
+                  heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
+                  worker_env={'COMPENSATE_TEST_REJECT_ON_WORKER_LOST': '1'}
+                  ) as (app, rds, start):
+        start('only')
+        res = saga(tasks.do.si('a', undo_kill_once=True),
+                   tasks.do.si('b', fail=True), app=app).apply_async()
+        assert res.wait(timeout=4 * LEASE + 15) is SagaState.COMPENSATED
+        assert undone(entries(app, rds, res.id)) == ['a']
+        assert res.steps[0].undo_attempts == 2

@@ -17,6 +17,7 @@
 --- @include "includes/saga"
 --- @include "includes/fields"
 --- @include "includes/wait_lease"
+--- @include "includes/lower"
 
 local n = 0
 for m = 4, #ARGV - 2, 3 do
@@ -25,6 +26,8 @@ for m = 4, #ARGV - 2, 3 do
   if (x == 'Q' or x == 'W') and hget('a' .. i) == ARGV[m + 1]
       and not hget('h' .. i) then
     wait_lease(i, ARGV[m + 2])
+    -- the queue lease can be shorter than the undo's own
+    lower(hget('d' .. i))
     n = n + 1
   end
 end
