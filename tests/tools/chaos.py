@@ -16,7 +16,16 @@ queued or running steps and of undo attempts (``revoke``),
 that recover after retries (``undo_flaky``, ``undo_kill``) or never
 (``undo_never``), SIGKILL of whole workers restarted after a pause
 (``kill_worker``) and one ``kill -9`` of Redis, restarted on the same
-port and AOF (``kill_redis``).  Faults marked ``:fx`` hit after the
+port and AOF (``kill_redis``).  Besides, faults placed between two of the
+library's own actions: a step that SIGKILLs its whole worker as it starts
+(``kill_early``: a moment after the worker received it), a pool child
+SIGKILLed after recording its step and before publishing the next link (a
+``before_task_publish`` hook, ``kill_publish``), a step that retries with
+a countdown longer than its lease (``retry_wait``), a step whose result
+cannot be stored (``unencodable``), undos that ``replace()`` themselves,
+raise ``Ignore`` or ``retry(countdown=0)`` (``undo_replace``,
+``undo_ignore``, ``undo_retry0``), and one saga with a 200-member stage
+(``--wide``).  Faults marked ``:fx`` hit after the
 effect was applied: the outcome of the step (or undo) is in doubt.  Some
 steps and undos are slow (1-2 s) so that revokes, aborts and kills hit
 running tasks; a worker kill waits a moment for a worker running an undo
@@ -46,6 +55,15 @@ checks, and prints as one line::
   undo effect;
 - ``wrong-order``: sagas whose undo effects are not in reverse stage order;
 - ``lost``: sagas whose ``apply_async`` returned but whose record is gone;
+- ``stranded``: sagas that, after the last fault that touched them, sat
+  idle (nothing of theirs starting, running or ending) and not final for
+  longer than the step lease + a sweep interval + 5 s (+ the queue timeout
+  after an undo's ``Ignore``, or when Redis was killed while they were in
+  flight: a message published in its last second may be gone);
+- ``healthy-compensated``: sagas compensated although no fault touched
+  them but faults after which a saga must complete (``dup``,
+  ``kill_publish``, ``retry_wait``), and none of their tasks ran on a
+  worker that died;
 - then ``undo-without-do`` (an undo effect for a step with no forward
   effect), ``undo-not-due`` (an undo ran for a step that was never
   dispatched or had not ended, or in a COMPLETED saga), ``completed-bad``
@@ -1109,8 +1127,9 @@ class Driver:
     def windows(self, lines: list[str]
                 ) -> tuple[list[tuple[Attempt, str]],
                            list[tuple[Attempt, str]]]:
-        """The sagas ``stranded`` (not final within lease + sweep + 5 s
-        after the last fault that touched them) and ``healthy-compensated``
+        """The sagas ``stranded`` (after the last fault that touched them,
+        not final and idle, nothing of them running or starting, for longer
+        than lease + sweep + 5 s) and ``healthy-compensated``
         (compensated although only faults after which a saga must complete
         touched them, or none).
 
@@ -1121,6 +1140,7 @@ class Driver:
         from celery_compensate.model import FINAL_STATES
         finals = {s.value for s in FINAL_STATES}
         touched: dict[int, list[float]] = defaultdict(list)
+        activity: dict[int, list[float]] = defaultdict(list)
         on_dead_worker: set[int] = set()
         for line in lines:
             kind, _, payload = line.partition(' ')
@@ -1129,6 +1149,7 @@ class Driver:
                 no = int(data['s'])
             except (ValueError, KeyError, TypeError):
                 continue
+            activity[no].append(float(data['ts']))
             if kind in _FAULT_ENTRIES:
                 touched[no].append(float(data['ts']))
             killed = self.killed_pids.get(data.get('pid'))
@@ -1146,17 +1167,28 @@ class Driver:
                          and (a.final_at is None or a.final_at > killed)]
             times += redis_hit
             times += a.plan.touched
+            # a fault after the saga was final did not touch it
+            times = [t for t in times
+                     if a.final_at is None or t <= a.final_at]
             if times:
                 allowance = LEASE + SWEEP + 5.0
                 if 'ignore' in a.plan.undo.values() or redis_hit:
                     allowance += QUEUE_TIMEOUT
                 if 'retry_wait' in a.plan.fwd.values():
                     allowance += 4.0
-                if a.final_at is None or a.final_at > max(times) + allowance:
+                # from the last fault on, the saga must not sit still
+                # longer than that (its remaining steps and undos may take
+                # their time, running)
+                last = max(times)
+                marks = sorted([last] + [t for t in activity.get(a.no, ())
+                                         if t > last]
+                               + [a.final_at or time.time()])
+                idle = max(b - c for c, b in zip(marks, marks[1:]))
+                if a.final_at is None or idle > allowance:
                     stranded.append((a, 'stranded'))
             if (a.state in ('COMPENSATED', 'COMPENSATION_FAILED')
                     and set(a.plan.faults) <= set(HEALTHY)
-                    and a.no not in on_dead_worker):
+                    and a.no not in on_dead_worker and not redis_hit):
                 healthy.append((a, 'healthy-compensated'))
         return stranded, healthy
 
