@@ -246,7 +246,13 @@ class Coordinator:
             signals.step_compensated.send(
                 sender=self.app, saga_id=info.saga_id, step=info.index,
                 task_name=task_name)
-        self.apply(info.saga_id, outcome, step=info.index)
+        reason = None
+        if (outcome.old_state is SagaState.COMPENSATION_FAILED
+                and outcome.new_state is not SagaState.COMPENSATION_FAILED):
+            reason = (f'the undo of step {info.index}, counted lost on its '
+                      'last attempt, completed after all; compensation '
+                      'resumes')
+        self.apply(info.saga_id, outcome, step=info.index, reason=reason)
 
     def undo_failed(self, info: TaskIdInfo, error: BaseException | str,
                     started: bool = True) -> None:

@@ -204,6 +204,25 @@ def test_a_step_in_a_queue_nobody_consumes_is_recovered(
     assert 'lost' in res.steps[1].failure
 
 
+@pytest.mark.compensate_conf(**{**FAST, 'compensate_queue_timeout': 30})
+def test_a_step_that_expired_in_the_broker_compensates(
+        celery_app, celery_worker, rds, prefix):
+    """b's ``expires`` passes while it waits in a queue nobody consumes yet;
+    the worker that then takes it discards it (``task_revoked`` with
+    ``expired``): the step fails as ``expired`` and a is undone."""
+    park = f'{prefix}-expiring'
+    res = saga(tasks.do.si('a'), tasks.do.si('b').set(queue=park, expires=0.3),
+               tasks.do.si('c')).apply_async()
+    store = get_state(celery_app).store
+    wait_for(lambda: rds.hget(store.keys.saga(res.id), L.step_state(1)) == 'R')
+    time.sleep(0.5)                 # the fault is the wait: b expires
+    celery_worker.consumer.add_task_queue(park)
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    assert res.steps[1].failure == 'expired'
+    log = ledger(rds, celery_app, res.id)
+    assert undone(log) == ['a'] and 'start:b' not in log
+
+
 @pytest.mark.compensate_conf(**FAST)
 def test_a_live_worker_keeps_a_long_step_alive(celery_app, celery_worker, rds):
     """The step runs 4 leases long; the heartbeat renews its lease, so the

@@ -25,9 +25,7 @@
 --- @include "includes/damaged"
 --- @include "includes/undo_wait"
 --- @include "includes/rescore"
---- @include "includes/late_undo"
---- @include "includes/advance"
---- @include "includes/replay"
+--- @include "includes/resume"
 
 local st = hget('state')
 if not st then return {'missing'} end
@@ -51,16 +49,6 @@ for i = 0, n - 1 do
   end
 end
 local out = {}
-queued(out)
-for i = 0, n - 1 do
-  local x = hget('x' .. i) or ''
-  if hget('rd' .. i) == '1' and (x == '' or x == 'D') then
-    redis.call('HDEL', h, 'rd' .. i)
-    late_undo(i, num('a' .. i) + 1, out)
-  end
-end
-local cur = num('cur')
-if cur >= 0 then open_stage(cur, out) end
-advance(out)
+resume(out)
 rescore()
 return {'retried', st, hget('state'), {}, {}, out}

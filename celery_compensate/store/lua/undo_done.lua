@@ -13,7 +13,10 @@
 ---
 --- Transitions: undo Q/R/W/F -> D; ``y<k>`` (or ``late``) - 1; a step that
 --- took effect again meanwhile (``rd<i>``) gets a late undo; settled
---- stages are walked down, COMPENSATING -> COMPENSATED when all are.
+--- stages are walked down, COMPENSATING -> COMPENSATED when all are; an
+--- attempt counted lost on its last try that succeeds after all, with no
+--- other undo failed, ends COMPENSATION_FAILED: -> COMPENSATING (resumed
+--- as by RETRY).
 
 --- @include "includes/saga"
 --- @include "includes/fields"
@@ -21,9 +24,7 @@
 --- @include "includes/damaged"
 --- @include "includes/rescore"
 --- @include "includes/touch"
---- @include "includes/late_undo"
---- @include "includes/advance"
---- @include "includes/replay"
+--- @include "includes/resume"
 
 local st, cur0 = hget('state'), hget('cur')
 if not st then return {'missing'} end
@@ -47,6 +48,15 @@ if hget('rd' .. i) == '1' then
   -- the step took effect after this undo had been sent: undo it again
   redis.call('HDEL', h, 'rd' .. i)
   late_undo(i, num('a' .. i) + 1, out)
+end
+if st == 'COMPENSATION_FAILED' and x == 'F' then
+  -- the attempt the sweep counted lost on its last try succeeded after
+  -- all: if no other undo failed, nothing is left for an operator
+  local failed = false
+  for j = 0, num('n') - 1 do
+    if hget('x' .. j) == 'F' then failed = true break end
+  end
+  if not failed then resume(out) end
 end
 advance(out)
 touch(st, cur0, out)
