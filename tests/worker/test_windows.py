@@ -24,7 +24,7 @@ import pytest
 from celery_compensate import SagaState, StepState, saga
 from celery_compensate.appstate import get_state
 from celery_compensate.messages import OUTBOX_UNTIL, SAGA_ID, STEP
-from celery_compensate.model import step_task_id
+from celery_compensate.model import step_task_id, undo_task_id
 from celery_compensate.store import layout as L
 
 from .. import tasks
@@ -208,3 +208,19 @@ def test_a_requeued_undo_copy_does_not_keep_a_dead_attempt_alive(redis_url):
         assert res.wait(timeout=4 * LEASE + 15) is SagaState.COMPENSATED
         assert undone(entries(app, rds, res.id)) == ['a']
         assert res.steps[0].undo_attempts == 2
+
+
+def test_a_running_undo_revoked_with_terminate_is_tried_again(cluster):
+    """An operator (or Celery) revokes the running undo with terminate:
+    ``task_revoked`` (terminated) counts the attempt as failed and the next
+    one runs after the backoff; the saga is compensated."""
+    app, rds, start = cluster
+    start('only')
+    res = saga(tasks.do.si('a', undo_hang_once=True),
+               tasks.do.si('b', fail=True), app=app).apply_async()
+    wait_for(lambda: 'undo-start:a' in entries(app, rds, res.id), timeout=15)
+    app.control.revoke(undo_task_id(res.id, 0, 1), terminate=True)
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    assert undone(entries(app, rds, res.id)) == ['a']
+    step = res.steps[0]
+    assert step.undo_attempts == 2 and 'terminated' in step.undo_error
