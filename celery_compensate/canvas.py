@@ -311,11 +311,15 @@ class Saga:
                     self._check_undo_call(step)
         if not state.store.create(saga_id, plan, specs):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
-        state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
+        # the saga exists from here on: its start is announced before its
+        # first stage is published, so that a publishing error (raised to
+        # the caller, and compensated like a failed step) follows its
+        # RUNNING line and its saga_started signal
         logger.info('saga %s: RUNNING: started with %d steps in %d stages',
                     saga_id, len(plan), len(plan.stages))
         signals.saga_started.send(sender=self.app, saga_id=saga_id,
                                   steps=len(plan))
+        state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
         return SagaResult(saga_id, app=self.app)
 
     def delay(self, *args: Any, **kwargs: Any) -> SagaResult:

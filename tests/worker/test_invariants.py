@@ -8,7 +8,7 @@ import pytest
 from celery import group
 from celery import signals as celery_signals
 
-from celery_compensate import SagaState, UndoState, saga, signals
+from celery_compensate import SagaResult, SagaState, UndoState, saga, signals
 from celery_compensate.appstate import get_state
 from celery_compensate.messages import UNSTORED_RESULT
 from celery_compensate.model import Plan, TaskRef, UndoSpec, undo_task_id
@@ -450,3 +450,40 @@ def test_an_undo_refused_at_publish_fails_the_compensation_loudly(
     assert res.retry()
     assert res.wait(timeout=10) is SagaState.COMPENSATED
     assert undone(ledger(rds, celery_app, res.id)) == ['a']
+
+
+def test_a_first_stage_that_cannot_be_published_is_compensated(
+        celery_app, celery_worker, rds, monkeypatch, caplog):
+    """The broker refuses the second member of stage 0 (after Celery's own
+    publish retries): apply_async raises that error, and the saga, which
+    exists, is announced RUNNING first, then compensated: the member that
+    was sent runs and is undone."""
+    from kombu.exceptions import OperationalError
+    from celery_compensate.coordinator import Coordinator
+    started = []
+    signals.saga_started.connect(lambda **kw: started.append(kw['saga_id']),
+                                 weak=False, dispatch_uid='first-stage')
+    original = Coordinator.publish_step
+
+    def publish(self, saga_id, step, *args, **kwargs):
+        if step.index == 1:
+            raise OperationalError('broker down (test)')
+        return original(self, saga_id, step, *args, **kwargs)
+
+    monkeypatch.setattr(Coordinator, 'publish_step', publish)
+    sid = f'first-{celery_app.conf.compensate_key_prefix}'
+    try:
+        with caplog.at_level(logging.INFO, logger='celery_compensate'):
+            with pytest.raises(OperationalError, match='broker down'):
+                saga(group(tasks.do.si('a'), tasks.do.si('b')),
+                     tasks.do.si('c')).apply_async(saga_id=sid)
+            res = SagaResult(sid, app=celery_app)
+            assert res.wait(timeout=10) is SagaState.COMPENSATED
+    finally:
+        signals.saga_started.disconnect(dispatch_uid='first-stage')
+    assert started == [sid]
+    text = caplog.text
+    assert text.index(f'saga {sid}: RUNNING') < text.index(
+        f'saga {sid}: COMPENSATING')
+    assert res.steps[1].failure.startswith('publish failed')
+    wait_for(lambda: undone(ledger(rds, celery_app, sid)) == ['a'])
