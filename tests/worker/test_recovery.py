@@ -588,3 +588,80 @@ def test_a_record_with_nothing_in_flight_is_quarantined(celery_app, rds):
     assert rds.zscore(store.keys.bad(shard_of('limbo')), 'limbo')
     assert rds.zscore(store.keys.due(shard_of('limbo')), 'limbo') is None
     rds.delete(store.keys.bad(shard_of('limbo')))
+
+
+# -- the saga store unreachable at an undo's edges ---------------------------
+
+def _flaky(store, name: str, monkeypatch, times: int = 1) -> list[int]:
+    """Make ``store.<name>`` raise SagaStoreUnavailable ``times`` times."""
+    from celery_compensate import SagaStoreUnavailable
+    calls: list[int] = []
+    original = getattr(store, name)
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= times:
+            raise SagaStoreUnavailable('saga store unreachable (test)')
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store, name, flaky)
+    return calls
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_an_undo_that_cannot_begin_while_redis_is_away_runs_later(
+        celery_app, celery_worker, rds, monkeypatch):
+    """undo_begin cannot reach the store: the copy is sent again after a
+    heartbeat (no attempt spent), then runs."""
+    calls = _flaky(get_state(celery_app).store, 'undo_begin', monkeypatch)
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    assert len(calls) >= 2
+    assert res.steps[0].undo_attempts == 1
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
+
+
+@pytest.mark.compensate_conf(compensate_record_retry_timeout=0.2, **FAST)
+def test_an_undo_done_while_redis_stays_away_is_run_again(
+        celery_app, celery_worker, rds, monkeypatch):
+    """The undo succeeded but its success cannot be recorded within
+    compensate_record_retry_timeout: the attempt's lease lapses, the sweep
+    counts it lost and sends the next one, under the same idempotency
+    key, whose success is recorded."""
+    store = get_state(celery_app).store
+    calls = _flaky(store, 'undo_done', monkeypatch, times=3)
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    assert res.steps[0].undo_attempts == 2
+    log = ledger(rds, celery_app, res.id)
+    assert log.count('undo-start:a') == 2
+    idem = rds.hgetall(f'{celery_app.conf.compensate_key_prefix}-t:idem:'
+                       f'{res.id}')
+    assert idem['a'] == f'{res.id}:0'
+    assert len(calls) >= 4
+
+
+@pytest.mark.compensate_conf(compensate_undo_queue='UNDO_QUEUE', **FAST)
+def test_an_undo_whose_publish_fails_is_sent_again_by_the_sweep(
+        celery_app, celery_worker, rds, monkeypatch):
+    """The broker refuses the undo's message (after Celery's own publish
+    retries): no attempt is spent, it stays queued in the record, and the
+    sweep sends it when its lease lapses."""
+    from kombu.exceptions import OperationalError
+    from celery_compensate.coordinator import Coordinator
+    failures: list[int] = []
+    original = Coordinator.publish_undo
+
+    def publish_undo(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise OperationalError('broker down (test)')
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Coordinator, 'publish_undo', publish_undo)
+    celery_worker.consumer.add_task_queue(
+        get_state(celery_app).settings.undo_queue)
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+    assert failures == [1] and res.steps[0].undo_attempts == 1
+    assert undone(ledger(rds, celery_app, res.id)) == ['a']
