@@ -224,3 +224,27 @@ def test_a_running_undo_revoked_with_terminate_is_tried_again(cluster):
     assert undone(entries(app, rds, res.id)) == ['a']
     step = res.steps[0]
     assert step.undo_attempts == 2 and 'terminated' in step.undo_error
+
+
+def test_a_step_redelivered_before_its_lease_lapsed_runs_again(redis_url):
+    """acks_late with a visibility timeout (1 s) shorter than the step's
+    lease (10 s): the whole worker running b is SIGKILLed, the next worker
+    to start restores b's message at once; that copy (redelivered) finds b
+    still running in the record, takes it over and runs it again (its body
+    may have run partly, as for any acks_late task); the saga completes."""
+    with _cluster(redis_url, step_timeout=10.0, queue_timeout=QUEUE,
+                  heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
+                  worker_env={'COMPENSATE_TEST_REJECT_ON_WORKER_LOST': '1',
+                              'COMPENSATE_TEST_VISIBILITY': '1'}
+                  ) as (app, rds, start):
+        first = start('first')
+        res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=2),
+                   tasks.do.si('c'), app=app).apply_async()
+        wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15)
+        first.kill()
+        time.sleep(1.2)         # older than the visibility timeout
+        start('second')
+        assert res.wait(timeout=20) is SagaState.COMPLETED
+        log = entries(app, rds, res.id)
+        assert log.count('start:b') == 2 and log.count('do:b') == 1, log
+        assert undone(log) == []
