@@ -414,3 +414,19 @@ def test_a_sent_undo_with_a_shorter_queue_lease_lowers_the_saga_s_entry(
     deadline = float(rds.hget(store.keys.saga('s'), L.deadline(0)))
     score = rds.zscore(store.keys.due(shard_of('s')), 's')
     assert deadline - now < 6 and score <= deadline
+
+
+def test_a_resent_completion_after_a_republish_keeps_the_generation(
+        celery_app, rds):
+    """The completion's reply was lost and the sweep published the next
+    step again (generation 2) before the completion was resent: the resent
+    call dispatches it with generation 2, so an older copy cannot run
+    beside it."""
+    store = make(celery_app, [['a'], ['b']])
+    store.step_done('s', 0, '"ra"', token='tok')
+    key = store.keys.saga('s')
+    rds.hset(key, L.deadline(1), 1)                # the outbox lease lapsed
+    assert [s.index for s in store.recover('s').forward] == [1]
+    assert rds.hget(key, L.generation(1)) == '2'
+    resent = store.step_done('s', 0, '"ra"', token='tok')
+    assert resent.status is Reply.NEXT and resent.generations == {1: 2}

@@ -79,6 +79,7 @@ local function next_stage(set, again)
     want[#want + 1] = 'c' .. j
     want[#want + 1] = 'p' .. j
     want[#want + 1] = 'o' .. j
+    want[#want + 1] = 'pg' .. j
     held[#held + 1] = 'h' .. j
   end
   local v = many('HMGET', want)
@@ -94,12 +95,18 @@ local function next_stage(set, again)
   set[#set + 1] = 'w' .. nk; set[#set + 1] = #steps
   set[#set + 1] = 'pb' .. nk; set[#set + 1] = i
   for m, j in ipairs(steps) do
-    local o = nres + 3 * m
+    local o = nres + 4 * m - 1
     local d = t + tonumber(v[o] or qt) + tonumber(v[o - 2] or '0')
     set[#set + 1] = 's' .. j; set[#set + 1] = 'R'
     set[#set + 1] = 'd' .. j; set[#set + 1] = string.format('%.3f', d)
     set[#set + 1] = 'ob' .. j; set[#set + 1] = 1
-    nxt[#nxt + 1] = {tonumber(j), v[o - 1]}
+    -- a resent call after the sweep published the step again: the
+    -- current generation, so no older copy can run beside it
+    if v[o + 1] then
+      nxt[#nxt + 1] = {tonumber(j), v[o - 1], tonumber(v[o + 1])}
+    else
+      nxt[#nxt + 1] = {tonumber(j), v[o - 1]}
+    end
     if best == nil or d < best then best = d end
   end
   many('HSET', set)
