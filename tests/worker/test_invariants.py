@@ -365,13 +365,19 @@ def test_undos_go_to_the_configured_queue(celery_app, celery_worker, rds):
     rds.delete(undo_queue)
 
 
+def _undone_with(undo, celery_app, rds):
+    """Run saga (a, b failing) with ``undo`` as a's undo, wait for it to be
+    compensated; return it and its ledger."""
+    res = saga(tasks.do.si('a').set(compensate_with=undo),
+               tasks.do.si('b', fail=True)).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    return res, ledger(rds, celery_app, res.id)
+
+
 def test_undo_retried_by_celery_itself_completes(celery_app, celery_worker, rds):
     """The undo task's own self.retry() sends the same attempt again under
     the same task id; that copy must be let in, not taken for a duplicate."""
-    res = saga(tasks.do.si('a').set(compensate_with=tasks.retrying_undo.s()),
-               tasks.do.si('b', fail=True)).apply_async()
-    assert res.wait(timeout=15) is SagaState.COMPENSATED
-    entries = ledger(rds, celery_app, res.id)
+    res, entries = _undone_with(tasks.retrying_undo.s(), celery_app, rds)
     assert entries.count('undo-start:a:0') == 1 and "undo:a:'res-a'" in entries
     assert res.steps[0].undo_attempts == 1
 
@@ -381,11 +387,7 @@ def test_an_undo_that_replaces_itself_runs_the_replacement(
     """``self.replace()`` in an undo: Celery sends the replacement under the
     attempt's task id and raises ``Ignore``; the attempt is released, not
     counted as failed, and the replacement runs as the same attempt."""
-    res = saga(tasks.do.si('a').set(
-                   compensate_with=tasks.replacing_undo.s()),
-               tasks.do.si('b', fail=True)).apply_async()
-    assert res.wait(timeout=15) is SagaState.COMPENSATED
-    entries = ledger(rds, celery_app, res.id)
+    res, entries = _undone_with(tasks.replacing_undo.s(), celery_app, rds)
     assert 'replacing:a' in entries and "undo:a:'res-a'" in entries
     assert res.steps[0].undo_attempts == 1
     assert res.steps[0].undo_error is None
@@ -400,10 +402,7 @@ def test_an_undo_that_raises_ignore_is_sent_again(
     """``Ignore`` in an undo means: this copy steps aside.  Not a failed
     attempt: the attempt is queued again and, with nothing else coming,
     the sweep sends it again after the queue timeout."""
-    res = saga(tasks.do.si('a').set(compensate_with=tasks.ignoring_undo.s()),
-               tasks.do.si('b', fail=True)).apply_async()
-    assert res.wait(timeout=15) is SagaState.COMPENSATED
-    entries = ledger(rds, celery_app, res.id)
+    res, entries = _undone_with(tasks.ignoring_undo.s(), celery_app, rds)
     assert entries.count('ignored:a') == 1 and "undo:a:'res-a'" in entries
     assert res.steps[0].undo_attempts == 1
 

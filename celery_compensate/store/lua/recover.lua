@@ -73,8 +73,7 @@ for _, i in ipairs(candidates) do
       -- publishing (it died in between), and no worker received it:
       -- publish it again; an older copy is refused when received (a spec
       -- that cannot be decoded cannot be published: it is given up below)
-      local gen = num('pg' .. i) + 1
-      if gen < 2 then gen = 2 end
+      local gen = math.max(num('pg' .. i), 1) + 1
       redis.call('HSET', h, 'pg' .. i, gen)
       redis.call('HDEL', h, 'ob' .. i)
       wait_lease(i, hget('c' .. i))

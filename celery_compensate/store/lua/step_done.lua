@@ -36,10 +36,9 @@ local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
                      'u' .. i, 'ns', 'id', 'qt')
 local st, s, ns, id, qt = f[1], f[2], tonumber(f[6] or ''), f[7], f[8]
 local k = tonumber(f[3] or '')
--- whether stage k has members and how many run; the member lists (O(W)
--- bytes) are read only when the stage completes
-local g = k and {redis.call('HEXISTS', h, 'g' .. k) == 1,
-                 redis.call('HGET', h, 'w' .. k)}
+-- how many members of stage k run; the member lists (O(W) bytes) are
+-- read only when the stage completes
+local w = k and redis.call('HGET', h, 'w' .. k)
 
 -- Stage k is complete: finish the saga, or mark the next stage dispatched
 -- and hand it, with stage k's results, to the caller to publish.  The
@@ -56,6 +55,9 @@ local g = k and {redis.call('HEXISTS', h, 'g' .. k) == 1,
 local function next_stage(set, again)
   local nk = k + 1
   local lists = redis.call('HMGET', h, 'g' .. k, 'g' .. nk)
+  -- no member list for stage k: nothing written, the general path below
+  -- reports the damaged record
+  if not lists[1] then return nil end
   if nk < ns and not lists[2] then
     -- the step's own record is kept: a resent call finds it
     if #set > 0 then redis.call('HSET', h, unpack(set)) end
@@ -120,10 +122,11 @@ end
 -- (defining them costs about as much as running it): the last running
 -- member of a stage of a running saga completes.
 local set = {'s' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now, 'tk' .. i, token}
-if st == 'RUNNING' and s == 'R' and g and g[1] and g[2] == '1' and f[4]
-    and f[5] then
+if st == 'RUNNING' and s == 'R' and w == '1' and f[4] and f[5] then
   set[#set + 1] = 'w' .. k; set[#set + 1] = 0
-  return next_stage(set, false)
+  local reply = next_stage(set, false)
+  if reply then return reply end
+  set[#set] = nil; set[#set] = nil
 end
 
 --- @include "includes/fields"
@@ -137,7 +140,8 @@ end
 
 if not st then return {'missing'} end
 if not s then return {'unknown-step', st, st} end
-if not k or not g[1] or (g[2] and not tonumber(g[2])) or not f[4]
+if not k or redis.call('HEXISTS', h, 'g' .. k) == 0
+    or (w and not tonumber(w)) or not f[4]
     or not f[5] then
   return damaged(i)
 end
@@ -154,7 +158,7 @@ if s == 'P' and st == 'RUNNING' then
   return {'not-dispatched', st, st}
 end
 redis.call('HSET', h, unpack(set))
-local left = tonumber(g[2] or '0')
+local left = tonumber(w or '0')
 if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
   if left <= 0 then return next_stage({}, false) end
