@@ -29,7 +29,7 @@ import click
 from .exceptions import CompensateError, InvalidSaga, SagaNotFound
 from .appstate import AppState, get_state
 from .model import SagaState, StepState, UndoState, undo_task_id, validate_saga_id
-from .store import Listed, Reply, SagaRecord
+from .store import Listed, Reply, SagaRecord, StepRecord, StepSummary
 
 __all__ = ('compensate', 'EXIT_ERROR', 'EXIT_NOT_FOUND', 'EXIT_WRONG_STATE')
 
@@ -215,25 +215,28 @@ def _check(status: Reply, saga_id: str, state: SagaState | None,
 
 def _current(entry: Listed) -> str:
     """What a listed saga waits for, in a few words."""
-    if entry.record is None:
+    summary = entry.summary
+    if summary is None:
         return f'unreadable record: {entry.error}'
-    return _doing(entry.record)
+    parts = [_waits_for(step) for step in summary.steps]
+    more = summary.waiting - len(summary.steps)
+    if more > 0:
+        parts.append(f'{more} more')
+    return '; '.join(parts) or '-'
+
+
+def _waits_for(step: StepSummary | StepRecord) -> str:
+    if step.state is StepState.RUNNING:
+        return f'step {step.index} {step.task_name} running'
+    if step.undo_state is UndoState.FAILED:
+        return (f'undo of step {step.index} {step.undo_name} failed after '
+                f'{step.undo_attempts} attempts: {_cut(step.undo_error, 60)}')
+    return (f'undo of step {step.index} {step.undo_name} '
+            f'{step.undo_state.name.lower()} (attempt {step.undo_attempts})')
 
 
 def _doing(record: SagaRecord) -> str:
-    parts = []
-    for step in record.current:
-        if step.state is StepState.RUNNING:
-            parts.append(f'step {step.index} {step.task_name} running')
-        elif step.undo_state is UndoState.FAILED:
-            parts.append(f'undo of step {step.index} {step.undo_name} failed '
-                         f'after {step.undo_attempts} attempts: '
-                         f'{_cut(step.undo_error, 60)}')
-        else:
-            parts.append(f'undo of step {step.index} {step.undo_name} '
-                         f'{step.undo_state.name.lower()} (attempt '
-                         f'{step.undo_attempts})')
-    return '; '.join(parts) or '-'
+    return '; '.join(_waits_for(step) for step in record.current) or '-'
 
 
 def _show(record: SagaRecord) -> str:

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 from .layout import SHARDS, Keys, shard_of
-from .records import Listed, SagaRecord, StepRecord
+from .records import (
+    Listed, SagaRecord, SagaSummary, StepRecord, StepSummary,
+)
 from .replies import Reply
 from .saga_store import (
     TRANSIENT_ERRORS, Outcome, SagaStore, UndoDue, make_client, new_token,
 )
 
 __all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord',
-           'Listed', 'Reply', 'Keys', 'SHARDS', 'shard_of', 'new_token',
+           'SagaSummary', 'StepSummary', 'Listed', 'Reply', 'Keys', 'SHARDS', 'shard_of', 'new_token',
            'make_client', 'TRANSIENT_ERRORS')

@@ -11,8 +11,8 @@ from ..model import (
 )
 from . import layout as L
 
-__all__ = ('StepRecord', 'SagaRecord', 'Listed', 'decode_record',
-           'listed_entry')
+__all__ = ('StepRecord', 'SagaRecord', 'StepSummary', 'SagaSummary', 'Listed',
+           'decode_record', 'listed_entry')
 
 
 @dataclass(frozen=True)
@@ -75,30 +75,70 @@ class SagaRecord:
 
 
 @dataclass(frozen=True)
+class StepSummary:
+    """One step a listed saga waits for (a running step, an undo in
+    flight, or an undo failed for good)."""
+
+    index: int
+    task_name: str
+    undo_name: str | None
+    state: StepState
+    undo_state: UndoState
+    undo_attempts: int
+    undo_error: str | None      #: cut to the listing's width
+
+
+@dataclass(frozen=True)
+class SagaSummary:
+    """What a listing reads of one saga (``lua/summary.lua``): a few
+    fields and at most a few steps, whatever the saga's size."""
+
+    state: SagaState
+    reason: str | None          #: cut to the listing's width
+    #: how many steps the saga waits for (``steps`` shows the first few)
+    waiting: int
+    #: ``waiting`` counts undos failed for good, not steps in flight
+    failed_undos: bool
+    steps: list[StepSummary]
+
+
+@dataclass(frozen=True)
 class Listed:
-    """One saga found by :meth:`SagaStore.list_sagas`: its record, or why
-    the record could not be read."""
+    """One saga found by :meth:`SagaStore.list_sagas`: its summary, or why
+    it could not be read."""
 
     saga_id: str
     created: float
-    record: SagaRecord | None
+    summary: SagaSummary | None
     error: str | None = None
 
     @property
     def state(self) -> str:
         """The saga's state, or ``CORRUPT`` when its record is damaged."""
-        return self.record.state.value if self.record else 'CORRUPT'
+        return self.summary.state.value if self.summary else 'CORRUPT'
 
 
 def listed_entry(saga_id: str, created: float, raw: Any) -> Listed | None:
-    """Decode one record for a listing (``None``: it has expired)."""
+    """Decode one reply of ``summary.lua`` for a listing (``None``: the
+    saga has expired)."""
     if isinstance(raw, Exception):
         return Listed(saga_id, created, None, str(raw))
     if not raw:
         return None
     try:
-        return Listed(saga_id, created, decode_record(saga_id, raw))
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        state, _, reason, waiting, kind = raw[:5]
+        rest = raw[5:]
+        steps = [StepSummary(
+            index=int(i), task_name=task, undo_name=undo or None,
+            state=StepState(s), undo_state=UndoState(x),
+            undo_attempts=int(a), undo_error=e or None)
+            for i, task, undo, s, x, a, e in (
+                rest[n:n + 7] for n in range(0, len(rest), 7))]
+        return Listed(saga_id, created, SagaSummary(
+            state=SagaState(state), reason=reason or None,
+            waiting=int(waiting), failed_undos=bool(int(kind)),
+            steps=steps))
+    except (KeyError, ValueError, TypeError) as exc:
         return Listed(saga_id, created, None, repr(exc))
 
 

@@ -364,17 +364,23 @@ class SagaStore:
                 f'saga {saga_id!r} has a corrupt record: {exc!r}') from exc
 
     def list_sagas(self, state: SagaState | None = None, limit: int = 50,
-                   page: int = 100) -> list[Listed]:
+                   page: int = 100, steps: int = 3,
+                   width: int = 120) -> list[Listed]:
         """The newest sagas first, read from the per-shard indexes (never
         ``KEYS``): the unfinished ones when ``state`` is RUNNING,
         COMPENSATING or COMPENSATION_FAILED, else every stored one.
 
+        Each saga is read as a bounded summary (``lua/summary.lua``),
+        never whole: a saga of thousands of steps or with megabytes of
+        arguments costs the listing a few hundred bytes.
+
         Arguments:
-            state: only sagas in this state (read first, so only the
-                records that match are read whole; a damaged record,
-                listed as ``CORRUPT``, only shows without a state).
+            state: only sagas in this state (a damaged record, listed as
+                ``CORRUPT``, only shows without a state).
             limit: at most this many.
-            page: ids read per shard and records per round trip.
+            page: ids read per shard and summaries per round trip.
+            steps: at most this many of a saga's steps in its summary.
+            width: texts (reason, undo error) cut to this many characters.
         Raises:
             SagaStoreUnavailable: Redis cannot be reached.
         """
@@ -384,27 +390,23 @@ class SagaStore:
                 for s in range(SHARDS)]
         found: list[Listed] = []
         batch: list[tuple[str, float]] = []
+        summary = self._commands['summary']
+        args = [steps, width, state.value if state else '']
 
         def flush() -> None:
-            if state is not None:
-                pipe = self.client.pipeline(transaction=False)
-                for saga_id, _ in batch:
-                    pipe.hget(self.keys.saga(saga_id), L.STATE)
-                try:
-                    states = self._run(pipe.execute, raise_on_error=False)
-                except CorruptSagaRecord:   # not text: decided below
-                    states = [state.value] * len(batch)
-                batch[:] = [entry for entry, value in zip(
-                    batch, states, strict=True) if value == state.value]
             pipe = self.client.pipeline(transaction=False)
             for saga_id, _ in batch:
-                pipe.hgetall(self.keys.saga(saga_id))
+                summary(keys=[self.keys.saga(saga_id)], args=args,
+                        client=pipe)
             try:
                 raws = self._run(pipe.execute, raise_on_error=False)
             except CorruptSagaRecord:
                 # a record that is not UTF-8 text: find which, one by one
-                raws = [self._hgetall_or_error(saga_id) for saga_id, _ in batch]
+                raws = [self._summary_or_error(saga_id, args)
+                        for saga_id, _ in batch]
             for (saga_id, created), raw in zip(batch, raws, strict=True):
+                if isinstance(raw, list) and len(raw) == 1:
+                    continue        # in another state
                 entry = listed_entry(saga_id, created, raw)
                 if entry is not None and (
                         state is None or entry.state == state.value):
@@ -460,10 +462,13 @@ class SagaStore:
             if buf:
                 heapq.heappush(heap, (-buf[0][1], buf[0][0], n))
 
-    def _hgetall_or_error(self, saga_id: str) -> Any:
+    def _summary_or_error(self, saga_id: str, args: list[Any]) -> Any:
         try:
-            return self._run(self.client.hgetall, self.keys.saga(saga_id))
-        except CorruptSagaRecord as exc:
+            return self._run(self._commands['summary'],
+                             keys=[self.keys.saga(saga_id)], args=args)
+        except SagaStoreUnavailable:
+            raise
+        except SagaStoreError as exc:
             return exc
 
     # -- plumbing -------------------------------------------------------

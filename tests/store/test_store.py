@@ -212,15 +212,40 @@ def test_listing_merges_the_shards_newest_first_page_by_page(celery_app, rds):
         s for s in ids[::-1] if s not in ids[::4]]
     completed = store.list_sagas(SagaState.COMPLETED, limit=100, page=3)
     assert [e.saga_id for e in completed] == ids[::4][::-1]
-    assert all(e.state == 'COMPLETED' and e.record.current == []
-               for e in completed)
+    assert all(e.state == 'COMPLETED' and e.summary.steps == []
+               and e.summary.waiting == 0 for e in completed)
 
     # a damaged record is listed as such, not skipped and not fatal
     rds.hdel(store.keys.saga(ids[1]), L.N)
     entry = next(e for e in store.list_sagas(limit=100) if e.saga_id == ids[1])
-    assert entry.state == 'CORRUPT' and entry.record is None and entry.error
+    assert entry.state == 'CORRUPT' and entry.summary is None and entry.error
     assert ids[1] not in {e.saga_id for e in store.list_sagas(
         SagaState.RUNNING, limit=100)}
+
+
+def test_a_listing_reads_a_bounded_summary_never_whole_records(
+        celery_app, rds):
+    """A saga of 2,000 steps with a megabyte of arguments costs the
+    listing a few hundred bytes: its state, a few of the steps it waits
+    for and how many there are, never its record."""
+    store = get_state(celery_app).store
+    big = TaskRef('t.big', args=('x' * 1_000_000,))
+    plan = Plan.from_stages([[(big, UndoSpec('t.undo'), False)]
+                             + [(TaskRef('t.small'), UndoSpec('t.undo'),
+                                 False)] * 1_999])
+    assert store.create('wide-list', plan)
+    sent = int(rds.info('stats')['total_net_output_bytes'])
+    [entry] = store.list_sagas(limit=1)
+    read = int(rds.info('stats')['total_net_output_bytes']) - sent
+
+    assert entry.saga_id == 'wide-list' and entry.state == 'RUNNING'
+    assert entry.summary.waiting == 2_000
+    assert [(s.index, s.task_name, s.undo_name, s.state)
+            for s in entry.summary.steps] == [
+        (0, 't.big', 't.undo', 'R'), (1, 't.small', 't.undo', 'R'),
+        (2, 't.small', 't.undo', 'R')]
+    assert read < 4_000, read       # the record is over 1 MB
+    assert store.list_sagas(SagaState.COMPLETED, limit=1) == []
 
 
 def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app,
