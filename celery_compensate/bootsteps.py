@@ -47,12 +47,15 @@ class CompensateRecovery(bootsteps.StartStopStep):
 
 
 class CompensateReceive(bootsteps.StartStopStep):
-    """Queue a receipt for every saga task the consumer receives (see
+    """Record a receipt for every saga task the consumer receives (see
     :meth:`Recovery.receive`), before the pool or the ETA timer gets it.
 
     It wraps each task's strategy once the ``Tasks`` step built them, and
     again whenever they are rebuilt (a consumer restart, or
-    ``pool_restart`` with ``reload``, which calls ``update_strategies``).
+    ``pool_restart`` with ``reload``, which calls ``update_strategies``);
+    and the consumer's ``on_task_request``, so a request whose receipt
+    waits in a busy worker's batch reaches the pool only once it is
+    recorded (:meth:`Recovery.hand_over`).
     """
 
     label = 'CompensateReceive'
@@ -63,6 +66,18 @@ class CompensateReceive(bootsteps.StartStopStep):
         if recovery is None:
             return
         recovery.bucketed = lambda: _bucketed(c)
+        hub = getattr(c, 'hub', None)
+        recovery.call_later = hub.call_later if hub is not None else None
+        handle = c.on_task_request
+        if not getattr(handle, '_compensate_receive', False):
+            def on_task_request(request: Any) -> Any:
+                if not recovery.hand_over(request, handle):
+                    return handle(request)
+                return None
+            on_task_request._compensate_receive = True  # type: ignore[attr-defined]
+            c.on_task_request = on_task_request
+            # the strategies took the handler when they were built
+            c.update_strategies()
         _wrap_strategies(c, recovery)
         update = c.update_strategies
         if not getattr(update, '_compensate_receive', False):
@@ -70,9 +85,15 @@ class CompensateReceive(bootsteps.StartStopStep):
                 result = update(*args, **kwargs)
                 _wrap_strategies(c, recovery)
                 return result
-
             update_strategies._compensate_receive = True  # type: ignore[attr-defined]
             c.update_strategies = update_strategies
+
+    def stop(self, c: Any) -> None:
+        recovery = getattr(c.controller, 'compensate_recovery', None)
+        if recovery is not None:
+            recovery.drop_batch()
+
+    shutdown = stop
 
 
 def _wrap_strategies(c: Any, recovery: Recovery) -> None:

@@ -40,10 +40,15 @@ logger = get_logger(__name__)
 #: sagas taken per shard and sweep
 SWEEP_BATCH = 100
 
-#: Seconds a busy worker waits between two pipelines of receipts: a task
-#: is recorded as held at most this long after its worker received it (a
-#: worker that is not busy records it before the pool gets it).
+#: A worker that sent a receipt less than this many seconds ago is busy:
+#: its receipts are batched (see :data:`BATCH_WAIT`) instead of sent one
+#: by one.
 RECEIPT_GAP = 0.02
+
+#: Seconds a busy worker's consumer gathers receipts before it sends them
+#: in one pipeline and hands their tasks to the pool: no saga task reaches
+#: the pool before its receipt is recorded.
+BATCH_WAIT = 0.002
 
 #: Timeout of a receipt sent from the consumer's event loop.
 QUICK_TIMEOUT = 0.25
@@ -188,6 +193,15 @@ class Recovery:
         self._receipt_due = threading.Event()
         self._last_receipt = float('-inf')
         self._quick_off_until = float('-inf')
+        #: set by the consumer bootstep when the consumer runs an event
+        #: loop: ``call_later(delay, fn)`` there.  Then a busy worker's
+        #: receipts are gathered here, in that loop's thread, and the
+        #: requests they belong to wait in ``_deferred`` until they are
+        #: recorded
+        self.call_later: Callable[[float, Callable[[], None]], Any] | None = (
+            None)
+        self._batch: dict[str, tuple[str, TaskIdInfo, str, int]] = {}
+        self._deferred: list[tuple[Any, Callable[[Any], Any]]] = []
         #: the client of receipts sent from the consumer's event loop: a
         #: short timeout, no resend (it must not stall the consumer)
         self.quick = SagaStore(settings, socket_timeout=min(
@@ -261,15 +275,17 @@ class Recovery:
         saga task as held by this worker, so a worker killed from now on is
         noticed within the step's lease, not the queue timeout.
 
-        When the worker is not busy (no receipt pending, none sent in the
-        last :data:`RECEIPT_GAP` seconds) the receipt is sent at once,
-        before the pool or the ETA timer gets the task, on a client with a
-        short timeout and no resend.  Otherwise, or when that fails, it is
-        queued: the ``compensate-receipts`` thread sends the pending
-        receipts in one pipeline at most every :data:`RECEIPT_GAP`
-        seconds, so a busy worker pays a fraction of a round trip per task
-        and its event loop never waits on a slow store.  Called in the
-        consumer's event loop: it never raises.
+        When the worker is not busy (no receipt sent in the last
+        :data:`RECEIPT_GAP` seconds) the receipt is sent at once, before
+        Celery sees the task, on a client with a short timeout and no
+        resend.  A busy worker with an event loop gathers the receipts of
+        :data:`BATCH_WAIT` seconds and sends them in one pipeline; the
+        requests wait for it (:meth:`hand_over`), so no saga task reaches
+        the pool before its receipt is recorded.  When the store is slow
+        or unreachable (or the consumer has no event loop and is busy) the
+        receipt is queued for the ``compensate-receipts`` thread and the
+        task goes on at once.  Called in the consumer's event loop: it
+        never raises.
         """
         info = parse_task_id(task_id)
         if info is None or task_id is None:
@@ -284,24 +300,74 @@ class Recovery:
             generation = 0
         receipt = (task_id, info, new_token(), generation)
         now = time.monotonic()
-        if (not self._receipts and now - self._last_receipt >= RECEIPT_GAP
-                and now >= self._quick_off_until):
-            try:
-                self._note_receipts([receipt], self.quick)
-                return
-            except Exception:  # noqa: BLE001 - never into the consumer
-                # queued instead; no direct receipt for a heartbeat
-                self._quick_off_until = (
-                    now + self.settings.heartbeat_interval)
-            finally:
-                self._last_receipt = done = time.monotonic()
-                if done - now > QUICK_SLOW:
-                    # a slow store: the event loop must not wait on it,
-                    # receipts are queued for a heartbeat
-                    self._quick_off_until = (
-                        done + self.settings.heartbeat_interval)
+        quick = now >= self._quick_off_until
+        if quick and not self._batch and (
+                now - self._last_receipt >= RECEIPT_GAP
+                or self.call_later is None):
+            self._send_now([receipt], now)
+            return
+        if quick and self.call_later is not None:
+            if not self._batch:
+                try:
+                    self.call_later(BATCH_WAIT, self.send_batch)
+                except Exception:  # noqa: BLE001 - never into the consumer
+                    self._send_now([receipt], now)
+                    return
+            self._batch[task_id] = receipt
+            return
         self._receipts.append(receipt)
         self._receipt_due.set()
+
+    def _send_now(self, items: list[tuple[str, TaskIdInfo, str, int]],
+                  now: float) -> None:
+        try:
+            self._note_receipts(items, self.quick)
+        except Exception:  # noqa: BLE001 - never into the consumer
+            # the heartbeat records them; no direct receipt for a heartbeat
+            self._quick_off_until = now + self.settings.heartbeat_interval
+        finally:
+            self._last_receipt = done = time.monotonic()
+            if done - now > QUICK_SLOW:
+                # a slow store: the event loop must not wait on it,
+                # receipts are queued for a heartbeat
+                self._quick_off_until = (
+                    done + self.settings.heartbeat_interval)
+
+    def hand_over(self, request: Any, handle: Callable[[Any], Any]) -> bool:
+        """The consumer hands ``request`` to the pool: hold it back while
+        its receipt waits in the batch (:meth:`send_batch` hands it over).
+
+        Returns:
+            bool: ``True`` if it was held back.
+        """
+        if getattr(request, 'id', None) in self._batch:
+            self._deferred.append((request, handle))
+            return True
+        return False
+
+    def send_batch(self) -> None:
+        """Send the gathered receipts in one pipeline, then hand their
+        requests to the pool (the consumer's event loop, :data:`BATCH_WAIT`
+        after the first).  Never raises."""
+        items = list(self._batch.values())
+        self._batch.clear()
+        deferred, self._deferred = self._deferred, []
+        if items:
+            self._send_now(items, time.monotonic())
+        for request, handle in deferred:
+            try:
+                handle(request)
+            except Exception:  # noqa: BLE001 - never into the consumer
+                logger.exception('celery_compensate: could not hand task %s '
+                                 'to the pool', getattr(request, 'id', '?'))
+
+    def drop_batch(self) -> None:
+        """The consumer stops (a restart after a lost connection, or
+        shutdown): what waits in the batch goes back to the broker with
+        the consumer's unacknowledged messages, as Celery's own reserved
+        requests do; their receipts were never sent."""
+        self._batch.clear()
+        self._deferred.clear()
 
     def send_receipts(self) -> int:
         """Record what the consumer received and queued since the last

@@ -98,6 +98,9 @@ def do(self: Task, name: str, fail: bool = False, sleep: float = 0.0,
     """A step with an undo; may sleep, fail, or kill its own process."""
     note(self, f'start:{name}')
     note_host(self, name)
+    if kwargs.get('kill_worker'):
+        # the whole worker (its own process group), as an OOM kill would
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     if sleep and kwargs.get('ignore_term'):
         # a body that a revoke with terminate cannot stop
         before = signal.signal(signal.SIGTERM, signal.SIG_IGN)

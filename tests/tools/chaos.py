@@ -99,7 +99,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import redis
 
@@ -131,16 +131,21 @@ HEALTHY = ('dup', 'kill_publish', 'retry_wait')
 #: and its queue timeout: a saga with nothing happening to it for longer
 #: than lease + sweep + 5 s (+ the queue timeout after an undo's Ignore)
 #: is ``stranded``
-LEASE, SWEEP, QUEUE_TIMEOUT = 3.0, 1.0, 20.0
+LEASE, SWEEP, QUEUE_TIMEOUT = 3.0, 1.0, 30.0
 #: ledger entries that record a fault hitting a task
 _FAULT_ENTRIES = ('fail', 'kill', 'kill-worker', 'kill-publish', 'retry',
                   'dup-sent',
                   'undo-fail', 'undo-kill', 'undo-ignore', 'undo-replace',
                   'undo-retry')
 FAULTY_RATIO = 0.35
+#: the chaos app's compensate_undo_max_attempts
+UNDO_MAX_ATTEMPTS = 5
 SLOW_RATIO = 0.08
 WORKER_CONCURRENCY = 2
 VISIBILITY_TIMEOUT = 20.0
+#: the chaos app restores unacked messages every 2 s (plus slack): a
+#: message a dead worker had fetched comes back this long after its death
+RESTORED_WITHIN = VISIBILITY_TIMEOUT + 2.0 + 3.0
 
 #: the counts that must be zero
 MUST_BE_ZERO = ('double-undo', 'missing-undo', 'wrong-order', 'lost',
@@ -455,7 +460,8 @@ class Analysis:
 
 
 def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
-            records: dict[str, Any]) -> Analysis:
+            records: dict[str, Any],
+            dead_pids: Collection[int] = ()) -> Analysis:
     """Check every saga against the ledger.
 
     Arguments:
@@ -463,6 +469,9 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
         lines: the ledger (``<kind> <json>`` entries, in order).
         effects: the effect counters (``do:<no>:<i>``, ``undo:<no>:<i>``).
         records: saga id -> its ``SagaRecord`` (``None``: not found).
+        dead_pids: pool children of workers that died: an undo whose
+            every attempt started in one of them and never ended spent its
+            budget on dead workers, so COMPENSATION_FAILED is expected.
     """
     from celery_compensate.model import (
         FINAL_STATES,
@@ -506,6 +515,13 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
         state = rec.state
         never_ran = {i for i in plan.never_steps()
                      if logs.get(i) and logs[i].count['undo-start']}
+        # every attempt lost with its worker: the budget is spent too
+        never_ran |= {i for i, lg in logs.items()
+                      if lg.count['undo-start'] >= UNDO_MAX_ATTEMPTS
+                      and not lg.count['undo-end']
+                      and all(d.get('pid') in dead_pids
+                              for _, kind, d in lg.entries
+                              if kind == 'undo-start')}
         if att.acked and never_ran:
             info['expected-cf'] += 1
         for i in range(plan.n):
@@ -634,6 +650,8 @@ class Driver:
         #: (killed, back) wall times of the Redis kills: every saga in
         #: flight then met them
         self.redis_kills: list[tuple[float, float]] = []
+        #: wall times of whole-worker deaths (killed or exited)
+        self.worker_deaths: list[float] = []
 
     # -- helpers ----------------------------------------------------------
 
@@ -755,6 +773,7 @@ class Driver:
         """Worker ``w`` is gone: what ran in its pool children was touched
         by that fault (at this time)."""
         now = time.time()
+        self.worker_deaths.append(now)
         for pid in self.children.pop(w.n, set()):
             self.killed_pids.setdefault(pid, now)
 
@@ -1046,9 +1065,10 @@ class Driver:
             except SagaNotFound:
                 records[att.sid] = None
                 att.state = None
-        result = analyse(self.attempts.values(), lines, effects, records)
+        result = analyse(self.attempts.values(), lines, effects, records,
+                         set(self.killed_pids))
         counts, problems, info = result.counts, result.problems, result.info
-        stranded, healthy = self.windows(lines)
+        stranded, healthy = self.windows(lines, records)
         counts['stranded'] = len(stranded)
         counts['healthy-compensated'] = len(healthy)
         for a, why in stranded + healthy:
@@ -1124,7 +1144,7 @@ class Driver:
             }, indent=1, default=str))
         return 1 if bad else 0
 
-    def windows(self, lines: list[str]
+    def windows(self, lines: list[str], records: dict[str, Any]
                 ) -> tuple[list[tuple[Attempt, str]],
                            list[tuple[Attempt, str]]]:
         """The sagas ``stranded`` (after the last fault that touched them,
@@ -1136,7 +1156,12 @@ class Driver:
         A fault touches a saga when the ledger shows one of its tasks
         failing, being killed or stepping aside, when one of its tasks ran
         in a pool child of a worker that died, or when Redis was killed
-        while it was not final."""
+        while it was not final.  A whole worker's death also touches a
+        saga in flight then whose message that worker's broker client had
+        fetched but never handed to Celery (no receipt can exist for it):
+        seen as the saga resuming once the visibility timeout restored the
+        message, or as a step the sweep gave up because no worker took it
+        from the broker; such a saga may wait the queue timeout."""
         from celery_compensate.model import FINAL_STATES
         finals = {s.value for s in FINAL_STATES}
         touched: dict[int, list[float]] = defaultdict(list)
@@ -1166,13 +1191,17 @@ class Driver:
                          if a.submitted_at < killed
                          and (a.final_at is None or a.final_at > killed)]
             times += redis_hit
+            fetched = self.fetched_by_the_dead(a, activity.get(a.no, ()),
+                                               records.get(a.sid))
+            times += fetched
             times += a.plan.touched
             # a fault after the saga was final did not touch it
             times = [t for t in times
                      if a.final_at is None or t <= a.final_at]
             if times:
                 allowance = LEASE + SWEEP + 5.0
-                if 'ignore' in a.plan.undo.values() or redis_hit:
+                if 'ignore' in a.plan.undo.values() or redis_hit \
+                        or fetched:
                     allowance += QUEUE_TIMEOUT
                 if 'retry_wait' in a.plan.fwd.values():
                     allowance += 4.0
@@ -1188,9 +1217,33 @@ class Driver:
                     stranded.append((a, 'stranded'))
             if (a.state in ('COMPENSATED', 'COMPENSATION_FAILED')
                     and set(a.plan.faults) <= set(HEALTHY)
-                    and a.no not in on_dead_worker and not redis_hit):
+                    and a.no not in on_dead_worker and not redis_hit
+                    and not fetched):
                 healthy.append((a, 'healthy-compensated'))
         return stranded, healthy
+
+    def fetched_by_the_dead(self, a: Attempt, activity: Any,
+                            record: Any) -> list[float]:
+        """The whole-worker deaths (wall times) while saga ``a`` was in
+        flight that left it a message fetched and never received: its
+        ledger resumes when the visibility timeout restored that message
+        (after a gap), or its record has a step given up because no worker
+        took it from the broker."""
+        deaths = [d for d in self.worker_deaths if a.submitted_at < d + 1.0
+                  and (a.final_at is None or a.final_at > d)]
+        if not deaths:
+            return []
+        never_taken = record is not None and any(
+            (step.failure or '').startswith(
+                'lost: no worker took it from the broker')
+            for step in record.steps)
+        if never_taken:
+            return deaths
+        marks = sorted([a.submitted_at, *activity])
+        gaps = [(c, b) for c, b in zip(marks, marks[1:]) if b - c > LEASE]
+        return [d for d in deaths
+                if any(c <= d + 1.0 and d + VISIBILITY_TIMEOUT - 1.0 <= b
+                       <= d + RESTORED_WITHIN for c, b in gaps)]
 
     def details(self, problems: list[dict[str, Any]], records: dict[str, Any],
                 per: dict[int, dict[int, StepLog]],

@@ -77,9 +77,11 @@ app.conf.update(
     # pool child or worker hitting an undo
     compensate_undo_max_attempts=5,
     # short leases so dead workers are noticed within seconds; a message
-    # may wait 20 s in the broker (the run's backlog) before it is lost
+    # may wait 30 s in the broker (the run's backlog) before it is lost:
+    # longer than the visibility timeout and its restore period, so a
+    # message a killed worker had fetched comes back before it is given up
     compensate_step_timeout=3,
-    compensate_queue_timeout=20,
+    compensate_queue_timeout=30,
     compensate_heartbeat_interval=0.5,
     compensate_recovery_interval=1,
 )

@@ -80,6 +80,34 @@ def test_whole_worker_killed_right_after_receiving_a_step(cluster):
     assert 'lost: its worker died' in res.steps[1].failure
 
 
+def test_a_busy_worker_killed_by_a_step_as_it_starts(cluster):
+    """A burst keeps the worker busy, so its receipts go out in batches;
+    one step SIGKILLs the whole worker the moment its body starts (as an
+    OOM kill would).  The step reached the pool only after its receipt was
+    recorded, so it is given up within its lease plus a sweep, not after
+    the queue timeout."""
+    app, rds, start = cluster
+    _sweeper(app, start)
+    worker = start('busy')
+    fillers = [saga(tasks.do.si(f'f{n}'), app=app) for n in range(40)]
+    killer = saga(tasks.do.si('a', kill_worker=True), tasks.do.si('b'),
+                  app=app)
+    for sig in fillers[:20]:
+        sig.apply_async()
+    res = killer.apply_async()
+    for sig in fillers[20:]:
+        sig.apply_async()
+    wait_for(lambda: 'start:a' in entries(app, rds, res.id), timeout=15,
+             interval=0.005)
+    wait_for(lambda: worker.proc.poll() is not None, timeout=5)
+    killed = time.monotonic()
+    wait_for(lambda: res.steps[0].state is StepState.FAILED,
+             timeout=LEASE + SWEEP + 10, interval=0.05)
+    assert time.monotonic() - killed < LEASE + 2 * SWEEP + 1
+    assert 'lost: its worker died' in res.steps[0].failure
+    assert res.wait(timeout=10) is SagaState.COMPENSATED
+
+
 @pytest.mark.parametrize('mode', ['child', 'worker'])
 def test_killed_between_recording_a_step_and_publishing_the_next(
         cluster, mode):
