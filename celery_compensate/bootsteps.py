@@ -40,7 +40,9 @@ class CompensateRecovery(bootsteps.StartStopStep):
         state.hostname = getattr(w, 'hostname', None)
 
     def create(self, w: Any) -> Recovery:
-        self.obj = Recovery(w.app, get_state(w.app).settings, sweep=self.sweep)
+        state = get_state(w.app)
+        self.obj = Recovery(w.app, state.settings, sweep=self.sweep,
+                            hostname=state.hostname)
         # the consumer's CompensateReceive records receipts through it
         w.compensate_recovery = self.obj
         return self.obj

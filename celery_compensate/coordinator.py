@@ -16,7 +16,8 @@ from kombu.utils.json import dumps
 
 from . import signals
 from .exceptions import (
-    ResultNotSerializable, ResultTooLarge, SagaStoreUnavailable, TaskRefused,
+    CompletionNotRecorded, ResultNotSerializable, ResultTooLarge,
+    SagaStoreUnavailable, TaskRefused,
 )
 from .messages import (
     DEADLINE, GENERATION, IDEMPOTENCY_KEY, OUTBOX_UNTIL, identity,
@@ -187,6 +188,8 @@ class Coordinator:
         """A forward step returned: record it, then publish what is next.
 
         Raises:
+            CompletionNotRecorded: the store stayed unreachable for
+                ``compensate_record_retry_timeout``.
             ResultNotSerializable: the return value cannot be stored (not
                 JSON, or over ``compensate_result_max_bytes``: then
                 :exc:`ResultTooLarge`).  The step took effect: it is
@@ -216,10 +219,16 @@ class Coordinator:
             self.step_failed(info, why, placeholder=dumps(unstored(why)))
             raise err
         token = new_token()
-        outcome = self.persist(
-            lambda: self.store.step_done(info.saga_id, info.index,
-                                         result_json, token),
-            info, 'the completion of step')
+        try:
+            outcome = self.persist(
+                lambda: self.store.step_done(info.saga_id, info.index,
+                                             result_json, token),
+                info, 'the completion of step')
+        except SagaStoreUnavailable as exc:
+            raise CompletionNotRecorded(
+                f'saga {info.saga_id}: the completion of step {info.index} '
+                f'was not recorded: {exc}', info.saga_id, info.index,
+                token, result_json) from exc
         self.apply(info.saga_id, outcome, step=info.index)
 
     def step_failed(self, info: TaskIdInfo, reason: str,
@@ -466,8 +475,7 @@ class Coordinator:
                 if time.monotonic() + delay > deadline:
                     logger.error(
                         'saga %s: could not record %s %d: the saga store is '
-                        'unreachable; it stays in doubt', info.saga_id, what,
-                        info.index)
+                        'unreachable', info.saga_id, what, info.index)
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)

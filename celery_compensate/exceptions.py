@@ -8,7 +8,7 @@ __all__ = (
     'CompensateError', 'ImproperlyConfigured', 'InvalidSaga', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
     'ResultNotSerializable', 'ResultTooLarge', 'CorruptSagaRecord',
-    'TaskRefused',
+    'TaskRefused', 'CompletionNotRecorded',
 )
 
 
@@ -43,6 +43,30 @@ class SagaStoreError(CompensateError):
 
 class SagaStoreUnavailable(SagaStoreError, ConnectionError):
     """The saga store's Redis cannot be reached."""
+
+
+class CompletionNotRecorded(SagaStoreUnavailable):
+    """A step completed, and the store stayed unreachable for longer than
+    ``compensate_record_retry_timeout``: the completion waits in the
+    worker's spool (:mod:`celery_compensate.spool`) until its main process
+    records it.
+
+    Attributes:
+        saga_id, index: the step.
+        token: the token of the refused call (resent as is).
+        result: the step's result, as JSON.
+    """
+
+    def __init__(self, message: str, saga_id: str, index: int, token: str,
+                 result: str) -> None:
+        super().__init__(message)
+        self.saga_id, self.index = saga_id, index
+        self.token, self.result = token, result
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int, str, str]]:
+        # crosses from the pool child to the worker like any task error
+        return (type(self), (str(self), self.saga_id, self.index,
+                             self.token, self.result))
 
 
 class CorruptSagaRecord(SagaStoreError):

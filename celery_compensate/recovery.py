@@ -26,6 +26,7 @@ from .coordinator import Coordinator
 from .exceptions import SagaStoreError, SagaStoreUnavailable
 from .messages import GENERATION, SAGA_ID
 from .model import TaskIdInfo, parse_task_id
+from .spool import Spool
 from .store import TRANSIENT_ERRORS, Reply, SagaStore, new_token, shard_of
 
 if TYPE_CHECKING:
@@ -150,13 +151,17 @@ class Recovery:
         app: the worker's app.
         settings: its compensation settings.
         sweep: whether this worker takes part in the sweep.
+        hostname: the worker's node name (its spool of unrecorded
+            completions, :mod:`celery_compensate.spool`).
     """
 
     def __init__(self, app: Celery, settings: Settings,
-                 sweep: bool = True) -> None:
+                 sweep: bool = True, hostname: str | None = None) -> None:
         self.app = app
         self.settings = settings
         self.sweep_enabled = sweep
+        #: completions this worker's pool children could not record
+        self.spool = Spool.of_worker(settings.key_prefix, hostname)
         self.store = SagaStore(settings)
         self.coordinator = Coordinator(app, settings, self.store)
         # one sweeper at a time; another takes over within lock_ttl of its
@@ -426,11 +431,14 @@ class Recovery:
             int: how many leases were renewed.
         """
         self.send_receipts()        # so that what they hold is known
+        unrecorded = self.record_unrecorded()
         # a task received in the last moment may not be among Celery's
         # requests yet (the consumer adds it right after the receipt): it
         # is looked at next time
         recent = time.monotonic() - (0.0 if last else RECENT)
         held = dict(held_by_this_worker(active_only=self._draining))
+        # a completion still waiting in the spool keeps its step held
+        held.update(unrecorded)
         if not self._draining:
             for request in _snapshot(self.bucketed()):
                 task_id = getattr(request, 'id', None)
@@ -461,6 +469,49 @@ class Recovery:
               info.attempt if info.is_undo else None,
               self.holding.get(task_id, (info, self.token, 0.0))[1])
              for task_id, info in held.items()])
+
+    def record_unrecorded(self) -> dict[str, TaskIdInfo]:
+        """Record the completions this worker's pool children could not
+        (the store was unreachable past ``compensate_record_retry_timeout``)
+        with their own tokens, publish what each made due and confirm it,
+        as the child would have.
+
+        Returns:
+            dict: the task id and step of each completion still waiting
+            (the store is still unreachable): their steps stay held.
+        """
+        if self.spool is None:
+            return {}
+        waiting: dict[str, TaskIdInfo] = {}
+        for entry in self.spool.entries():
+            info = TaskIdInfo(entry.saga_id, entry.index, False)
+            if waiting:         # the store is away: the rest wait too
+                waiting[entry.task_id] = info
+                continue
+            try:
+                outcome = self.store.step_done(
+                    entry.saga_id, entry.index, entry.result, entry.token)
+            except SagaStoreUnavailable:
+                waiting[entry.task_id] = info
+                continue
+            except SagaStoreError as exc:
+                logger.error('saga %s: the completion of step %d cannot be '
+                             'recorded: %s', entry.saga_id, entry.index, exc)
+                self.spool.remove(entry.task_id)
+                continue
+            # forgotten before publishing: a worker dying in between leaves
+            # the next stage to the outbox, never published twice as one
+            self.spool.remove(entry.task_id)
+            logger.warning('saga %s: step %d recorded by its worker (its pool '
+                           'child could not reach the store)', entry.saga_id,
+                           entry.index)
+            _, holder, _ = self.holding.pop(entry.task_id,
+                                            (info, self.token, 0.0))
+            self._guard(partial(self.coordinator.apply, entry.saga_id,
+                                outcome, step=entry.index))
+            self._guard(partial(self.store.left, [
+                (entry.saga_id, entry.index, holder, True)]))
+        return waiting
 
     def sweep(self) -> int:
         """If this worker is the sweeper, recover every saga that is due.

@@ -29,9 +29,12 @@ from celery.utils.objects import mro_lookup
 from celery.utils.log import get_logger
 
 from .appstate import find_state
-from .exceptions import ResultNotSerializable, SagaStoreUnavailable
+from .exceptions import (
+    CompletionNotRecorded, ResultNotSerializable, SagaStoreUnavailable,
+)
 from .messages import DEADLINE, GENERATION, OUTBOX_UNTIL, SAGA_ID
 from .model import StepState, TaskIdInfo, parse_task_id
+from .spool import Spool, Unrecorded
 from .store import Reply, new_token
 
 if TYPE_CHECKING:
@@ -144,12 +147,37 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         raise
     try:
         state.coordinator.step_done(info, retval)
+    except CompletionNotRecorded as exc:
+        # completed: its worker records it once the store is back (and
+        # keeps it held meanwhile); its failure must not be recorded
+        _spool(state, task, exc)
+        _mark_handled(exc)
+        raise
     except (SagaStoreUnavailable, ResultNotSerializable) as exc:
-        # already recorded as failed, or completed but left in doubt: its
-        # failure must not be recorded (again)
+        # already recorded as failed: its failure must not be recorded
+        # again
         _mark_handled(exc)
         raise
     return retval
+
+
+def _spool(state: AppState, task: Task, exc: CompletionNotRecorded) -> None:
+    """Leave an unrecorded completion to the worker's main process."""
+    spool = Spool.of_worker(state.settings.key_prefix, state.hostname)
+    if spool is None:
+        logger.error('saga %s: step %d completed but is not recorded (no '
+                     'worker to record it later): it stays in doubt',
+                     exc.saga_id, exc.index)
+        return
+    try:
+        spool.put(Unrecorded(task.request.id, exc.saga_id, exc.index,
+                             exc.token, exc.result))
+        logger.warning('saga %s: step %d completed; its worker records it '
+                       'once the store is back', exc.saga_id, exc.index)
+    except OSError as err:
+        logger.error('saga %s: step %d completed, and neither the store nor '
+                     'the spool %s could take it (%r): it stays in doubt',
+                     exc.saga_id, exc.index, spool.directory, err)
 
 
 def _may_be_settled(state: AppState, request: Any) -> tuple[str, int]:

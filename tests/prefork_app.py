@@ -20,13 +20,17 @@ app.conf.update(
 )
 for name in ('step_timeout', 'queue_timeout', 'heartbeat_interval',
              'recovery_interval', 'undo_retry_backoff',
-             'undo_retry_backoff_max'):
+             'undo_retry_backoff_max', 'record_retry_timeout',
+             'redis_socket_timeout'):
     value = os.environ.get(f'COMPENSATE_TEST_{name.upper()}')
     if value:
         app.conf[f'compensate_{name}'] = float(value)
 if os.environ.get('COMPENSATE_TEST_UNDO_MAX_ATTEMPTS'):
     app.conf.compensate_undo_max_attempts = int(
         os.environ['COMPENSATE_TEST_UNDO_MAX_ATTEMPTS'])
+if os.environ.get('COMPENSATE_TEST_STORE_URL'):
+    # the saga store in a Redis of its own (the broker elsewhere)
+    app.conf.compensate_redis_url = os.environ['COMPENSATE_TEST_STORE_URL']
 if os.environ.get('COMPENSATE_TEST_UNDO_QUEUE'):
     app.conf.compensate_undo_queue = os.environ['COMPENSATE_TEST_UNDO_QUEUE']
 if os.environ.get('COMPENSATE_TEST_VISIBILITY'):

@@ -24,7 +24,10 @@ _clients: dict[str, redis.Redis] = {}
 
 
 def client_for(app: Any) -> redis.Redis:
-    url = get_state(app).settings.redis_url
+    # the ledger lives with the saga store, unless a test puts the store
+    # in a Redis of its own to take it away
+    url = (os.environ.get('COMPENSATE_TEST_LEDGER_URL')
+           or get_state(app).settings.redis_url)
     if url not in _clients:
         # ride out a Redis restart, as a real service's client would
         _clients[url] = redis.Redis.from_url(

@@ -42,7 +42,7 @@ LEASE, HEARTBEAT, SWEEP = 2.0, 0.25, 0.5
 # -- whole workers killed ---------------------------------------------------
 
 @contextmanager
-def _cluster(redis_url: str, worker_env: dict[str, str] | None = None,
+def _cluster(redis_url: str, /, worker_env: dict[str, str] | None = None,
              **conf: float) -> Iterator[
         tuple[Celery, redis.Redis, Callable[..., WorkerProcess]]]:
     """A producer app and a factory of prefork workers on its queue, all

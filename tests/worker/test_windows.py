@@ -20,12 +20,14 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from celery_compensate import SagaState, StepState, saga
 from celery_compensate.appstate import get_state
 from celery_compensate.messages import OUTBOX_UNTIL, SAGA_ID, STEP
 from celery_compensate.model import step_task_id, undo_task_id
 from celery_compensate.store import layout as L
+from celery_compensate.testing import redis_server
 
 from .. import tasks
 from ..helpers import undone, wait_for
@@ -106,6 +108,36 @@ def test_a_busy_worker_killed_by_a_step_as_it_starts(cluster):
     assert time.monotonic() - killed < LEASE + 2 * SWEEP + 1
     assert 'lost: its worker died' in res.steps[0].failure
     assert res.wait(timeout=10) is SagaState.COMPENSATED
+
+
+def test_a_step_completed_while_the_store_is_away_is_recorded_by_its_worker(
+        redis_url):
+    """The saga store (a Redis of its own) takes no writes for longer than
+    ``compensate_record_retry_timeout`` just as step b completes: the pool
+    child gives up and leaves the completion in its worker's spool; the
+    worker keeps b held, records it once the store is back and publishes
+    c.  The saga completes, every body ran once, nothing is undone."""
+    with redis_server(env_names=()) as store_url, _cluster(
+            redis_url, worker_env={'COMPENSATE_TEST_STORE_URL': store_url,
+                                   'COMPENSATE_TEST_LEDGER_URL': redis_url},
+            step_timeout=LEASE, queue_timeout=QUEUE,
+            heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
+            record_retry_timeout=0.5, redis_socket_timeout=0.3,
+            redis_url=store_url) as (app, rds, start):
+        store = redis.Redis.from_url(store_url)
+        start('one')
+        res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=0.5),
+                   tasks.do.si('c'), app=app).apply_async()
+        wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15,
+                 interval=0.005)
+        store.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
+        wait_for(lambda: 'do:b' in entries(app, rds, res.id), timeout=5)
+        assert res.wait(timeout=LEASE + 15) is SagaState.COMPLETED
+        log = entries(app, rds, res.id)
+        assert [e for e in log if e.startswith('do:')] == [
+            'do:a', 'do:b', 'do:c']
+        assert undone(log) == []
+        store.close()
 
 
 @pytest.mark.parametrize('mode', ['child', 'worker'])

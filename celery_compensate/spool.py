@@ -1,0 +1,117 @@
+"""Completions a worker could not record: kept on its disk until its main
+process records them.
+
+A forward step whose body returned must be recorded DONE, or its effect
+stays in place while the saga compensates without undoing it.  When the
+saga store stays unreachable for longer than
+``compensate_record_retry_timeout`` the pool child gives up the pool slot,
+but first writes the completion here: one small JSON file per task, named
+by its task id, in a directory of its worker (its node name and key
+prefix, under the system's temporary directory).  The worker's heartbeat
+(:meth:`~celery_compensate.recovery.Recovery.renew`) keeps such a step held
+and records it, with the same token, once the store answers; a worker
+restarted under the same node name does it too.  A worker that dies with
+its disk leaves the step to its lease, like any step of a dead worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from celery.utils.log import get_logger
+
+__all__ = ('Unrecorded', 'Spool')
+
+logger = get_logger(__name__)
+
+_UNSAFE = re.compile(r'[^\w.@-]')
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """A step completion the store did not take.
+
+    Attributes:
+        task_id: the step's task id (the file's name).
+        saga_id: its saga; ``index`` the step.
+        token: the token of the call that was refused: a resend of a call
+            that did land answers again instead of counting a duplicate.
+        result: the step's result, as JSON.
+    """
+
+    task_id: str
+    saga_id: str
+    index: int
+    token: str
+    result: str
+
+
+class Spool:
+    """The directory of one worker's unrecorded completions.
+
+    Arguments:
+        directory: where the files are (created when first written).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @classmethod
+    def of_worker(cls, key_prefix: str, hostname: str | None
+                  ) -> Spool | None:
+        """The spool of the worker ``hostname`` (``None`` outside a
+        worker: nobody would record what it holds)."""
+        if not hostname:
+            return None
+        name = _UNSAFE.sub('_', f'{key_prefix}-{hostname}')
+        return cls(Path(tempfile.gettempdir()) / 'celery-compensate' / name)
+
+    def put(self, entry: Unrecorded) -> None:
+        """Write ``entry`` (atomically: a reader sees all of it or none).
+
+        Raises:
+            OSError: it could not be written.
+        """
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._path(entry.task_id)
+        temp = path.with_suffix('.tmp')
+        with open(temp, 'w', encoding='utf-8') as f:
+            json.dump(asdict(entry), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+
+    def entries(self) -> list[Unrecorded]:
+        """Everything waiting to be recorded, oldest first.  A file that
+        cannot be read is logged and set aside (``.bad``) for an
+        operator."""
+        try:
+            paths = sorted(self.directory.glob('*.json'),
+                           key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return []
+        out = []
+        for path in paths:
+            try:
+                out.append(Unrecorded(**json.loads(
+                    path.read_text(encoding='utf-8'))))
+            except (OSError, ValueError, TypeError) as exc:
+                logger.error('celery_compensate: cannot read the unrecorded '
+                             'completion %s (%r): set aside as %s for an '
+                             'operator', path, exc, path.with_suffix('.bad'))
+                try:
+                    path.replace(path.with_suffix('.bad'))
+                except OSError:
+                    pass
+        return out
+
+    def remove(self, task_id: str) -> None:
+        """Forget ``task_id``'s entry (it was recorded)."""
+        self._path(task_id).unlink(missing_ok=True)
+
+    def _path(self, task_id: str) -> Path:
+        return self.directory / f'{_UNSAFE.sub("_", task_id)}.json'
