@@ -51,6 +51,10 @@ RECEIPT_GAP = 0.02
 #: the pool before its receipt is recorded.
 BATCH_WAIT = 0.002
 
+#: A batch older than this when the next receipt comes has lost its timer:
+#: it is sent at once.
+STALE_BATCH = 0.1
+
 #: Timeout of a receipt sent from the consumer's event loop.
 QUICK_TIMEOUT = 0.25
 
@@ -206,6 +210,7 @@ class Recovery:
         self.call_later: Callable[[float, Callable[[], None]], Any] | None = (
             None)
         self._batch: dict[str, tuple[str, TaskIdInfo, str, int]] = {}
+        self._batch_since = 0.0
         self._deferred: list[tuple[Any, Callable[[Any], Any]]] = []
         #: the client of receipts sent from the consumer's event loop: a
         #: short timeout, no resend (it must not stall the consumer)
@@ -312,12 +317,17 @@ class Recovery:
             self._send_now([receipt], now)
             return
         if quick and self.call_later is not None:
+            if self._batch and now - self._batch_since > STALE_BATCH:
+                # its timer never fired (cleared by a consumer restart
+                # that did not stop this step): send it now
+                self.send_batch()
             if not self._batch:
                 try:
                     self.call_later(BATCH_WAIT, self.send_batch)
                 except Exception:  # noqa: BLE001 - never into the consumer
                     self._send_now([receipt], now)
                     return
+                self._batch_since = now
             self._batch[task_id] = receipt
             return
         self._receipts.append(receipt)

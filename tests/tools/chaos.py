@@ -1068,7 +1068,7 @@ class Driver:
         result = analyse(self.attempts.values(), lines, effects, records,
                          set(self.killed_pids))
         counts, problems, info = result.counts, result.problems, result.info
-        stranded, healthy = self.windows(lines, records)
+        stranded, healthy = self.windows(lines)
         counts['stranded'] = len(stranded)
         counts['healthy-compensated'] = len(healthy)
         for a, why in stranded + healthy:
@@ -1144,7 +1144,7 @@ class Driver:
             }, indent=1, default=str))
         return 1 if bad else 0
 
-    def windows(self, lines: list[str], records: dict[str, Any]
+    def windows(self, lines: list[str]
                 ) -> tuple[list[tuple[Attempt, str]],
                            list[tuple[Attempt, str]]]:
         """The sagas ``stranded`` (after the last fault that touched them,
@@ -1159,9 +1159,9 @@ class Driver:
         while it was not final.  A whole worker's death also touches a
         saga in flight then whose message that worker's broker client had
         fetched but never handed to Celery (no receipt can exist for it):
-        seen as the saga resuming once the visibility timeout restored the
-        message, or as a step the sweep gave up because no worker took it
-        from the broker; such a saga may wait the queue timeout."""
+        seen as the saga idle across the death until the visibility timeout
+        restored the message or its queue lease sent it again; such a saga
+        may wait the queue timeout."""
         from celery_compensate.model import FINAL_STATES
         finals = {s.value for s in FINAL_STATES}
         touched: dict[int, list[float]] = defaultdict(list)
@@ -1191,8 +1191,7 @@ class Driver:
                          if a.submitted_at < killed
                          and (a.final_at is None or a.final_at > killed)]
             times += redis_hit
-            fetched = self.fetched_by_the_dead(a, activity.get(a.no, ()),
-                                               records.get(a.sid))
+            fetched = self.fetched_by_the_dead(a, activity.get(a.no, ()))
             times += fetched
             times += a.plan.touched
             # a fault after the saga was final did not touch it
@@ -1222,28 +1221,22 @@ class Driver:
                 healthy.append((a, 'healthy-compensated'))
         return stranded, healthy
 
-    def fetched_by_the_dead(self, a: Attempt, activity: Any,
-                            record: Any) -> list[float]:
-        """The whole-worker deaths (wall times) while saga ``a`` was in
-        flight that left it a message fetched and never received: its
-        ledger resumes when the visibility timeout restored that message
-        (after a gap), or its record has a step given up because no worker
-        took it from the broker."""
+    def fetched_by_the_dead(self, a: Attempt, activity: Any) -> list[float]:
+        """The whole-worker deaths (wall times) that may have left saga
+        ``a`` a message fetched by the dead worker's broker client and
+        never received by Celery: the saga sat idle across the death, and
+        resumed when the visibility timeout restored that message, or when
+        its queue lease (counted from before the death) sent it again."""
         deaths = [d for d in self.worker_deaths if a.submitted_at < d + 1.0
                   and (a.final_at is None or a.final_at > d)]
         if not deaths:
             return []
-        never_taken = record is not None and any(
-            (step.failure or '').startswith(
-                'lost: no worker took it from the broker')
-            for step in record.steps)
-        if never_taken:
-            return deaths
         marks = sorted([a.submitted_at, *activity])
         gaps = [(c, b) for c, b in zip(marks, marks[1:]) if b - c > LEASE]
-        return [d for d in deaths
-                if any(c <= d + 1.0 and d + VISIBILITY_TIMEOUT - 1.0 <= b
-                       <= d + RESTORED_WITHIN for c, b in gaps)]
+        return [d for d in deaths if any(
+            c <= d + 1.0 <= b + 1.0 and b <= max(
+                d + RESTORED_WITHIN, c + QUEUE_TIMEOUT + SWEEP + 3.0)
+            for c, b in gaps)]
 
     def details(self, problems: list[dict[str, Any]], records: dict[str, Any],
                 per: dict[int, dict[int, StepLog]],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import types
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from celery_compensate import (
 from celery_compensate.appstate import get_state
 from celery_compensate.messages import SAGA_ID, STEP
 from celery_compensate.model import Plan, TaskRef, UndoSpec, step_task_id
-from celery_compensate.recovery import Recovery
+from celery_compensate.recovery import STALE_BATCH, Recovery
 from celery_compensate.store import shard_of
 from celery_compensate.testing import WorkerProcess, delete_keys
 from celery_compensate.store import layout as L
@@ -373,6 +374,45 @@ def test_a_long_gap_in_sweeps_is_not_taken_for_dead_workers(celery_app, rds):
         assert settle(recovery) == 1
         assert store.get_state('held') is SagaState.COMPENSATED
         assert 'lost' in store.read('held').steps[0].failure
+    finally:
+        recovery.stop()
+
+
+@pytest.mark.compensate_conf(**FAST)
+def test_a_busy_workers_requests_wait_for_their_receipts(celery_app, rds):
+    """On a busy worker a request reaches the pool only once its receipt is
+    recorded: held back while it waits in the batch, handed over by the
+    batch's pipeline; a batch whose timer never fired goes out with the
+    next receipt."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([[(TaskRef('t.do'), UndoSpec('t.undo'), False)]
+                             * 3])
+    store.create('batch', plan)
+    key = store.keys.saga('batch')
+    recovery = Recovery(celery_app, store.settings)
+    timers: list[Callable[[], None]] = []
+    recovery.call_later = lambda delay, fn: timers.append(fn)
+    handed: list[str] = []
+    try:
+        recovery._last_receipt = time.monotonic()       # busy
+        first = types.SimpleNamespace(id=step_task_id('batch', 0))
+        recovery.receive(first.id, {SAGA_ID: 'batch', STEP: 0})
+        assert recovery.hand_over(first, lambda r: handed.append(r.id))
+        assert handed == [] and not rds.hexists(key, L.held(0))
+        timers.pop()()                                  # the timer fires
+        assert handed == [first.id] and rds.hexists(key, L.held(0))
+        assert not recovery.hand_over(first, handed.append)   # recorded
+
+        # a timer that never fires: the next receipt sends the batch
+        recovery._last_receipt = time.monotonic()
+        second = types.SimpleNamespace(id=step_task_id('batch', 1))
+        recovery.receive(second.id, {SAGA_ID: 'batch', STEP: 1})
+        assert recovery.hand_over(second, lambda r: handed.append(r.id))
+        time.sleep(STALE_BATCH)             # the fault: time passes
+        recovery.receive(step_task_id('batch', 2), {SAGA_ID: 'batch',
+                                                    STEP: 2})
+        assert handed == [first.id, second.id]
+        assert rds.hexists(key, L.held(1))
     finally:
         recovery.stop()
 
