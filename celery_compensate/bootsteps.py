@@ -9,7 +9,7 @@ from celery import bootsteps
 from click import Option
 
 from .appstate import get_state
-from .recovery import Recovery
+from .recovery import STALE_BATCH, Recovery
 
 __all__ = ('CompensateRecovery', 'CompensateReceive', 'WORKER_OPTIONS')
 
@@ -70,6 +70,8 @@ class CompensateReceive(bootsteps.StartStopStep):
         recovery.bucketed = lambda: _bucketed(c)
         hub = getattr(c, 'hub', None)
         recovery.call_later = hub.call_later if hub is not None else None
+        if hub is not None:
+            hub.call_repeatedly(STALE_BATCH, recovery.flush_stale)
         handle = c.on_task_request
         if not getattr(handle, '_compensate_receive', False):
             def on_task_request(request: Any) -> Any:

@@ -51,8 +51,9 @@ RECEIPT_GAP = 0.02
 #: the pool before its receipt is recorded.
 BATCH_WAIT = 0.002
 
-#: A batch older than this when the next receipt comes has lost its timer:
-#: it is sent at once.
+#: A batch older than this has missed its timer (the event loop was
+#: busy): it is sent by the next receipt or a repeating check, whichever
+#: comes first.
 STALE_BATCH = 0.1
 
 #: Timeout of a receipt sent from the consumer's event loop.
@@ -318,9 +319,7 @@ class Recovery:
             return
         if quick and self.call_later is not None:
             if self._batch and now - self._batch_since > STALE_BATCH:
-                # its timer never fired (cleared by a consumer restart
-                # that did not stop this step): send it now
-                self.send_batch()
+                self.send_batch()       # its timer did not fire in time
             if not self._batch:
                 try:
                     self.call_later(BATCH_WAIT, self.send_batch)
@@ -342,7 +341,7 @@ class Recovery:
             self._quick_off_until = now + self.settings.heartbeat_interval
         finally:
             self._last_receipt = done = time.monotonic()
-            if done - now > QUICK_SLOW:
+            if done - now > QUICK_SLOW * (1 + len(items) / 8):
                 # a slow store: the event loop must not wait on it,
                 # receipts are queued for a heartbeat
                 self._quick_off_until = (
@@ -375,6 +374,12 @@ class Recovery:
             except Exception:  # noqa: BLE001 - never into the consumer
                 logger.exception('celery_compensate: could not hand task %s '
                                  'to the pool', getattr(request, 'id', '?'))
+
+    def flush_stale(self) -> None:
+        """Send a batch whose timer did not fire in time (the consumer's
+        event loop calls this every :data:`STALE_BATCH` seconds)."""
+        if self._batch and time.monotonic() - self._batch_since > STALE_BATCH:
+            self.send_batch()
 
     def drop_batch(self) -> None:
         """The consumer stops (a restart after a lost connection, or
@@ -441,14 +446,15 @@ class Recovery:
             int: how many leases were renewed.
         """
         self.send_receipts()        # so that what they hold is known
-        unrecorded = self.record_unrecorded()
         # a task received in the last moment may not be among Celery's
         # requests yet (the consumer adds it right after the receipt): it
         # is looked at next time
         recent = time.monotonic() - (0.0 if last else RECENT)
         held = dict(held_by_this_worker(active_only=self._draining))
-        # a completion still waiting in the spool keeps its step held
-        held.update(unrecorded)
+        # read after the snapshot: a step whose child spooled its
+        # completion and ended meanwhile is in one or the other; one still
+        # waiting in the spool stays held
+        held.update(self.record_unrecorded())
         if not self._draining:
             for request in _snapshot(self.bucketed()):
                 task_id = getattr(request, 'id', None)
@@ -498,10 +504,13 @@ class Recovery:
             if waiting:         # the store is away: the rest wait too
                 waiting[entry.task_id] = info
                 continue
+            if not self.spool.claim(entry.task_id):
+                continue        # another process records it
             try:
                 outcome = self.store.step_done(
                     entry.saga_id, entry.index, entry.result, entry.token)
             except SagaStoreUnavailable:
+                self.spool.unclaim(entry.task_id)
                 waiting[entry.task_id] = info
                 continue
             except SagaStoreError as exc:
@@ -510,17 +519,24 @@ class Recovery:
                 self.spool.remove(entry.task_id)
                 continue
             # forgotten before publishing: a worker dying in between leaves
-            # the next stage to the outbox, never published twice as one
+            # the next stage to the outbox, never published twice
             self.spool.remove(entry.task_id)
-            logger.warning('saga %s: step %d recorded by its worker (its pool '
-                           'child could not reach the store)', entry.saga_id,
-                           entry.index)
             _, holder, _ = self.holding.pop(entry.task_id,
                                             (info, self.token, 0.0))
+            if outcome.status is Reply.MISSING:
+                logger.error('saga %s: step %d completed while the store was '
+                             'away, and the saga has expired since',
+                             entry.saga_id, entry.index)
+                continue
+            logger.warning('saga %s: step %d recorded by its worker (its pool '
+                           'child could not reach the store): %s',
+                           entry.saga_id, entry.index, outcome.status.value)
             self._guard(partial(self.coordinator.apply, entry.saga_id,
                                 outcome, step=entry.index))
-            self._guard(partial(self.store.left, [
-                (entry.saga_id, entry.index, holder, True)]))
+            if outcome.status is Reply.NEXT:
+                # published: what it dispatched leaves the outbox
+                self._guard(partial(self.store.left, [
+                    (entry.saga_id, entry.index, holder, True)]))
         return waiting
 
     def sweep(self) -> int:

@@ -6,8 +6,8 @@ stays in place while the saga compensates without undoing it.  When the
 saga store stays unreachable for longer than
 ``compensate_record_retry_timeout`` the pool child gives up the pool slot,
 but first writes the completion here: one small JSON file per task, named
-by its task id, in a directory of its worker (its node name and key
-prefix, under the system's temporary directory).  The worker's heartbeat
+by its task id, in a directory of its worker private to its user (its
+node name and key prefix, under the system's temporary directory).  The worker's heartbeat
 (:meth:`~celery_compensate.recovery.Recovery.renew`) keeps such a step held
 and records it, with the same token, once the store answers; a worker
 restarted under the same node name does it too.  A worker that dies with
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,31 +65,76 @@ class Spool:
     def of_worker(cls, key_prefix: str, hostname: str | None
                   ) -> Spool | None:
         """The spool of the worker ``hostname`` (``None`` outside a
-        worker: nobody would record what it holds)."""
+        worker: nobody would record what it holds).  Its directory is
+        private to the worker's user: ``<tmp>/celery-compensate-<uid>-
+        <prefix>-<node name>``."""
         if not hostname:
             return None
-        name = _UNSAFE.sub('_', f'{key_prefix}-{hostname}')
-        return cls(Path(tempfile.gettempdir()) / 'celery-compensate' / name)
+        name = _UNSAFE.sub('_', f'celery-compensate-{os.geteuid()}-'
+                                f'{key_prefix}-{hostname}')
+        return cls(Path(tempfile.gettempdir()) / name)
 
     def put(self, entry: Unrecorded) -> None:
         """Write ``entry`` (atomically: a reader sees all of it or none).
 
         Raises:
-            OSError: it could not be written.
+            OSError: it could not be written, or the directory is not this
+                user's own (another user could read or forge entries).
         """
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._own_directory()
         path = self._path(entry.task_id)
-        temp = path.with_suffix('.tmp')
-        with open(temp, 'w', encoding='utf-8') as f:
+        temp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | getattr(os, 'O_NOFOLLOW', 0), 0o600)
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
             json.dump(asdict(entry), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
 
+    def _own_directory(self) -> None:
+        try:
+            os.mkdir(self.directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(self.directory)
+        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+                or info.st_mode & 0o077):
+            raise PermissionError(
+                f'{self.directory} is not a private directory of this '
+                'user: unrecorded completions are not written there')
+
+    def claim(self, task_id: str) -> bool:
+        """Take ``task_id``'s entry for recording, so that no other
+        process (a second worker under the same node name) records it too.
+
+        Returns:
+            bool: ``False`` if another process took it first.
+        """
+        try:
+            os.replace(self._path(task_id), self._claimed(task_id))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def unclaim(self, task_id: str) -> None:
+        """Give a claimed entry back (it could not be recorded yet)."""
+        try:
+            os.replace(self._claimed(task_id), self._path(task_id))
+        except FileNotFoundError:
+            pass
+
     def entries(self) -> list[Unrecorded]:
         """Everything waiting to be recorded, oldest first.  A file that
         cannot be read is logged and set aside (``.bad``) for an
         operator."""
+        try:
+            info = os.lstat(self.directory)
+        except FileNotFoundError:
+            return []
+        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+                or info.st_mode & 0o077):
+            return []       # not ours: never trusted (put says why)
         try:
             paths = sorted(self.directory.glob('*.json'),
                            key=lambda p: p.stat().st_mtime)
@@ -110,8 +156,12 @@ class Spool:
         return out
 
     def remove(self, task_id: str) -> None:
-        """Forget ``task_id``'s entry (it was recorded)."""
+        """Forget ``task_id``'s entry, claimed or not (it was recorded)."""
+        self._claimed(task_id).unlink(missing_ok=True)
         self._path(task_id).unlink(missing_ok=True)
 
     def _path(self, task_id: str) -> Path:
         return self.directory / f'{_UNSAFE.sub("_", task_id)}.json'
+
+    def _claimed(self, task_id: str) -> Path:
+        return self.directory / f'{_UNSAFE.sub("_", task_id)}.{os.getpid()}'

@@ -45,7 +45,7 @@ def test_a_command_carries_only_the_helpers_it_includes():
 
 def test_the_common_case_of_step_done_runs_before_the_rare_helpers():
     text = assemble('step_done').text
-    common = text.index("local reply = next_stage(set, false)")
+    common = text.index("local reply = next_stage(set)")
     for helper in ('advance', 'late_undo', 'replay', 'rescore'):
         assert text.index(f'local function {helper}(') > common, helper
 

@@ -247,6 +247,11 @@ def test_a_listing_reads_a_bounded_summary_never_whole_records(
     assert read < 4_000, read       # the record is over 1 MB
     assert store.list_sagas(SagaState.COMPLETED, limit=1) == []
 
+    # texts are cut at a character, never inside one
+    store.step_failed('wide-list', 5, 'Error: ' + 'é' * 200)
+    [entry] = store.list_sagas(SagaState.COMPENSATING, limit=1, width=120)
+    assert entry.summary.reason == 'Error: ' + 'é' * 56 + '...'
+
 
 def test_a_retry_requeues_only_failed_undos_and_answers_a_resend(celery_app,
                                                                rds):
@@ -349,19 +354,19 @@ def test_a_stage_of_thousands_of_steps_is_recorded_and_dispatched(celery_app,
     assert [s.index for s in out.forward] == [len(names)]
 
 
-def test_a_resent_stage_completion_dispatches_the_next_stage_afresh(
+def test_a_resent_stage_completion_leaves_a_held_next_stage_alone(
         celery_app, rds):
     """A resent completion that dispatched the next stage (its reply was
-    lost) dispatches it again: queued leases, held marks dropped, and the
-    results as recorded."""
+    lost) hands it out again only while no worker holds it: a held step
+    was published and is running; its hold is kept."""
     store = make(celery_app, [['a'], ['b']])
     first = store.step_done('s', 0, '"ra"', token='tok-1')
     assert store.renew([('s', 1, None)]) == 1
     assert rds.hget(store.keys.saga('s'), L.held(1)) == '-'
     resent = store.step_done('s', 0, '"other"', token='tok-1')
-    assert first.status == resent.status == Reply.NEXT
-    assert resent.results == ['ra']            # read from the record
-    assert rds.hget(store.keys.saga('s'), L.held(1)) is None
+    assert first.status is Reply.NEXT and resent.status is Reply.REPLAYED
+    assert resent.forward == []
+    assert rds.hget(store.keys.saga('s'), L.held(1)) == '-'
 
 
 def test_a_record_without_its_next_stage_keeps_the_step_and_is_corrupt(
@@ -441,17 +446,31 @@ def test_a_sent_undo_with_a_shorter_queue_lease_lowers_the_saga_s_entry(
     assert deadline - now < 6 and score <= deadline
 
 
-def test_a_resent_completion_after_a_republish_keeps_the_generation(
+def test_a_resent_completion_leaves_a_stage_that_moved_on_alone(
         celery_app, rds):
     """The completion's reply was lost and the sweep published the next
-    step again (generation 2) before the completion was resent: the resent
-    call dispatches it with generation 2, so an older copy cannot run
-    beside it."""
-    store = make(celery_app, [['a'], ['b']])
+    step again (generation 2) before the completion was resent (late: a
+    worker's spool): the resend sends nothing, so no second copy of the
+    current generation runs.  A resend while the step is still untouched
+    in the outbox hands it out again; once it is held, or has run, it is
+    left alone."""
+    store = make(celery_app, [['a'], ['b'], ['c']])
     store.step_done('s', 0, '"ra"', token='tok')
+    resent = store.step_done('s', 0, '"other"', token='tok')
+    assert resent.status is Reply.NEXT
+    assert [s.index for s in resent.forward] == [1]
+    assert resent.results == ['ra']            # read from the record
     key = store.keys.saga('s')
     rds.hset(key, L.deadline(1), 1)                # the outbox lease lapsed
     assert [s.index for s in store.recover('s').forward] == [1]
     assert rds.hget(key, L.generation(1)) == '2'
-    resent = store.step_done('s', 0, '"ra"', token='tok')
-    assert resent.status is Reply.NEXT and resent.generations == {1: 2}
+    late = store.step_done('s', 0, '"ra"', token='tok')
+    assert late.status is Reply.REPLAYED and late.forward == []
+    assert store.receive('s', 1, None, 2, 'holder') is Reply.HELD
+    assert store.step_done('s', 0, '"ra"', token='tok').forward == []
+    assert rds.hget(key, L.held(1)) == 'holder'       # its hold kept
+    store.step_done('s', 1, '"rb"')
+    again = store.step_done('s', 0, '"ra"', token='tok')
+    assert again.status is Reply.REPLAYED and again.forward == []
+    assert rds.hget(key, L.step_state(1)) == 'D'
+    assert rds.hget(key, L.CUR) == '2'

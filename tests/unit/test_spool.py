@@ -1,6 +1,11 @@
 """The worker's spool of unrecorded completions (on disk, no Redis)."""
 from __future__ import annotations
 
+import json
+import os
+
+import pytest
+
 from celery_compensate.spool import Spool, Unrecorded
 
 
@@ -29,4 +34,32 @@ def test_an_unreadable_entry_is_set_aside(tmp_path):
 def test_a_worker_has_a_spool_a_client_has_none():
     assert Spool.of_worker('cc', None) is None
     spool = Spool.of_worker('cc', 'w1@host/x')
-    assert spool is not None and spool.directory.name == 'cc-w1@host_x'
+    assert spool is not None
+    assert spool.directory.name == f'celery-compensate-{os.geteuid()}-cc-w1@host_x'
+
+
+def test_an_entry_is_recorded_by_one_process_only(tmp_path):
+    """Two workers under one node name share a spool: the one that claims
+    an entry records it; the other skips it."""
+    spool = Spool(tmp_path / 'w')
+    spool.put(Unrecorded('s.s0', 's', 0, 't', 'null'))
+    assert spool.claim('s.s0')
+    assert not spool.claim('s.s0') and spool.entries() == []
+    spool.unclaim('s.s0')                   # the store was still away
+    assert [e.task_id for e in spool.entries()] == ['s.s0']
+    assert spool.claim('s.s0')
+    spool.remove('s.s0')
+    assert spool.entries() == [] and list((tmp_path / 'w').iterdir()) == []
+
+
+def test_a_directory_others_can_write_is_not_used(tmp_path):
+    shared = tmp_path / 'shared'
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    (shared / 'forged.json').write_text(json.dumps(
+        {'task_id': 'x', 'saga_id': 'x', 'index': 0, 'token': 't',
+         'result': '"forged"'}))
+    spool = Spool(shared)
+    assert spool.entries() == []            # never trusted
+    with pytest.raises(PermissionError, match='not a private directory'):
+        spool.put(Unrecorded('s.s0', 's', 0, 't', 'null'))

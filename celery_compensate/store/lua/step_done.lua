@@ -13,7 +13,10 @@
 ---   recorded       completed; other members of its stage still run
 ---   late           completed after compensation began: its undo is due
 ---                  (now, out of order, or after the running one: ``rd``)
----   replayed       this call was resent after its reply was lost
+---   replayed       this call was resent after its reply was lost (a
+---                  resend whose first run completed the stage answers
+---                  next/completed again while the next stage is still
+---                  untouched in the outbox: see resend_stage)
 ---   duplicate      another call recorded this step already
 ---   not-dispatched a message for a step whose stage never started
 ---   unknown-step   the saga has no such step
@@ -48,11 +51,8 @@ local w = k and redis.call('HGET', h, 'w' .. k)
 -- publishes it again: a publisher killed between this call and its
 -- publishing does not strand the saga.
 -- ``set`` holds the field-value pairs still to be written (this step's
--- record, in the common case): everything goes out in one HSET.  ``again``:
--- a resent call dispatches the stage once more, so its steps' held marks
--- go (a stage dispatched for the first time has none: RENEW requires
--- s<j> = R), and every result is read from the record.
-local function next_stage(set, again)
+-- record, in the common case): everything goes out in one HSET.
+local function next_stage(set)
   local nk = k + 1
   local lists = redis.call('HMGET', h, 'g' .. k, 'g' .. nk)
   -- no member list for stage k: nothing written, the general path below
@@ -73,7 +73,7 @@ local function next_stage(set, again)
     end
     return {'completed', 'RUNNING', 'COMPLETED'}
   end
-  local want, steps, held = {}, {}, {}
+  local want, steps = {}, {}
   for j in string.gmatch(lists[1], '%d+') do want[#want + 1] = 'r' .. j end
   local nres = #want
   for j in string.gmatch(lists[2], '%d+') do
@@ -82,7 +82,6 @@ local function next_stage(set, again)
     want[#want + 1] = 'p' .. j
     want[#want + 1] = 'o' .. j
     want[#want + 1] = 'pg' .. j
-    held[#held + 1] = 'h' .. j
   end
   local v = many('HMGET', want)
   local results = {}
@@ -90,7 +89,7 @@ local function next_stage(set, again)
   for j in string.gmatch(lists[1], '%d+') do
     n = n + 1
     -- this step's own result is not sent back (the caller has it): ''
-    results[n] = (not again and j == i and '') or v[n] or 'null'
+    results[n] = (j == i and '') or v[n] or 'null'
   end
   local t, best, nxt = clock(), nil, {}
   set[#set + 1] = 'cur'; set[#set + 1] = nk
@@ -102,8 +101,8 @@ local function next_stage(set, again)
     set[#set + 1] = 's' .. j; set[#set + 1] = 'R'
     set[#set + 1] = 'd' .. j; set[#set + 1] = string.format('%.3f', d)
     set[#set + 1] = 'ob' .. j; set[#set + 1] = 1
-    -- a resent call after the sweep published the step again: the
-    -- current generation, so no older copy can run beside it
+    -- a member published before keeps its generation: no older copy
+    -- runs beside it
     if v[o + 1] then
       nxt[#nxt + 1] = {tonumber(j), v[o - 1], tonumber(v[o + 1])}
     else
@@ -112,7 +111,6 @@ local function next_stage(set, again)
     if best == nil or d < best then best = d end
   end
   many('HSET', set)
-  if again then many('HDEL', held) end
   -- a running saga has nothing else in flight: its deadline is this stage's
   redis.call('ZADD', idx, string.format('%.3f', best), id)
   return {'next', 'RUNNING', 'RUNNING', results, nxt}
@@ -124,7 +122,7 @@ end
 local set = {'s' .. i, 'D', 'r' .. i, ARGV[5], 't' .. i, now, 'tk' .. i, token}
 if st == 'RUNNING' and s == 'R' and w == '1' and f[4] and f[5] then
   set[#set + 1] = 'w' .. k; set[#set + 1] = 0
-  local reply = next_stage(set, false)
+  local reply = next_stage(set)
   if reply then return reply end
   set[#set] = nil; set[#set] = nil
 end
@@ -145,10 +143,43 @@ if not k or redis.call('HEXISTS', h, 'g' .. k) == 0
     or not f[5] then
   return damaged(i)
 end
+-- A resent call whose first run completed stage k (its reply lost, or a
+-- completion a worker's spool records late): the members of the next stage
+-- still in the outbox as that run left them (not received, not published
+-- again by the sweep) are handed out again with the same generation; a
+-- stage that moved on is left alone, so a resend however late never runs
+-- a body twice nor takes a hold from a running copy.
+local function resend_stage()
+  local nk = k + 1
+  if nk >= ns then
+    if st == 'COMPLETED' then return {'completed', 'RUNNING', 'COMPLETED'} end
+    return nil
+  end
+  if st ~= 'RUNNING' or tonumber(hget('cur') or '') ~= nk then return nil end
+  local lists = redis.call('HMGET', h, 'g' .. k, 'g' .. nk)
+  if not lists[1] or not lists[2] then return nil end
+  local nxt = {}
+  for j in string.gmatch(lists[2], '%d+') do
+    local v = redis.call('HMGET', h, 's' .. j, 'h' .. j, 'ob' .. j, 'p' .. j,
+                         'pg' .. j)
+    if v[1] == 'R' and not v[2] and v[3] == '1' then
+      nxt[#nxt + 1] = v[5] and {tonumber(j), v[4], tonumber(v[5])}
+                      or {tonumber(j), v[4]}
+    end
+  end
+  if #nxt == 0 then return nil end
+  local results = {}
+  for j in string.gmatch(lists[1], '%d+') do
+    results[#results + 1] = hget('r' .. j) or 'null'
+  end
+  return {'next', 'RUNNING', 'RUNNING', results, nxt}
+end
+
 if s == 'D' then
   if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
-  if hget('dn' .. k) == token and (st == 'RUNNING' or st == 'COMPLETED') then
-    return next_stage({}, true)
+  if hget('dn' .. k) == token then
+    local again = resend_stage()
+    if again then return again end
   end
   return replay('replayed', st)
 end
@@ -161,7 +192,7 @@ redis.call('HSET', h, unpack(set))
 local left = tonumber(w or '0')
 if s == 'R' then left = redis.call('HINCRBY', h, 'w' .. k, -1) end
 if st == 'RUNNING' then
-  if left <= 0 then return next_stage({}, false) end
+  if left <= 0 then return next_stage({}) end
   -- other members run: the saga's :due entry stays a lower bound (O(1))
   return {'recorded', st, st}
 end

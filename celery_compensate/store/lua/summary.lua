@@ -28,9 +28,17 @@ local state = hget('state')
 if not state then return nil end
 if ARGV[3] ~= '' and state ~= ARGV[3] then return {state} end
 
+-- cut at a character boundary (texts are UTF-8): a continuation byte
+-- (0x80-0xBF) after the cut means the cut splits a character
 local function cut(text)
-  if text and #text > width then return string.sub(text, 1, width) .. '...' end
-  return text or false
+  if not text or #text <= width then return text or false end
+  local n = width
+  while n > 0 do
+    local b = string.byte(text, n + 1)
+    if b < 0x80 or b >= 0xC0 then break end
+    n = n - 1
+  end
+  return string.sub(text, 1, n) .. '...'
 end
 
 local function names(i)
