@@ -505,7 +505,9 @@ class Recovery:
                 waiting[entry.task_id] = info
                 continue
             if not self.spool.claim(entry.task_id):
-                continue        # another process records it
+                # another process records it: still held meanwhile
+                waiting[entry.task_id] = info
+                continue
             try:
                 outcome = self.store.step_done(
                     entry.saga_id, entry.index, entry.result, entry.token)
@@ -531,8 +533,14 @@ class Recovery:
             logger.warning('saga %s: step %d recorded by its worker (its pool '
                            'child could not reach the store): %s',
                            entry.saga_id, entry.index, outcome.status.value)
-            self._guard(partial(self.coordinator.apply, entry.saga_id,
-                                outcome, step=entry.index))
+            try:
+                self.coordinator.apply(entry.saga_id, outcome,
+                                       step=entry.index)
+            except Exception:  # noqa: BLE001 - the sweep publishes it again
+                logger.exception('saga %s: what step %d made due was not '
+                                 'published; the sweep publishes it again',
+                                 entry.saga_id, entry.index)
+                continue
             if outcome.status is Reply.NEXT:
                 # published: what it dispatched leaves the outbox
                 self._guard(partial(self.store.left, [

@@ -104,6 +104,27 @@ class Spool:
                 f'{self.directory} is not a private directory of this '
                 'user: unrecorded completions are not written there')
 
+    def _reclaim(self) -> None:
+        """Give back the entries claimed by a process that died before it
+        recorded them, and drop the half-written files of one that died
+        while writing."""
+        try:
+            paths = list(self.directory.iterdir())
+        except OSError:
+            return
+        for path in paths:
+            owner = _pid_suffix(path.name)
+            if owner is None or _alive(owner):
+                continue
+            try:
+                if path.name.endswith('.tmp'):
+                    path.unlink()
+                else:
+                    os.replace(path, path.with_name(
+                        path.name.rsplit('.', 1)[0] + '.json'))
+            except OSError:
+                pass
+
     def claim(self, task_id: str) -> bool:
         """Take ``task_id``'s entry for recording, so that no other
         process (a second worker under the same node name) records it too.
@@ -135,13 +156,15 @@ class Spool:
         if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
                 or info.st_mode & 0o077):
             return []       # not ours: never trusted (put says why)
-        try:
-            paths = sorted(self.directory.glob('*.json'),
-                           key=lambda p: p.stat().st_mtime)
-        except OSError:
-            return []
+        self._reclaim()
+        dated = []
+        for path in self.directory.glob('*.json'):
+            try:
+                dated.append((path.stat().st_mtime, path))
+            except OSError:
+                pass        # claimed by another process meanwhile
         out = []
-        for path in paths:
+        for _, path in sorted(dated):
             try:
                 out.append(Unrecorded(**json.loads(
                     path.read_text(encoding='utf-8'))))
@@ -165,3 +188,23 @@ class Spool:
 
     def _claimed(self, task_id: str) -> Path:
         return self.directory / f'{_UNSAFE.sub("_", task_id)}.{os.getpid()}'
+
+
+def _pid_suffix(name: str) -> int | None:
+    """The pid a claimed (``<id>.<pid>``) or half-written
+    (``<id>.json.<pid>.tmp``) entry belongs to."""
+    parts = name.removesuffix('.tmp').rsplit('.', 1)
+    if len(parts) == 2 and parts[1].isdigit() and (
+            name.endswith('.tmp') or not name.endswith('.json')):
+        return int(parts[1])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

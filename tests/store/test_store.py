@@ -456,11 +456,15 @@ def test_a_resent_completion_leaves_a_stage_that_moved_on_alone(
     left alone."""
     store = make(celery_app, [['a'], ['b'], ['c']])
     store.step_done('s', 0, '"ra"', token='tok')
+    key = store.keys.saga('s')
+    rds.hset(key, L.deadline(1), 1)     # resent after its outbox lease
     resent = store.step_done('s', 0, '"other"', token='tok')
     assert resent.status is Reply.NEXT
     assert [s.index for s in resent.forward] == [1]
     assert resent.results == ['ra']            # read from the record
-    key = store.keys.saga('s')
+    # handed out afresh: its outbox lease starts again (the copy's header
+    # says so, and a copy inside it runs without reading the record)
+    assert float(rds.hget(key, L.deadline(1))) > time.time() + 1
     rds.hset(key, L.deadline(1), 1)                # the outbox lease lapsed
     assert [s.index for s in store.recover('s').forward] == [1]
     assert rds.hget(key, L.generation(1)) == '2'

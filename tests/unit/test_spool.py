@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +65,20 @@ def test_a_directory_others_can_write_is_not_used(tmp_path):
     assert spool.entries() == []            # never trusted
     with pytest.raises(PermissionError, match='not a private directory'):
         spool.put(Unrecorded('s.s0', 's', 0, 't', 'null'))
+
+
+def test_a_claim_or_a_write_left_by_a_dead_process_is_taken_back(tmp_path):
+    """A worker killed while it recorded an entry (claimed) or while its
+    child wrote one: a restarted worker under the same node name records
+    the claimed entry and drops the half-written file."""
+    spool = Spool(tmp_path / 'w')
+    spool.put(Unrecorded('s.s0', 's', 0, 't', 'null'))
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    os.replace(tmp_path / 'w' / 's.s0.json',
+               tmp_path / 'w' / f's.s0.{dead.pid}')          # its claim
+    (tmp_path / 'w' / f's.s1.json.{dead.pid}.tmp').write_text('{"task')
+    assert [e.task_id for e in spool.entries()] == ['s.s0']
+    assert sorted(p.name for p in (tmp_path / 'w').iterdir()) == ['s.s0.json']
+    # a live process's claim is left alone
+    assert spool.claim('s.s0') and spool.entries() == []

@@ -158,13 +158,19 @@ local function resend_stage()
   if st ~= 'RUNNING' or tonumber(hget('cur') or '') ~= nk then return nil end
   local lists = redis.call('HMGET', h, 'g' .. k, 'g' .. nk)
   if not lists[1] or not lists[2] then return nil end
-  local nxt = {}
+  local nxt, t = {}, clock()
   for j in string.gmatch(lists[2], '%d+') do
     local v = redis.call('HMGET', h, 's' .. j, 'h' .. j, 'ob' .. j, 'p' .. j,
-                         'pg' .. j)
+                         'pg' .. j, 'o' .. j, 'c' .. j)
     if v[1] == 'R' and not v[2] and v[3] == '1' then
       nxt[#nxt + 1] = v[5] and {tonumber(j), v[4], tonumber(v[5])}
                       or {tonumber(j), v[4]}
+      -- handed out afresh: its outbox lease starts again, as the copy's
+      -- header says (a copy inside it runs without reading the record)
+      local d = string.format('%.3f', t + tonumber(v[6] or qt)
+                                      + tonumber(v[7] or '0'))
+      redis.call('HSET', h, 'd' .. j, d)
+      lower(d)
     end
   end
   if #nxt == 0 then return nil end
