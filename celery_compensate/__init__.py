@@ -9,9 +9,11 @@ from __future__ import annotations
 from . import signals
 from .canvas import Saga, saga
 from .exceptions import (
-    CompensateError, CorruptSagaRecord, ImproperlyConfigured, InvalidSaga,
-    ResultNotSerializable, ResultTooLarge, SagaNotFound, SagaStoreError,
-    SagaStoreUnavailable, SagaTimeoutError, TaskRefused,
+    CompensateError, CompletionNotRecorded, CorruptSagaRecord,
+    ImproperlyConfigured, InvalidSaga, ResultNotSerializable, ResultTooLarge,
+    SagaCompensated, SagaCompensationFailed, SagaFailed, SagaNotFinished,
+    SagaNotFound, SagaStoreError, SagaStoreUnavailable, SagaTimeoutError,
+    TaskRefused,
 )
 from .install import install
 from .model import SagaState, StepState, UndoState
@@ -25,5 +27,6 @@ __all__ = (
     'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
     'InvalidSaga', 'ResultNotSerializable', 'ResultTooLarge', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
-    'TaskRefused',
+    'TaskRefused', 'CompletionNotRecorded', 'SagaFailed', 'SagaCompensated',
+    'SagaCompensationFailed', 'SagaNotFinished',
 )

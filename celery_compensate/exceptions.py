@@ -8,7 +8,8 @@ __all__ = (
     'CompensateError', 'ImproperlyConfigured', 'InvalidSaga', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
     'ResultNotSerializable', 'ResultTooLarge', 'CorruptSagaRecord',
-    'TaskRefused', 'CompletionNotRecorded',
+    'TaskRefused', 'CompletionNotRecorded', 'SagaFailed', 'SagaCompensated',
+    'SagaCompensationFailed', 'SagaNotFinished',
 )
 
 
@@ -95,3 +96,42 @@ class TaskRefused(CompensateError):
     task registered in the app, or a step or undo that is one of Celery's
     own ``celery.*`` tasks.  It is never sent; a refused undo makes the saga
     ``COMPENSATION_FAILED``, a refused step fails and compensates."""
+
+
+class SagaFailed(CompensateError):
+    """A saga did not complete: raised by :meth:`SagaResult.get`.
+
+    Attributes:
+        saga_id: the saga.
+        state: its final state.
+        reason: why it compensates (the failed step's error, ``lost: ...``
+            or ``aborted: ...``).
+        failed_step: the index of the step that failed (``None`` when it
+            was aborted before any step failed).
+        error: that step's error (``None`` likewise).
+    """
+
+    def __init__(self, saga_id: str, state: str, reason: str | None,
+                 failed_step: int | None, error: str | None) -> None:
+        super().__init__(saga_id, state, reason, failed_step, error)
+        self.saga_id, self.state, self.reason = saga_id, state, reason
+        self.failed_step, self.error = failed_step, error
+
+    def __str__(self) -> str:
+        where = ('' if self.failed_step is None
+                 else f' (step {self.failed_step} failed)')
+        return f'saga {self.saga_id} {self.state}{where}: {self.reason}'
+
+
+class SagaCompensated(SagaFailed):
+    """The saga failed and every completed step was undone."""
+
+
+class SagaCompensationFailed(SagaFailed):
+    """The saga failed and an undo spent its attempts: the saga waits for
+    an operator (``celery compensate retry``)."""
+
+
+class SagaNotFinished(CompensateError):
+    """An operation that needs a finished saga (``forget()``) met one that
+    is still running or compensating."""

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 from celery import current_app
 
 from celery.utils.log import get_logger
 
 from .appstate import get_state
-from .exceptions import SagaNotFound, SagaTimeoutError
+from .exceptions import (
+    InvalidSaga, SagaCompensated, SagaCompensationFailed, SagaFailed,
+    SagaNotFinished, SagaNotFound, SagaTimeoutError,
+)
 from .model import FINAL_STATES, SagaState, validate_saga_id
 from .store import Reply
 
@@ -24,15 +28,23 @@ logger = get_logger(__name__)
 
 
 class SagaResult:
-    """The state of one saga, read from the saga store.
+    """The state of one saga, read from the saga store; it reads like
+    Celery's :class:`~celery.result.AsyncResult` (``get``, ``ready``,
+    ``successful``, ``failed``, ``result``, ``status``, ``date_done``,
+    ``traceback``, ``forget``).
 
     Arguments:
         id: the saga id.
         app: the app the saga belongs to (default: the current app).
+    Raises:
+        InvalidSaga: ``id`` is not a valid saga id (it names it).
     """
 
     def __init__(self, id: str, app: Celery | None = None) -> None:
-        self.id = validate_saga_id(id)
+        try:
+            self.id = validate_saga_id(id)
+        except ValueError as exc:
+            raise InvalidSaga(str(exc)) from None
         self.app = app or current_app
 
     def __repr__(self) -> str:
@@ -57,9 +69,103 @@ class SagaResult:
         """
         return self._store.get_state(self.id)
 
+    @property
+    def status(self) -> SagaState:
+        """The current state (as :attr:`state`; the name Celery's results
+        use)."""
+        return self.state
+
     def ready(self) -> bool:
         """Whether the saga reached a final state."""
         return self.state in FINAL_STATES
+
+    def successful(self) -> bool:
+        """Whether the saga is ``COMPLETED``."""
+        return self.state is SagaState.COMPLETED
+
+    def failed(self) -> bool:
+        """Whether the saga failed: ``COMPENSATED`` or
+        ``COMPENSATION_FAILED``."""
+        return self.state in (SagaState.COMPENSATED,
+                              SagaState.COMPENSATION_FAILED)
+
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            interval: float = 0.5) -> Any:
+        """Wait until the saga is final and return what it produced: the
+        result of its last stage (a list, in step order, when that stage
+        runs in parallel).
+
+        Arguments:
+            timeout: seconds to wait at most (``None``: forever).
+            propagate: raise when the saga failed (else return the
+                exception).
+            interval: the longest pause between two reads of the store.
+        Raises:
+            SagaCompensated: the saga failed and was compensated.
+            SagaCompensationFailed: the saga failed and an undo spent its
+                attempts (it waits for an operator).
+            SagaTimeoutError: time ran out.
+            SagaNotFound: no saga with this id.
+        """
+        self._poll(timeout, min(0.05, interval), interval)
+        outcome = self.result
+        if isinstance(outcome, SagaFailed) and propagate:
+            raise outcome
+        return outcome
+
+    @property
+    def result(self) -> Any:
+        """What :meth:`get` returns without waiting: the last stage's
+        result once ``COMPLETED``, the :exc:`SagaCompensated` or
+        :exc:`SagaCompensationFailed` of a failed saga, else ``None``."""
+        record = self.info()
+        if record.state is SagaState.COMPLETED:
+            last = max(step.stage for step in record.steps)
+            results = [step.result for step in record.steps
+                       if step.stage == last]
+            return results[0] if len(results) == 1 else results
+        if record.state in (SagaState.COMPENSATED,
+                            SagaState.COMPENSATION_FAILED):
+            error = (record.steps[record.failed_step].failure
+                     if record.failed_step is not None else None)
+            cls = (SagaCompensated if record.state is SagaState.COMPENSATED
+                   else SagaCompensationFailed)
+            return cls(self.id, record.state.value, record.reason,
+                       record.failed_step, error)
+        return None
+
+    @property
+    def date_done(self) -> datetime | None:
+        """When the saga became final (UTC), or ``None``."""
+        ended = self.info().ended
+        return (None if ended is None
+                else datetime.fromtimestamp(ended, tz=timezone.utc))
+
+    @property
+    def traceback(self) -> str | None:
+        """The failed step's error (``<Exception>: <message>``; the store
+        keeps no Python traceback), or ``None``."""
+        record = self.info()
+        if record.failed_step is None:
+            return None
+        return record.steps[record.failed_step].failure
+
+    def forget(self) -> None:
+        """Delete the finished saga's record (and its index entries) now
+        instead of when it expires.  Forgetting a ``COMPENSATION_FAILED``
+        saga gives up on its failed undos.
+
+        Raises:
+            SagaNotFinished: it is still ``RUNNING`` or ``COMPENSATING``.
+            SagaNotFound: no saga with this id.
+        """
+        status, state = self._store.forget(self.id)
+        if status is Reply.MISSING:
+            raise SagaNotFound(self.id)
+        if status is Reply.NOT_FINISHED:
+            raise SagaNotFinished(
+                f'saga {self.id} is {state.value if state else "?"}: only a '
+                'finished saga can be forgotten')
 
     def info(self) -> SagaRecord:
         """The whole record: state, failed step, and every step's state,
@@ -147,6 +253,10 @@ class SagaResult:
             SagaTimeoutError: (a :exc:`TimeoutError`) time ran out.
             SagaNotFound: no saga with this id.
         """
+        return self._poll(timeout, interval, max(interval, 0.5))
+
+    def _poll(self, timeout: float | None, interval: float,
+              longest: float) -> SagaState:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             state = self.state
@@ -156,4 +266,4 @@ class SagaResult:
                 raise SagaTimeoutError(
                     f'saga {self.id} still {state.value} after {timeout}s')
             time.sleep(interval)
-            interval = min(interval * 2, 0.5)
+            interval = min(interval * 2, longest)

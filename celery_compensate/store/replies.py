@@ -57,6 +57,9 @@ class Reply(str, enum.Enum):
     NOT_RUNNING = 'not-running'     #: only a running saga can be aborted
     RETRIED = 'retried'             #: failed undos sent again
     WRONG_STATE = 'wrong-state'     #: only a COMPENSATION_FAILED saga retries
+    # forget
+    FORGOTTEN = 'forgotten'         #: the record and its index entries are gone
+    NOT_FINISHED = 'not-finished'   #: only a finished saga can be forgotten
     # any command
     DUPLICATE = 'duplicate'         #: another call settled this already
     REPLAYED = 'replayed'           #: this call was resent: the same answer

@@ -320,6 +320,14 @@ class SagaStore:
         return self._decoded(saga_id, self._change('retry', saga_id,
                                                    token))
 
+    def forget(self, saga_id: str) -> tuple[Reply, SagaState | None]:
+        """Delete a finished saga's record and index entries
+        (``lua/forget.lua``): ``forgotten``, ``not-finished`` (it is
+        running or compensating: nothing changed) or ``missing``, with the
+        state it was in."""
+        reply = self._change('forget', saga_id, None)
+        return Reply(reply[0]), _state(reply[1] if len(reply) > 1 else None)
+
     # -- reads ----------------------------------------------------------
 
     def get_state(self, saga_id: str) -> SagaState:

@@ -30,7 +30,7 @@ COMMANDS = (
     'start', 'step_done', 'step_failed', 'undo_begin', 'undo_release',
     'undo_done', 'undo_failed', 'undo_sent', 'receive', 'release',
     'confirm', 'renew',
-    'recover', 'abort', 'retry', 'scan', 'summary',
+    'recover', 'abort', 'retry', 'scan', 'summary', 'forget',
 )
 
 _INCLUDE = re.compile(r'^--- @include "([\w/]+)"\s*$')

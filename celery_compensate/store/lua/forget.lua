@@ -1,0 +1,25 @@
+--- FORGET: delete a finished saga's record and its index entries
+--- (``SagaResult.forget()``), in one step, so a saga is never half gone.
+---
+--- KEYS[1-5] saga hash, :due, :live, :ends, :sagas (see includes/saga.lua)
+--- ARGV[1-3] token, now, ttl (unused)
+---
+--- Replies {status, state}:
+---   forgotten     it was COMPLETED, COMPENSATED or COMPENSATION_FAILED
+---                 (the last gives up on its failed undos): deleted
+---   not-finished  it is RUNNING or COMPENSATING: nothing changed
+---   missing       no such saga
+---
+--- Transitions: a final saga -> (missing).
+
+--- @include "includes/saga"
+
+local st = redis.call('HGET', h, 'state')
+if not st then return {'missing'} end
+if st == 'RUNNING' or st == 'COMPENSATING' then return {'not-finished', st} end
+local id = redis.call('HGET', h, 'id')
+redis.call('DEL', h)
+for _, key in ipairs({idx, live, ends, KEYS[5]}) do
+  redis.call('ZREM', key, id)
+end
+return {'forgotten', st}
