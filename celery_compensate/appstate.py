@@ -7,11 +7,13 @@ the bootstep, monitoring, the canvas, results and the CLI look it up here
 from __future__ import annotations
 
 import threading
+import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .coordinator import Coordinator
 from .exceptions import ImproperlyConfigured
-from .settings import Settings
+from .settings import Settings, SettingWarning, given
 from .store import SagaStore
 
 if TYPE_CHECKING:
@@ -41,6 +43,10 @@ class AppState:
         self.hostname: str | None = None
         self._store: SagaStore | None = None
         self._coordinator: Coordinator | None = None
+        #: the settings as given to install(): a later change is told once
+        self.given = given(app.conf)
+        self._warned: set[str] = set()
+        self._next_check = 0.0
 
     @property
     def store(self) -> SagaStore:
@@ -49,6 +55,22 @@ class AppState:
                 if self._store is None:
                     self._store = SagaStore(self.settings)
         return self._store
+
+    def check_conf(self, every: float = 10.0) -> None:
+        """Warn (once per setting) when a ``compensate_*`` setting was
+        changed after ``install(app)``: the change is ignored.  Looked at
+        most every ``every`` seconds (a saga start calls it)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + every
+        for key, value in given(self.app.conf).items():
+            if value != self.given[key] and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f'{key} was changed after install(app): the change is '
+                    'ignored; configure the app before calling '
+                    'install(app)', SettingWarning, stacklevel=3)
 
     @property
     def coordinator(self) -> Coordinator:

@@ -36,6 +36,7 @@ class CompensateRecovery(bootsteps.StartStopStep):
         self.sweep = not without_compensate_recovery
         # recorded here, before the pool starts: prefork children inherit it
         state = get_state(w.app)
+        state.check_conf(every=0.0)
         state.task_events = bool(getattr(w, 'task_events', False))
         state.hostname = getattr(w, 'hostname', None)
 

@@ -293,6 +293,7 @@ class Saga:
                 published.
         """
         state = get_state(self.app)
+        state.check_conf()
         refused = (_MANAGED | _REFUSED) & set(options)
         if refused:
             raise InvalidSaga(

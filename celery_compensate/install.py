@@ -2,6 +2,7 @@
 lives in :mod:`celery_compensate.appstate`)."""
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
@@ -9,7 +10,7 @@ from celery.utils.log import get_logger
 from .bootsteps import WORKER_OPTIONS, CompensateReceive, CompensateRecovery
 from .appstate import AppState, attach_state, find_state, get_state
 from .monitoring import connect_events
-from .settings import Settings
+from .settings import Settings, SettingWarning, unknown_keys
 from .worker import CallAnnotation, connect_signals, wrap_app_tasks
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ def install(app: Celery) -> AppState:
     """Add compensation to ``app``.  Idempotent.
 
     Reads and validates the ``compensate_*`` settings (configure them
-    before calling this), wraps every task class of the app so saga steps
+    before calling this: a key that is no setting, or a setting changed
+    later, is warned about with a :class:`SettingWarning`), wraps every task class of the app so saga steps
     are recorded inside the call, connects the failure signals, and adds
     the worker bootstep that renews leases and runs the recovery sweep
     (with the ``celery worker --without-compensate-recovery`` option).
@@ -36,6 +38,11 @@ def install(app: Celery) -> AppState:
     state = find_state(app)
     if state is not None:
         return state
+    for key, close in unknown_keys(app.conf):
+        warnings.warn(
+            f'{key} is not a celery_compensate setting'
+            + (f': did you mean {close}?' if close else ''),
+            SettingWarning, stacklevel=2)
     state = AppState(app, Settings.from_conf(app.conf))
     attach_state(app, state)
     _annotate(app)

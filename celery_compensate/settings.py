@@ -7,6 +7,8 @@ and in the README is generated from those declarations
 """
 from __future__ import annotations
 
+import difflib
+
 import datetime
 import json
 import sys
@@ -20,7 +22,8 @@ from .clients import (
 )
 from .exceptions import ImproperlyConfigured
 
-__all__ = ('Settings', 'Option', 'DEFAULTS', 'settings_table')
+__all__ = ('Settings', 'Option', 'DEFAULTS', 'settings_table', 'unknown_keys',
+           'given', 'SettingWarning')
 
 T = TypeVar('T')
 
@@ -505,3 +508,34 @@ def _redis_broker_url(conf: Mapping[str, Any]) -> str | None:
 
 if __name__ == '__main__':  # `python -m celery_compensate.settings`
     sys.stdout.write(settings_table())
+
+
+class SettingWarning(UserWarning):
+    """A ``compensate_*`` setting that is misspelt, or changed after
+    ``install(app)`` read the settings (the change is ignored)."""
+
+
+def unknown_keys(conf: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """The keys of ``conf`` that look like ``compensate_*`` settings (also
+    under a namespace, ``CELERY_COMPENSATE_...``) but are none, each with
+    the closest setting's key (or ``None``)."""
+    known = [option.key for option in Settings.options()]
+    out = []
+    for key in list(conf.keys()):
+        if not isinstance(key, str):
+            continue
+        name = key.lower()
+        at = name.find('compensate_')
+        if at < 0 or (at > 0 and not name[:at].endswith('_')):
+            continue
+        if name[at:] in known:
+            continue
+        close = difflib.get_close_matches(name[at:], known, n=1, cutoff=0.6)
+        out.append((key, close[0] if close else None))
+    return out
+
+
+def given(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """Each setting's value as given in ``conf`` (before checks), to tell
+    later whether it changed."""
+    return {option.key: option.lookup(conf) for option in Settings.options()}
