@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # a fraction of a second to build
 LINT_IMPORTS := $(VENV)/bin/lint-imports --no-cache --no-logo
 
-.PHONY: install test lint demo flower chaos bench clean
+.PHONY: install test lint demo flower chaos bench dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,5 +53,12 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tests.tools.bench $(BENCH_ARGS)
 
+# the sdist and the wheel (in dist/), checked as PyPI would check them
+dist: $(STAMP)
+	$(PY) -m pip install --quiet build twine
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .bench
+	rm -rf $(VENV) *.egg-info .pytest_cache .bench dist build
