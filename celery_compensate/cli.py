@@ -17,6 +17,8 @@ Every command takes ``--json`` for scripts.  Exit codes:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -39,6 +41,18 @@ EXIT_WRONG_STATE = 4
 
 _json_option = click.option('--json', 'as_json', is_flag=True,
                             help='Print JSON instead of a table.')
+_color_option = click.option(
+    '--no-color', 'no_color', is_flag=True,
+    help='No colours (also off with NO_COLOR set, or when not a terminal).')
+
+#: the colour of each state (of sagas, steps and undos), by name
+_COLOURS = {
+    'COMPLETED': 'green', 'DONE': 'green',
+    'RUNNING': 'yellow', 'COMPENSATING': 'yellow', 'QUEUED': 'yellow',
+    'WAITING': 'yellow',
+    'COMPENSATED': 'cyan',
+    'FAILED': 'red', 'COMPENSATION_FAILED': 'red', 'CORRUPT': 'red',
+}
 
 
 class _Exit(Exception):
@@ -107,36 +121,57 @@ def compensate(ctx: click.Context) -> None:
               help='Only sagas in this state.')
 @click.option('--limit', type=click.IntRange(min=1), default=50,
               show_default=True, help='At most this many sagas.')
+@click.option('--before', metavar='SAGA_ID', callback=lambda c, p, v: (
+                  _saga_id(c, p, v) if v else None),
+              help='Only sagas started before this one (the next page).')
 @_json_option
+@_color_option
 @click.pass_context
 def list_(ctx: click.Context, state: str | None, limit: int,
-          as_json: bool) -> None:
-    """Sagas, newest first: id, state, age and what each waits for."""
+          before: str | None, as_json: bool, no_color: bool) -> None:
+    """Sagas, newest first: id, state, age and what each waits for.  When
+    more are left than ``--limit``, the command for the next page is
+    printed on stderr."""
     def body(st: AppState) -> tuple[Any, str]:
         want = SagaState(state.upper()) if state else None
-        found = st.store.list_sagas(want, limit)
+        until = st.store.created_at(before) if before else None
+        found = st.store.list_sagas(want, limit + 1, before=until)
+        more = len(found) > limit
+        found = found[:limit]
         now = time.time()
         data = [{'saga_id': e.saga_id, 'state': e.state,
                  'created': e.created, 'age': round(now - e.created, 3),
                  'current': _current(e), 'error': e.error} for e in found]
         if not found:
             return data, f'no sagas{f" in state {want.value}" if want else ""}'
+        if more and not as_json:
+            again = ' '.join(filter(None, (
+                f'--state {want.value}' if want else '',
+                f'--limit {limit}', f'--before {found[-1].saga_id}')))
+            click.echo(f'more: celery compensate list {again}', err=True)
         return data, _table(('SAGA ID', 'STATE', 'AGE', 'CURRENT'), [
             (e.saga_id, e.state, _age(now - e.created), _current(e))
-            for e in found])
+            for e in found], width=_width(False), paint=_painter(no_color),
+            coloured=(1,))
     _run(ctx, as_json, body)
 
 
 @compensate.command()
 @_saga_arg
+@click.option('--wide', is_flag=True,
+              help='Full results and errors (else cut to the terminal).')
 @_json_option
+@_color_option
 @click.pass_context
-def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
+def show(ctx: click.Context, saga_id: str, wide: bool, as_json: bool,
+         no_color: bool) -> None:
     """A saga's plan: each step's task, task id, state, timings and result,
-    and each undo's attempts and last error."""
+    and each undo, in the order they ran, with its attempts and last
+    error."""
     def body(st: AppState) -> tuple[Any, str]:
         record = st.store.read(saga_id)
-        return _record_json(record), _show(record)
+        return _record_json(record), _show(record, _width(wide),
+                                           _painter(no_color))
     _run(ctx, as_json, body)
 
 
@@ -239,11 +274,12 @@ def _doing(record: SagaRecord) -> str:
     return '; '.join(_waits_for(step) for step in record.current) or '-'
 
 
-def _show(record: SagaRecord) -> str:
+def _show(record: SagaRecord, width: int | None = None,
+          paint: Callable[[str], str] = str) -> str:
     now = time.time()
     lines = [
         f'saga     {record.saga_id}',
-        f'state    {record.state}',
+        f'state    {paint(record.state.value)}',
         f'created  {_when(record.created)} ({_age(now - record.created)} ago)',
     ]
     if record.ended:
@@ -258,16 +294,22 @@ def _show(record: SagaRecord) -> str:
     if record.retries:
         lines.append(f'retried  {record.retries} time(s) by an operator')
     lines.append(f'waiting  {_doing(record)}')
+    if width is not None:
+        lines = [line if len(line) <= width else _cut(line, max(width, 20))
+                 for line in lines]
     lines += ['', _table(
         ('STEP', 'STAGE', 'TASK', 'TASK ID', 'STATE', 'STARTED', 'TOOK',
          'RESULT (FOR ITS UNDO) / ERROR'),
         [(s.index, s.stage, s.task_name, s.task_id, s.state.name,
           _offset(s.started_at, record.created),
           _took(s.started_at, s.settled_at),
-          _cut(json.dumps(s.result) if s.state is StepState.DONE
-               else s.failure or '', 50))
-         for s in record.steps])]
-    undos = [s for s in record.steps if s.undo_attempts]
+          json.dumps(s.result) if s.state is StepState.DONE
+          else s.failure or '')
+         for s in record.steps], width=width, paint=paint, coloured=(4,),
+        optional=(3, 1))]
+    # in the order they ran (then the ones that never started)
+    undos = sorted((s for s in record.steps if s.undo_attempts), key=lambda s: (
+        s.undo_started_at is None, s.undo_started_at or 0.0, s.index))
     if undos:
         lines += ['', _table(
             ('UNDO OF', 'TASK', 'TASK ID', 'STATE', 'ATTEMPTS', 'STARTED',
@@ -275,8 +317,31 @@ def _show(record: SagaRecord) -> str:
             [(s.index, s.undo_name, s.undo_task_id, s.undo_state.name,
               s.undo_attempts, _offset(s.undo_started_at, record.created),
               _offset(s.undone_at, record.created),
-              _cut(s.undo_error or '', 60)) for s in undos])]
+              s.undo_error or '') for s in undos],
+            width=width, paint=paint, coloured=(3,), optional=(2,))]
     return '\n'.join(lines)
+
+
+def _width(wide: bool) -> int | None:
+    """The width to fit: the terminal's (or ``COLUMNS``), none with
+    ``--wide`` or when the output is not a terminal."""
+    if wide:
+        return None
+    columns = os.environ.get('COLUMNS', '')
+    if columns.isdigit():
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def _painter(no_color: bool) -> Callable[[str], str]:
+    """Colour a state's name: off with ``--no-color``, ``NO_COLOR`` set,
+    or output that is not a terminal."""
+    if no_color or os.environ.get('NO_COLOR') or not sys.stdout.isatty():
+        return str
+    return lambda text: (click.style(text, fg=_COLOURS[text])
+                         if text in _COLOURS else text)
 
 
 def _record_json(record: SagaRecord) -> dict[str, Any]:
@@ -288,13 +353,42 @@ def _record_json(record: SagaRecord) -> dict[str, Any]:
     return data
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns aligned to their widest cell (the last one left ragged)."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+           width: int | None = None, paint: Callable[[str], str] = str,
+           coloured: Sequence[int] = (), optional: Sequence[int] = ()
+           ) -> str:
+    """Columns aligned to their widest cell, the last one left ragged.
+
+    With ``width``, the ``optional`` columns are dropped while the table
+    would leave the last column fewer than 20 characters, and the last
+    column is cut to fit.  The cells of the ``coloured`` columns are
+    painted after padding, so colours do not move columns.
+    """
+    cells = [[str(c).replace('\n', ' ') for c in r]
+             for r in (headers, *rows)]
     widths = [max(len(r[n]) for r in cells) for n in range(len(headers))]
-    return '\n'.join(
-        '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in cells)
+    keep = list(range(len(headers)))
+
+    def fixed() -> int:
+        return sum(widths[n] + 2 for n in keep[:-1])
+    if width is not None:
+        for n in optional:
+            if fixed() + 20 <= width:
+                break
+            keep.remove(n)
+        room = max(width - fixed(), 10)
+        for row in cells:
+            row[-1] = _cut(row[-1], room)
+        widths[-1] = max(len(r[-1]) for r in cells)
+    lines = []
+    for number, row in enumerate(cells):
+        padded = {n: row[n].ljust(widths[n]) for n in keep}
+        if number:
+            for n in coloured:
+                if n in padded:
+                    padded[n] = paint(row[n]) + padded[n][len(row[n]):]
+        lines.append('  '.join(padded[n] for n in keep).rstrip())
+    return '\n'.join(lines)
 
 
 def _age(seconds: float) -> str:

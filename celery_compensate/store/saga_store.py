@@ -371,9 +371,22 @@ class SagaStore:
             raise CorruptSagaRecord(
                 f'saga {saga_id!r} has a corrupt record: {exc!r}') from exc
 
+    def created_at(self, saga_id: str) -> float:
+        """When the saga was started.
+
+        Raises:
+            SagaNotFound: no saga with this id.
+        """
+        value = self._run(self.client.hget, self.keys.saga(saga_id),
+                          L.CREATED)
+        if value is None:
+            raise SagaNotFound(saga_id)
+        return float(value)
+
     def list_sagas(self, state: SagaState | None = None, limit: int = 50,
                    page: int = 100, steps: int = 3,
-                   width: int = 120) -> list[Listed]:
+                   width: int = 120, before: float | None = None
+                   ) -> list[Listed]:
         """The newest sagas first, read from the per-shard indexes (never
         ``KEYS``): the unfinished ones when ``state`` is RUNNING,
         COMPENSATING or COMPENSATION_FAILED, else every stored one.
@@ -389,6 +402,8 @@ class SagaStore:
             page: ids read per shard and summaries per round trip.
             steps: at most this many of a saga's steps in its summary.
             width: texts (reason, undo error) cut to this many characters.
+            before: only sagas started before this time (the next page
+                after a saga started then).
         Raises:
             SagaStoreUnavailable: Redis cannot be reached.
         """
@@ -421,7 +436,8 @@ class SagaStore:
                     found.append(entry)
             batch.clear()
 
-        for saga_id, created in self._newest(keys, page):
+        top = '+inf' if before is None else f'({before!r}'
+        for saga_id, created in self._newest(keys, page, top):
             batch.append((saga_id, created))
             if len(batch) >= page:
                 flush()
@@ -431,7 +447,7 @@ class SagaStore:
             flush()
         return found[:limit]
 
-    def _newest(self, keys: list[str], page: int
+    def _newest(self, keys: list[str], page: int, top: str = '+inf'
                 ) -> Iterator[tuple[str, float]]:
         """Merge sorted sets scored by time, newest first, each read a page
         at a time below the last score seen (the first page of all in one
@@ -439,7 +455,7 @@ class SagaStore:
         nothing; each id is yielded once."""
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
-            pipe.zrevrangebyscore(key, '+inf', '-inf', start=0, num=page,
+            pipe.zrevrangebyscore(key, top, '-inf', start=0, num=page,
                                   withscores=True)
         buffers = [deque(entries) for entries in self._run(pipe.execute)]
         more = [len(b) == page for b in buffers]

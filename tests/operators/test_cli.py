@@ -133,6 +133,34 @@ def test_list_newest_first_filtered_and_limited(env):
     assert running.wait(timeout=30) is SagaState.COMPENSATED
 
 
+def test_list_pages_past_its_limit(env):
+    first = env.start(tasks.do.si('a'))
+    second = env.start(tasks.do.si('a'))
+    assert second.wait(timeout=30) is SagaState.COMPLETED
+    assert first.wait(timeout=30) is SagaState.COMPLETED
+    proc = env.cli('list', '--limit', '1', '--state', 'completed')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].split()[0] == second.id
+    hint = ('more: celery compensate list --state COMPLETED --limit 1 '
+            f'--before {second.id}')
+    assert hint in proc.stderr
+    code, data = env.cli_json('list', '--limit', '1', '--state', 'completed',
+                              '--before', second.id)
+    assert code == 0 and [d['saga_id'] for d in data] == [first.id]
+    assert env.cli('list', '--before', 'no such saga!').returncode == 2
+
+
+def test_show_fits_the_terminal_unless_wide(env):
+    res = env.compensation_failed()
+    narrow = env.cli('show', res.id, COLUMNS='80')
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    assert '...' in narrow.stdout
+    wide = env.cli('show', res.id, '--wide', COLUMNS='80')
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80
+    assert '\x1b[' not in wide.stdout          # not a terminal: no colour
+
+
 def test_show_prints_plan_timings_results_and_undo_attempts(env):
     res = env.compensation_failed()
     proc = env.cli('show', res.id)
@@ -157,6 +185,8 @@ def test_show_prints_plan_timings_results_and_undo_attempts(env):
                     if line.startswith('UNDO OF'))
     undo_rows = {r[0]: r for r in (columns(line, lines[undos_at])
                                    for line in lines[undos_at + 1:])}
+    # in the order they ran: step 1's undo, then step 0's
+    assert list(undo_rows) == ['1', '0']
     assert undo_rows['0'][1:5] == ['t.undo', f'{res.id}.u0.2', 'FAILED', '2']
     assert undo_rows['0'][7].startswith('RuntimeError: undo of a failed')
     assert undo_rows['1'][1:5] == ['t.undo', f'{res.id}.u1.1', 'DONE', '1']
