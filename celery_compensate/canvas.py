@@ -10,8 +10,9 @@ import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from celery import current_app
-from celery.canvas import Signature, _chain, chord, group
+from celery.canvas import Signature, _chain, chord, group, maybe_signature
 from celery.utils.log import get_logger
+from celery.utils.objects import getitem_property
 from kombu.serialization import dumps as kombu_dumps
 from kombu.utils.json import dumps
 
@@ -36,6 +37,9 @@ _MANAGED = frozenset({
     'chain', 'reply_to', 'subtask_type', 'immutable', *TASK_OPTIONS,
 })
 _REFUSED = frozenset({'link', 'link_error'})
+#: Options that delay or expire a saga's start: its first stage's only, as
+#: for a chain.
+_FIRST_STAGE = ('countdown', 'eta', 'expires')
 
 _NUMBER = (int, float)
 #: Publishing options checked when the saga is built, so a bad value fails
@@ -57,7 +61,7 @@ _OPTION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def saga(*steps: Any, app: Celery | None = None) -> Saga:
+def saga(*steps: Any, app: Celery | None = None, **options: Any) -> Saga:
     """Build a saga from signatures, chains and groups.
 
     Arguments:
@@ -65,31 +69,128 @@ def saga(*steps: Any, app: Celery | None = None) -> Saga:
             steps, a group adds one parallel stage.
         app: the app (default: the app of the first signature, else the
             current app).
+        options: publishing options of the saga, as for ``apply_async``.
 
     Raises:
         InvalidSaga: no steps, an unknown undo, a ``compensate_with`` of the
             wrong type, arguments that cannot be serialized.
     """
-    return Saga(steps, app=app)
+    return Saga(*steps, app=app, **options)
 
 
-class Saga:
-    """A saga ready to be started with :meth:`apply_async` or :meth:`delay`."""
+@Signature.register_type(name='saga')
+class Saga(Signature):
+    """A saga: a :class:`~celery.canvas.Signature` (as ``chain`` and
+    ``group`` are) that runs its steps with compensation.
 
-    def __init__(self, steps: Sequence[Any], app: Celery | None = None) -> None:
+    It is a dict like every signature (``{"task": "celery_compensate.saga",
+    "kwargs": {"steps": [...]}, "subtask_type": "saga", ...}``), rebuilt by
+    ``Signature.from_dict``, so it can travel in a message: as the ``link``
+    of a task (it starts with the task's result as its first stage's first
+    argument, like a chain), as a chord's body, or as a chain's last link.
+
+    ``apply_async(args, kwargs, saga_id=None, **options)`` starts it;
+    ``countdown``, ``eta`` and ``expires`` apply to its first stage, as for
+    a chain; other publishing options to every step (a step's own options
+    win).  ``saga | sig`` and ``saga | saga`` append steps, ``sig | saga``
+    prepends one; ``clone``, ``s`` and ``si`` copy it with partial
+    arguments for its first stage (``si``: it ignores a parent's result);
+    ``freeze()`` fixes its id and returns its :class:`SagaResult`.
+    """
+
+    #: the task name in the signature dict (no such task is registered: a
+    #: saga is started by ``apply_async``, in the process that holds it)
+    TASK_NAME = 'celery_compensate.saga'
+
+    steps = getitem_property('kwargs.steps', 'The steps, in order.')
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], app: Celery | None = None
+                  ) -> Saga:
+        """Rebuild a saga from its dict (``Signature.from_dict`` calls
+        this for ``subtask_type`` ``saga``)."""
+        kwargs = dict(d.get('kwargs') or {})
+        steps = [maybe_signature(step, app=app)
+                 for step in kwargs.pop('steps', ())]
+        made = cls(*steps, app=app, **dict(d.get('options') or {}))
+        made.args = tuple(d.get('args') or ())
+        made.kwargs.update(kwargs)              # partial kwargs (clone)
+        made.immutable = bool(d.get('immutable'))
+        return made
+
+    def __init__(self, *steps: Any, app: Celery | None = None,
+                 **options: Any) -> None:
         if len(steps) == 1 and isinstance(steps[0], (list, tuple)):
             steps = tuple(steps[0])
         if not steps:
             raise InvalidSaga('a saga needs at least one step')
-        self.steps = tuple(steps)
-        self.app = app or _app_of(self.steps) or current_app
-        self.stages = _stages(self.steps)
+        steps = tuple(maybe_signature(step, app=app)
+                      if isinstance(step, dict) and not isinstance(
+                          step, Signature) else step for step in steps)
+        app = app or _app_of(steps)
+        super().__init__(self.TASK_NAME, (), {'steps': list(steps)},
+                         options, subtask_type='saga', app=app)
+        self.app = app or current_app
+        self.stages = _stages(steps)
         if not self.stages:
             raise InvalidSaga('a saga needs at least one step')
         # validate now: bad input must fail before anything is stored (the
         # undos of the first stage's mutable steps are checked when the
         # saga starts: apply_async may still give those steps arguments)
         self._plan, self._specs = self.plan_for(final=False)
+
+    @property  # type: ignore[override]
+    def id(self) -> str | None:
+        """The saga id, once :meth:`freeze` (or ``apply_async(saga_id=)``
+        on a frozen copy) fixed it."""
+        return self.options.get('saga_id')
+
+    def freeze(self, _id: str | None = None, **kwargs: Any) -> SagaResult:
+        """Fix the saga id ``apply_async`` will use and return the saga's
+        handle (``_id`` if given; other arguments of
+        ``Signature.freeze`` are ignored)."""
+        saga_id = _id or self.options.get('saga_id') or str(uuid.uuid4())
+        try:
+            saga_id = validate_saga_id(saga_id)
+        except ValueError as exc:
+            raise InvalidSaga(str(exc)) from None
+        self.options['saga_id'] = saga_id
+        return SagaResult(saga_id, app=self.app)
+
+    def s(self, *args: Any, **kwargs: Any) -> Saga:
+        """A copy with ``args`` and ``kwargs`` for its first stage."""
+        return self.clone(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Saga:
+        """A copy that ignores a parent's result (as a link), with
+        ``args`` and ``kwargs`` for its first stage."""
+        copy = self.clone(args, kwargs)
+        copy.immutable = True
+        return copy
+
+    def __or__(self, other: Any) -> Any:
+        if isinstance(other, Saga):
+            return Saga(*self.steps, *other.steps, app=self._app,
+                        **self.options)
+        if isinstance(other, Signature):
+            return Saga(*self.steps, other, app=self._app, **self.options)
+        return NotImplemented
+
+    def __ror__(self, other: Any) -> Any:
+        if isinstance(other, Signature) and not isinstance(other, Saga):
+            return Saga(other, *self.steps, app=self._app, **self.options)
+        return NotImplemented
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: a saga needs workers and its store (start it with
+        :meth:`apply_async`).
+
+        Raises:
+            InvalidSaga: always.
+        """
+        raise InvalidSaga('a saga cannot run in the calling process '
+                          '(apply, task_always_eager): start it with '
+                          'apply_async or delay and a worker')
 
     def __repr__(self) -> str:
         return f'<Saga: {len(self.stages)} stages>'
@@ -102,7 +203,8 @@ class Saga:
 
         Like ``chain.apply_async(args, kwargs)``, ``args`` are prepended to
         and ``kwargs`` merged into the first stage's mutable steps; the
-        publishing ``options`` are defaults for every step.  ``final``:
+        publishing ``options`` are defaults for every step, but
+        ``countdown``, ``eta`` and ``expires`` for the first stage only.  ``final``:
         the first stage's arguments are complete, so its undos' calls are
         checked too.
 
@@ -111,13 +213,16 @@ class Saga:
         """
         built: list[list[tuple[Any, ...]]] = []
         index = 0
+        every = dict(options or {})
+        first = {key: every.pop(key) for key in _FIRST_STAGE if key in every}
         for k, stage in enumerate(self.stages):
             members = []
             for sig in stage:
                 partial = k == 0 and not sig.immutable
                 members.append(self._freeze(
                     sig, index, args if partial else (),
-                    (kwargs or {}) if partial else {}, options or {}))
+                    (kwargs or {}) if partial else {},
+                    {**every, **first} if k == 0 else every))
                 index += 1
             built.append(members)
         plan = Plan.from_stages(built)
@@ -279,11 +384,16 @@ class Saga:
         """Store the saga, then publish its first stage.
 
         Arguments:
-            args: prepended to the first stage's arguments (as for a chain).
+            args: prepended to the first stage's arguments (as for a chain;
+                ignored by an immutable saga, ``si()``).
             kwargs: merged into the first stage's keyword arguments.
-            saga_id: choose the saga id (default: a new UUID).
-            options: publishing options applied to every step (``queue``,
-                ``priority`` ...); a step's own options win.
+            saga_id: choose the saga id (default: the frozen one, else a
+                new UUID).
+            options: publishing options: ``countdown``, ``eta`` and
+                ``expires`` for the first stage (as for a chain), the others
+                (``queue``, ``priority`` ...) for every step; a step's own
+                options win.  ``parent_id`` and ``root_id`` (sent by Celery
+                when the saga is a link) are ignored.
 
         Returns:
             SagaResult: the saga's handle.
@@ -294,6 +404,14 @@ class Saga:
         """
         state = get_state(self.app)
         state.check_conf()
+        options = {**self.options, **options}
+        saga_id = saga_id or options.pop('saga_id', None)
+        options.pop('saga_id', None)
+        for ignored in ('parent_id', 'root_id'):
+            options.pop(ignored, None)
+        if options.get('chain'):
+            raise InvalidSaga('a saga can only be the last link of a chain')
+        options.pop('chain', None)
         refused = (_MANAGED | _REFUSED) & set(options)
         if refused:
             raise InvalidSaga(
@@ -303,8 +421,12 @@ class Saga:
             saga_id = validate_saga_id(saga_id) if saga_id else str(uuid.uuid4())
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
+        args = tuple(self.args) if self.immutable else (
+            *(args or ()), *self.args)
+        kwargs = {**{k: v for k, v in self.kwargs.items() if k != 'steps'},
+                  **(kwargs or {})}
         if args or kwargs or options:
-            plan, specs = self.plan_for(tuple(args or ()), kwargs, options)
+            plan, specs = self.plan_for(args, kwargs, options)
         else:
             plan, specs = self._plan, self._specs
             for step in plan.stages[0]:
@@ -382,6 +504,11 @@ def _stages(steps: Iterable[Any]) -> list[list[Signature]]:
 
 
 def _flatten(sig: Any) -> list[list[Signature]]:
+    if isinstance(sig, Saga):
+        raise InvalidSaga(
+            f'a saga cannot be a step of another saga yet, got {sig!r}: '
+            'add its steps instead (saga(a, *inner.steps)) or append it '
+            '(outer | inner)')
     if isinstance(sig, _chain):
         return _stages(sig.tasks)
     if isinstance(sig, chord):

@@ -46,6 +46,14 @@ class SagaResult:
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
         self.app = app or current_app
+        #: the result of the task before it, when the saga is a chain's
+        #: last link (set by Celery's chain, as on ``AsyncResult``)
+        self.parent: Any = None
+
+    @property
+    def task_id(self) -> str:
+        """The saga id (the name ``AsyncResult`` gives its id)."""
+        return self.id
 
     def __repr__(self) -> str:
         return f'<SagaResult: {self.id}>'
@@ -104,8 +112,8 @@ class SagaResult:
             SagaCompensated: the saga failed and was compensated.
             SagaCompensationFailed: the saga failed and an undo spent its
                 attempts (it waits for an operator).
-            SagaTimeoutError: time ran out.
-            SagaNotFound: no saga with this id.
+            SagaTimeoutError: time ran out (a saga not started yet is
+                waited for, as a ``PENDING`` task is).
         """
         self._poll(timeout, min(0.05, interval), interval)
         outcome = self.result
@@ -249,9 +257,11 @@ class SagaResult:
             timeout: seconds to wait at most (``None``: forever).
             interval: seconds between polls (doubling up to 0.5).
 
+        A saga not started yet (frozen, or a link whose parent has not
+        run) is waited for, as a ``PENDING`` task is.
+
         Raises:
             SagaTimeoutError: (a :exc:`TimeoutError`) time ran out.
-            SagaNotFound: no saga with this id.
         """
         return self._poll(timeout, interval, max(interval, 0.5))
 
@@ -259,11 +269,18 @@ class SagaResult:
               longest: float) -> SagaState:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            state = self.state
+            try:
+                state: SagaState | None = self.state
+            except SagaNotFound:
+                # not started yet (frozen, or a link whose parent has not
+                # run): waited for, as a PENDING task is
+                state = None
             if state in FINAL_STATES:
                 return state
             if deadline is not None and time.monotonic() >= deadline:
                 raise SagaTimeoutError(
-                    f'saga {self.id} still {state.value} after {timeout}s')
+                    f'saga {self.id} still '
+                    f'{state.value if state else "not started"} after '
+                    f'{timeout}s')
             time.sleep(interval)
             interval = min(interval * 2, longest)
