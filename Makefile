@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # a fraction of a second to build
 LINT_IMPORTS := $(VENV)/bin/lint-imports --no-cache --no-logo
 
-.PHONY: install test lint demo flower chaos bench dist clean
+.PHONY: install test lint typecheck demo flower chaos bench dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 	$(LINT_IMPORTS)
 	$(PY) -m celery_compensate.store lint
 	luacheck --config celery_compensate/store/.luacheckrc --formatter plain tests/tools/lua
+
+# mypy, strict (setup.cfg [mypy]), with the Celery and kombu stubs
+typecheck: $(STAMP)
+	$(PY) -m pip install --quiet mypy celery-types
+	$(PY) -m mypy celery_compensate
 
 # a worker, seven orders (two complete, five fail at different steps and
 # are undone), their trails and the books; REDIS_URL to use your Redis
@@ -61,4 +66,4 @@ dist: $(STAMP)
 	$(PY) -m twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .bench dist build
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .bench dist build

@@ -40,13 +40,16 @@ class CompensateRecovery(bootsteps.StartStopStep):
         state.task_events = bool(getattr(w, 'task_events', False))
         state.hostname = getattr(w, 'hostname', None)
 
-    def create(self, w: Any) -> Recovery:
+    # celery-types declares Step.create as returning None, but Celery keeps
+    # what it returns as the step's obj
+    def create(self, w: Any) -> Recovery:  # type: ignore[override]
         state = get_state(w.app)
-        self.obj = Recovery(w.app, state.settings, sweep=self.sweep,
+        recovery = Recovery(w.app, state.settings, sweep=self.sweep,
                             hostname=state.hostname)
+        self.obj = recovery
         # the consumer's CompensateReceive records receipts through it
-        w.compensate_recovery = self.obj
-        return self.obj
+        w.compensate_recovery = recovery
+        return recovery
 
 
 class CompensateReceive(bootsteps.StartStopStep):

@@ -310,26 +310,30 @@ class Saga(Signature):
                 raise InvalidSaga(f'{where}: compensate_with must be a single '
                                   f'task signature, got {type(value).__name__}')
             name = value.task
-            spec = UndoSpec(
-                name=name, args=tuple(value.args), kwargs=dict(value.kwargs),
-                options={k: v for k, v in value.options.items()
-                         if k not in _MANAGED | _REFUSED},
-                immutable=bool(value.immutable))
         elif isinstance(value, str):
-            name, spec = value, UndoSpec(name=value)
+            name = value
         elif isinstance(getattr(value, 'name', None), str) and callable(
                 getattr(value, 'apply_async', None)):
-            name, spec = value.name, UndoSpec(name=value.name)
+            name = value.name
         else:
             raise InvalidSaga(
                 f'{where}: compensate_with must be a task, a task name or a '
                 f'signature, got {type(value).__name__} {value!r}')
-        if name not in self.app.tasks:
+        # (a signature may name no task)
+        if name is None or name not in self.app.tasks:
             raise InvalidSaga(
                 f'{where}: undo task {name!r} is not a registered task')
         if name.startswith('celery.'):
             raise InvalidSaga(
                 f'{where}: undo task {name!r} is one of Celery\'s own tasks')
+        if isinstance(value, Signature):
+            spec = UndoSpec(
+                name=name, args=tuple(value.args), kwargs=dict(value.kwargs),
+                options={k: v for k, v in value.options.items()
+                         if k not in _MANAGED | _REFUSED},
+                immutable=bool(value.immutable))
+        else:
+            spec = UndoSpec(name=name)
         _check_options(spec.options, f'the undo of {where} ({name})')
         return spec
 
@@ -490,7 +494,7 @@ def _check_options(options: Mapping[str, Any], where: str) -> None:
 
 def _app_of(steps: Iterable[Any]) -> Celery | None:
     for step in steps:
-        app = getattr(step, '_app', None)
+        app: Celery | None = getattr(step, '_app', None)
         if app is not None:
             return app
     return None

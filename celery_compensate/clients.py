@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import (
+    TYPE_CHECKING, Any, Callable, Iterator, Mapping, ParamSpec, TypeVar,
+)
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
@@ -26,6 +28,7 @@ from celery.utils.log import get_logger
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.commands.core import Script
+from redis.connection import Connection
 from redis.exceptions import (
     NoScriptError, RedisClusterException, SlotNotCoveredError,
 )
@@ -33,12 +36,22 @@ from redis.lock import Lock
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
+if TYPE_CHECKING:
+    from redis._parsers import Encoder
+
 __all__ = ('CLUSTER_SCHEMES', 'SENTINEL_SCHEMES', 'is_cluster_url',
            'is_sentinel_url', 'sanitize_url', 'parse_cluster_url',
            'parse_sentinel_url', 'connect', 'LazyRedisCluster',
            'servers', 'SENTINEL_CHECK_INTERVAL', 'SENTINEL_BACKOFF')
 
+# redis-py annotates its plain client but leaves much of the cluster and
+# Sentinel code (and parse_url) unannotated: those calls are marked
+# `type: ignore[no-untyped-call]`.
+
 logger = get_logger(__name__)
+
+_P = ParamSpec('_P')
+_T = TypeVar('_T')
 
 CLUSTER_SCHEMES = ('redis+cluster://', 'rediss+cluster://')
 SENTINEL_SCHEMES = ('sentinel://',)
@@ -128,7 +141,7 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     netloc, tail = rest[:end], rest[end:]
     userinfo, at, hosts = netloc.rpartition('@')
     nodes = _hosts(hosts, 6379)
-    options = redis.connection.parse_url(
+    options = redis.connection.parse_url(  # type: ignore[no-untyped-call]
         f'{"rediss" if tls else "redis"}://{userinfo}{at}'
         f'{_netloc(*nodes[0])}{tail}')
     for key in ('host', 'port', 'connection_class'):
@@ -161,7 +174,7 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]],
         userinfo, at, hosts = rest[:end].rpartition('@')
         found = _hosts(hosts, 26379)
         sentinels.extend(found)
-        parsed = redis.connection.parse_url(
+        parsed = redis.connection.parse_url(  # type: ignore[no-untyped-call]
             f'redis://{userinfo}{at}{_netloc(*found[0])}{rest[end:]}')
         for key in ('host', 'port'):
             parsed.pop(key, None)
@@ -196,7 +209,9 @@ def connect(url: str, transport_options: Mapping[str, Any],
 
         def factory() -> RedisCluster:
             return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                startup_nodes=[
+                    ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                    for h, p in nodes],
                 retry=retry, **{**timeouts, **options,
                                 'decode_responses': True})
 
@@ -208,11 +223,11 @@ def connect(url: str, transport_options: Mapping[str, Any],
             # backs off for seconds on each)
             'retry': Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
             **timeouts, **(transport_options.get('sentinel_kwargs') or {})}
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts, sentinel_kwargs=sentinel_kwargs,
             min_other_sentinels=int(transport_options.get(
                 'min_other_sentinels', 0)))
-        return sentinel.master_for(
+        return sentinel.master_for(  # type: ignore[no-untyped-call]
             transport_options['master_name'], redis_class=redis.Redis,
             connection_pool_class=FollowingSentinelPool, **{
                 'retry': retry, 'retry_on_error': [redis.ConnectionError,
@@ -245,15 +260,16 @@ class FollowingSentinelPool(SentinelConnectionPool):
                  **kwargs: Any) -> None:
         self.check_interval = kwargs.pop('check_interval',
                                          SENTINEL_CHECK_INTERVAL)
-        super().__init__(service_name, sentinel_manager, **kwargs)
+        super().__init__(  # type: ignore[no-untyped-call]
+            service_name, sentinel_manager, **kwargs)
         self._checked = float('-inf')
 
-    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+    def get_connection(self, *args: Any, **kwargs: Any) -> Connection:
         now = time.monotonic()
         if self.is_master and now - self._checked >= self.check_interval:
             self._checked = now
             try:
-                self.get_master_address()
+                self.get_master_address()  # type: ignore[no-untyped-call]
                 self._checked = time.monotonic()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # the Sentinels are away: keep the primary we know (a new
@@ -264,7 +280,8 @@ class FollowingSentinelPool(SentinelConnectionPool):
         address = self.master_address
         if (self.is_master and address is not None and connection.host
                 and (connection.host, connection.port) != tuple(address)):
-            connection.disconnect()     # reconnects to the current primary
+            # reconnects to the current primary
+            connection.disconnect()  # type: ignore[no-untyped-call]
         return connection
 
 
@@ -280,7 +297,7 @@ def _cluster_error(exc: RedisClusterException) -> redis.RedisError:
     return redis.RedisError(text)
 
 
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _call(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     try:
         return fn(*args, **kwargs)
     except RedisClusterException as exc:
@@ -307,7 +324,11 @@ class LazyRedisCluster:
         self._factory = factory
         self._cluster: RedisCluster | None = None
         self._lock = threading.Lock()
-        self._encoder = redis.connection.Encoder('utf-8', 'strict', True)
+        # redis.connection has Encoder in every redis-py version (redis 4
+        # defines it there) but does not re-export it to mypy
+        encoder = redis.connection.Encoder  # type: ignore[attr-defined]
+        self._encoder: Encoder = encoder(  # type: ignore[no-untyped-call]
+            'utf-8', 'strict', True)
         self._scripts: dict[str, str] = {}
 
     @property
@@ -336,13 +357,15 @@ class LazyRedisCluster:
 
         return call
 
-    def get_encoder(self) -> redis.connection.Encoder:
+    def get_encoder(self) -> Encoder:
         return self._encoder
 
     def register_script(self, script: str) -> Script:
         """A script run on the slot of its first key (``EVALSHA``, loaded on
         every primary after ``NOSCRIPT``)."""
-        registered = Script(self, script)
+        # Script takes a Redis or a RedisCluster; it uses only what this
+        # proxy has (get_encoder, evalsha, script_load)
+        registered = Script(self, script)  # type: ignore[arg-type]
         self._scripts[registered.sha] = script
         return registered
 
@@ -429,7 +452,9 @@ class ClusterScriptPipeline:
     def _execute(self, queue: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
                  raise_on_error: bool) -> list[Any]:
         cluster = self._client.cluster
-        pipe = cluster.pipeline(transaction=self._transaction)
+        pipe: ClusterPipeline
+        pipe = cluster.pipeline(  # type: ignore[no-untyped-call]
+            transaction=self._transaction)
         for name, args, kwargs in queue:
             if name == 'evalsha':
                 self._send_script(cluster, pipe, args)
@@ -441,7 +466,8 @@ class ClusterScriptPipeline:
                    and queue[i][0] == 'evalsha']
         if missing:
             self._client.load_scripts({queue[i][1][0] for i in missing})
-            again = cluster.pipeline()
+            again: ClusterPipeline
+            again = cluster.pipeline()  # type: ignore[no-untyped-call]
             for i in missing:
                 self._send_script(cluster, again, queue[i][1])
             for i, result in zip(missing, again.execute(raise_on_error=False),
@@ -465,7 +491,7 @@ class ClusterScriptPipeline:
             # the keys of each EVALSHA (COMMAND GETKEYS); after a MOVED it
             # routes the command again by itself
             options['target_nodes'] = cluster.nodes_manager.get_node_from_slot(
-                cluster.keyslot(args[2]))
+                cluster.keyslot(args[2]))  # type: ignore[no-untyped-call]
         pipe.execute_command('EVALSHA', *args, **options)
 
 

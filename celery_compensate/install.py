@@ -64,5 +64,5 @@ def _annotate(app: Celery) -> None:
         existing = (existing,)
     app.conf.task_annotations = (CallAnnotation(), *existing)
     app.__dict__.pop('annotations', None)  # drop Celery's cached copy
-    if app.finalized:
+    if app.finalized:  # type: ignore[attr-defined]  # not in celery-types
         wrap_app_tasks(app)

@@ -51,8 +51,10 @@ COMPENSATION_FAILED_EVENT = 'task-compensation_failed'
 #: background (a failed compensation must not stall a worker).
 SEND_TIMEOUT = 2.0
 
-_RETRY_POLICY = {'max_retries': 2, 'interval_start': 0,
-                 'interval_step': 0.2, 'interval_max': 0.5}
+# a kombu retry policy, typed as Dispatcher.send takes it
+_RETRY_POLICY: dict[str, Any] = {
+    'max_retries': 2, 'interval_start': 0, 'interval_step': 0.2,
+    'interval_max': 0.5}
 
 
 def send_compensation_failed(
@@ -95,10 +97,12 @@ def _send_compensation_failed(app: Celery, saga_id: str, step: int | None,
         fields.update(saga_id=saga_id,
                       error=None if error is None else str(error)[:2000])
         with app.connection_for_write() as conn:
-            # kombu would otherwise wait for the broker forever
-            conn.ensure_connection(max_retries=_RETRY_POLICY['max_retries'],
-                                   interval_start=0, interval_step=0.2,
-                                   interval_max=0.5)
+            # kombu would otherwise wait for the broker forever (the stubs
+            # type the intervals as int; kombu takes float seconds)
+            conn.ensure_connection(
+                max_retries=_RETRY_POLICY['max_retries'], interval_start=0,
+                interval_step=0.2,  # type: ignore[arg-type]
+                interval_max=0.5)  # type: ignore[arg-type]
             dispatcher = app.events.Dispatcher(
                 conn, hostname=hostname, enabled=True,
                 buffer_while_offline=False)

@@ -104,9 +104,9 @@ def held_by_this_worker(active_only: bool = False
     for name in names:
         requests.extend(_snapshot(getattr(state, name, ())))
     for request in requests:
-        task_id = getattr(request, 'id', None)
+        task_id: str | None = getattr(request, 'id', None)
         info = parse_task_id(task_id)
-        if info is not None:
+        if task_id is not None and info is not None:
             yield task_id, info
 
 

@@ -29,15 +29,15 @@ __all__ = (
     'compensation_failed',
 )
 
-saga_started = Signal(name='saga_started', providing_args={'saga_id', 'steps'})
-saga_completed = Signal(name='saga_completed', providing_args={'saga_id'})
+saga_started = Signal(name='saga_started', providing_args=['saga_id', 'steps'])
+saga_completed = Signal(name='saga_completed', providing_args=['saga_id'])
 compensation_started = Signal(
-    name='compensation_started', providing_args={'saga_id', 'step', 'reason'})
+    name='compensation_started', providing_args=['saga_id', 'step', 'reason'])
 step_compensated = Signal(
-    name='step_compensated', providing_args={'saga_id', 'step', 'task_name'})
+    name='step_compensated', providing_args=['saga_id', 'step', 'task_name'])
 undo_retry = Signal(
     name='undo_retry',
-    providing_args={'saga_id', 'step', 'attempt', 'countdown', 'error'})
-saga_compensated = Signal(name='saga_compensated', providing_args={'saga_id'})
+    providing_args=['saga_id', 'step', 'attempt', 'countdown', 'error'])
+saga_compensated = Signal(name='saga_compensated', providing_args=['saga_id'])
 compensation_failed = Signal(
-    name='compensation_failed', providing_args={'saga_id', 'step', 'error'})
+    name='compensation_failed', providing_args=['saga_id', 'step', 'error'])

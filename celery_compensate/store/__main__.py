@@ -43,8 +43,8 @@ def lint(options: list[str]) -> int:
             for line in (proc.stdout + proc.stderr).splitlines():
                 m = _WARNING.match(line)
                 if m:
-                    path, number = source.lines[int(m.group(2)) - 1]
-                    line = (f'celery_compensate/store/lua/{path}:{number}:'
+                    origin, number = source.lines[int(m.group(2)) - 1]
+                    line = (f'celery_compensate/store/lua/{origin}:{number}:'
                             f'{m.group(3)}{line[m.end():]} [in {name}]')
                 print(line)
             status = max(status, proc.returncode)
