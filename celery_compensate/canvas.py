@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, cast
 
-from celery import current_app
 from celery.canvas import Signature, _chain, chord, group, maybe_signature
 from celery.utils.log import get_logger
 from celery.utils.objects import getitem_property
@@ -113,9 +112,9 @@ class Saga(Signature):
         steps = [maybe_signature(step, app=app)
                  for step in kwargs.pop('steps', ())]
         made = cls(*steps, app=app, **dict(d.get('options') or {}))
-        made.args = tuple(d.get('args') or ())
+        made['args'] = tuple(d.get('args') or ())
         made.kwargs.update(kwargs)              # partial kwargs (clone)
-        made.immutable = bool(d.get('immutable'))
+        made['immutable'] = bool(d.get('immutable'))
         return made
 
     def __init__(self, *steps: Any, app: Celery | None = None,
@@ -130,7 +129,8 @@ class Saga(Signature):
         app = app or _app_of(steps)
         super().__init__(self.TASK_NAME, (), {'steps': list(steps)},
                          options, subtask_type='saga', app=app)
-        self.app = app or current_app
+        #: the app given (``app`` falls back to the current one)
+        self.given_app = app
         self.stages = _stages(steps)
         if not self.stages:
             raise InvalidSaga('a saga needs at least one step')
@@ -139,13 +139,16 @@ class Saga(Signature):
         # saga starts: apply_async may still give those steps arguments)
         self._plan, self._specs = self.plan_for(final=False)
 
-    @property  # type: ignore[override]
+    @property
     def id(self) -> str | None:
         """The saga id, once :meth:`freeze` (or ``apply_async(saga_id=)``
         on a frozen copy) fixed it."""
         return self.options.get('saga_id')
 
-    def freeze(self, _id: str | None = None, **kwargs: Any) -> SagaResult:
+    # a saga's handle is a SagaResult, which reads like an AsyncResult
+    # without being one: the overrides differ in their return types
+    def freeze(  # type: ignore[override]
+            self, _id: str | None = None, **kwargs: Any) -> SagaResult:
         """Fix the saga id ``apply_async`` will use and return the saga's
         handle (``_id`` if given; other arguments of
         ``Signature.freeze`` are ignored)."""
@@ -159,26 +162,26 @@ class Saga(Signature):
 
     def s(self, *args: Any, **kwargs: Any) -> Saga:
         """A copy with ``args`` and ``kwargs`` for its first stage."""
-        return self.clone(args, kwargs)
+        return cast(Saga, self.clone(args, kwargs))
 
     def si(self, *args: Any, **kwargs: Any) -> Saga:
         """A copy that ignores a parent's result (as a link), with
         ``args`` and ``kwargs`` for its first stage."""
-        copy = self.clone(args, kwargs)
-        copy.immutable = True
+        copy = cast(Saga, self.clone(args, kwargs))
+        copy['immutable'] = True
         return copy
 
     def __or__(self, other: Any) -> Any:
         if isinstance(other, Saga):
-            return Saga(*self.steps, *other.steps, app=self._app,
+            return Saga(*self.steps, *other.steps, app=self.given_app,
                         **self.options)
         if isinstance(other, Signature):
-            return Saga(*self.steps, other, app=self._app, **self.options)
+            return Saga(*self.steps, other, app=self.given_app, **self.options)
         return NotImplemented
 
     def __ror__(self, other: Any) -> Any:
         if isinstance(other, Signature) and not isinstance(other, Saga):
-            return Saga(other, *self.steps, app=self._app, **self.options)
+            return Saga(other, *self.steps, app=self.given_app, **self.options)
         return NotImplemented
 
     def apply(self, *args: Any, **kwargs: Any) -> Any:
@@ -382,9 +385,10 @@ class Saga(Signature):
                 f'{where}: arguments cannot be serialized with the task\'s '
                 f'serializer {serializer!r}: {exc}') from exc
 
-    def apply_async(self, args: Sequence[Any] | None = None,
-                    kwargs: Mapping[str, Any] | None = None,
-                    saga_id: str | None = None, **options: Any) -> SagaResult:
+    def apply_async(  # type: ignore[override]
+            self, args: Sequence[Any] | None = None,
+            kwargs: Mapping[str, Any] | None = None,
+            saga_id: str | None = None, **options: Any) -> SagaResult:
         """Store the saga, then publish its first stage.
 
         Arguments:
@@ -449,7 +453,8 @@ class Saga(Signature):
         state.coordinator.publish_stage(saga_id, plan.stages[0], first=True)
         return SagaResult(saga_id, app=self.app)
 
-    def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
+    def delay(  # type: ignore[override]
+            self, *args: Any, **kwargs: Any) -> SagaResult:
         """Shortcut for ``apply_async(args, kwargs)``."""
         return self.apply_async(args, kwargs)
 
