@@ -184,16 +184,22 @@ class Saga(Signature):
             return Saga(other, *self.steps, app=self.given_app, **self.options)
         return NotImplemented
 
-    def apply(self, *args: Any, **kwargs: Any) -> Any:
-        """Not supported: a saga needs workers and its store (start it with
-        :meth:`apply_async`).
+    def apply(  # type: ignore[override]
+            self, args: Sequence[Any] | None = None,
+            kwargs: Mapping[str, Any] | None = None,
+            **options: Any) -> SagaResult:
+        """Run the saga in this process, against its store: each step and
+        undo in turn, as ``task_always_eager`` runs a saga started with
+        :meth:`apply_async` (iteratively, however long the saga).  A test
+        convenience, not a production mode: there is no worker, so no
+        lease, retry delay or recovery applies.
 
-        Raises:
-            InvalidSaga: always.
+        Returns:
+            SagaResult: the saga's handle, final unless a step or undo
+            was left waiting (a ``countdown`` is not waited for).
         """
-        raise InvalidSaga('a saga cannot run in the calling process '
-                          '(apply, task_always_eager): start it with '
-                          'apply_async or delay and a worker')
+        with get_state(self.app).coordinator.eagerly():
+            return self.apply_async(args, kwargs, **options)
 
     def __repr__(self) -> str:
         return f'<Saga: {len(self.stages)} stages>'

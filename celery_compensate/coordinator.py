@@ -6,9 +6,13 @@ every undo carries the same headers and task ids.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import (
+    TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar,
+)
 
 from celery.utils.log import get_logger
 from kombu.exceptions import EncodeError
@@ -31,6 +35,7 @@ from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
     from celery import Celery
+    from celery.canvas import Signature
 
     from .settings import Settings
 
@@ -55,8 +60,47 @@ class Coordinator:
         self.app = app
         self.settings = settings
         self.store = store
+        #: per thread: the tasks an eager run still has to run (see _send)
+        self._eager = threading.local()
 
     # -- publishing -----------------------------------------------------
+
+    @contextmanager
+    def eagerly(self) -> Iterator[None]:
+        """Run what is sent meanwhile in this thread, in this process
+        (``Saga.apply``), as ``task_always_eager`` does."""
+        before = getattr(self._eager, 'forced', False)
+        self._eager.forced = True
+        try:
+            yield
+        finally:
+            self._eager.forced = before
+
+    def _send(self, sig: Signature, task_id: str, headers: dict[str, Any],
+              **options: Any) -> None:
+        """Publish ``sig``; in eager mode (``task_always_eager``, or inside
+        :meth:`eagerly`) run it in this process instead, iteratively: what
+        a task sends while it runs waits in a queue until it returns, so a
+        saga of any length runs without recursion, each link after the
+        record that made it due, as through a broker."""
+        if not (getattr(self._eager, 'forced', False)
+                or self.app.conf.task_always_eager):
+            sig.apply_async(task_id=task_id, headers=headers, **options)
+            return
+        pending = getattr(self._eager, 'pending', None)
+        if pending is not None:
+            pending.append((sig, task_id, headers))
+            return
+        self._eager.pending = pending = collections.deque(
+            [(sig, task_id, headers)])
+        try:
+            while pending:
+                task, ident, head = pending.popleft()
+                # a failure is the saga's to handle (recorded by the
+                # task's own hooks): never raised out of the run
+                task.apply(task_id=ident, headers=head, throw=False)
+        finally:
+            self._eager.pending = None
 
     def publish_step(self, saga_id: str, step: StepSpec,
                      args: Sequence[Any], kwargs: Mapping[str, Any],
@@ -86,10 +130,9 @@ class Coordinator:
                 + step.delay, 3)
         options['kwargsrepr'] = self._label(ident, kwargs,
                                             options.get('kwargsrepr'))
-        self.app.signature(
-            step.call.name, args=tuple(args), kwargs=dict(kwargs),
-        ).apply_async(task_id=step_task_id(saga_id, step.index),
-                      headers=headers, **options)
+        self._send(self.app.signature(
+            step.call.name, args=tuple(args), kwargs=dict(kwargs)),
+            step_task_id(saga_id, step.index), headers, **options)
 
     def publish_undo(self, saga_id: str, due: UndoDue,
                      countdown: float | None = None) -> None:
@@ -115,9 +158,10 @@ class Coordinator:
             options['queue'] = self.settings.undo_queue
         if countdown:
             options['countdown'] = countdown
-        self.app.signature(step.undo.name, args=args, kwargs=kwargs).apply_async(
-            task_id=undo_task_id(saga_id, step.index, due.attempt),
-            headers=headers, **options)
+        self._send(self.app.signature(step.undo.name, args=args,
+                                      kwargs=kwargs),
+                   undo_task_id(saga_id, step.index, due.attempt), headers,
+                   **options)
 
     def _label(self, identity: dict[str, Any], kwargs: Mapping[str, Any],
                theirs: str | None) -> str:

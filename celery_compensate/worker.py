@@ -80,6 +80,13 @@ def wrap_task_class(cls: type[AnyTask]) -> None:
         call = orig if custom else _call_run
         if info is None or state is None:
             return call(self, *args, **kwargs)
+        if getattr(request, 'is_eager', False):
+            # run in the calling process: the saga's headers are not on the
+            # request as a worker puts them; the task reads them there
+            for key, value in (getattr(request, 'headers', None) or {}
+                               ).items():
+                if key.startswith('compensate_'):
+                    setattr(request, key, value)
         if info.is_undo:
             return _run_undo(state, self, call, info, args, kwargs)
         return _run_step(state, self, call, info, args, kwargs)
