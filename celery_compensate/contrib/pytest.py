@@ -68,8 +68,10 @@ so an injected exception in ``autoretry_for`` is retried) passes through a
 hook in this process.  A rule names a *target*:
 
 - a task name, full (``"shop.charge_payment"``) or short
-  (``"charge_payment"``; an ambiguous or unknown name is refused at once):
-  every run of that task, forward step or undo, in any saga;
+  (``"charge_payment"``; an ambiguous or unknown name is refused at once;
+  the app's tasks include every shared task imported in the process, and
+  Celery's ``app.task`` is shared by default), or the task itself: every
+  run of that task, forward step or undo, in any saga;
 - an ``int``: the forward step at that position in the saga's plan
   (0-based, as in ``SagaResult.steps``; parallel members count one each);
 - ``("do", i)`` / ``("undo", i)``: step ``i`` forward, or its undo (every
@@ -634,9 +636,12 @@ def _render(expected: Sequence[Any], actual: list[TrailEntry],
 def _show(entry: tuple[Any, ...]) -> str:
     kind, name, *rest = entry
     args = rest[0] if rest else ...
-    text = f'{kind:<4} {name}' + ('(...)' if args is ... else
-                                  f'{tuple(args)!r}' if isinstance(
-                                      args, (list, tuple)) else f' {args!r}')
+    if isinstance(args, (list, tuple)):
+        call = '(' + ', '.join('...' if a is ... else repr(a)
+                               for a in args) + ')'
+    else:
+        call = '(...)' if args is ... else f' {args!r}'
+    text = f'{kind:<4} {name}{call}'
     if len(rest) > 1:
         text += f' kwargs={rest[1]!r}'
     return text
