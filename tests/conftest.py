@@ -11,7 +11,7 @@ from celery_compensate import install
 from . import tasks  # noqa: F401  (shared tasks for every test app)
 from celery_compensate.testing import redis_server
 
-pytest_plugins = ('celery.contrib.pytest',)
+pytest_plugins = ('celery.contrib.pytest', 'celery_compensate.contrib.pytest')
 
 
 @pytest.fixture(scope='session')
