@@ -139,7 +139,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 from unittest.mock import ANY
 
 import pytest
@@ -363,9 +363,12 @@ def _exception(exc: Any, message: str) -> BaseException:
         except Exception:  # noqa: BLE001
             return exc
     try:
-        return exc(message)
+        made = exc(message)
     except TypeError:
-        return exc()
+        made = exc()
+    if not isinstance(made, BaseException):
+        raise TypeError(f'{exc!r} does not make an exception')
+    return made
 
 
 def _short(name: str) -> str:
@@ -408,7 +411,7 @@ class _Kit:
             own = attr in task.__dict__
             saved = task.__dict__.get(attr)
             setattr(task, attr, self._probe(task, getattr(task, attr)))
-            task._compensate_kit_probe = True
+            task.__dict__['_compensate_kit_probe'] = True
             self._patched.append((task, attr, saved, own))
 
     def detach(self) -> None:
@@ -420,7 +423,8 @@ class _Kit:
             task.__dict__.pop('_compensate_kit_probe', None)
         self._patched.clear()
 
-    def _probe(self, task: Task, orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _probe(self, task: Task[Any, Any], orig: Callable[..., Any]
+               ) -> Callable[..., Any]:
         recorder, injector = self.recorder, self.injector
 
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -655,7 +659,7 @@ class _TestApp:
     def __init__(self, app: Celery, settings: dict[str, Any]) -> None:
         self.app = app
         self.settings = settings
-        changes = app.conf.changes
+        changes = cast('dict[str, Any]', app.conf.changes)
         self._saved = {k: changes[k] for k in settings if k in changes}
         self._old_state: AppState | None = None
 
@@ -677,7 +681,7 @@ class _TestApp:
 
     def __exit__(self, *exc_info: object) -> None:
         app = self.app
-        changes = app.conf.changes
+        changes = cast('dict[str, Any]', app.conf.changes)
         for key in self.settings:
             if key in self._saved:
                 changes[key] = self._saved[key]
@@ -690,14 +694,16 @@ class _TestApp:
 
 def _reset_connections(app: Celery) -> None:
     """Forget the connections made with the previous broker and backend."""
-    # not closed: kombu shares these pools between apps, per broker URL
-    app._pool = None
+    # not closed: kombu shares these pools between apps, per broker URL.
+    # Celery's own attributes (not in its stubs), reset by name
+    setattr(app, '_pool', None)
     amqp = app.__dict__.get('amqp')
     if amqp is not None:
         amqp._producer_pool = None
-    app._backend_cache = None
-    if hasattr(app._local, 'backend'):
-        del app._local.backend
+    setattr(app, '_backend_cache', None)
+    local = getattr(app, '_local')
+    if hasattr(local, 'backend'):
+        del local.backend
 
 
 class _NoPersistenceWarning(logging.Filter):
