@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # a fraction of a second to build
 LINT_IMPORTS := $(VENV)/bin/lint-imports --no-cache --no-logo
 
-.PHONY: install test lint typecheck demo flower chaos bench dist clean
+.PHONY: install test lint typecheck docs demo flower chaos bench dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m pip install --quiet mypy celery-types
 	$(PY) -m mypy celery_compensate
+
+# the Sphinx site (docs/, pages in reStructuredText) into docs/_build/html,
+# warnings as errors; offline: the intersphinx inventories are in
+# docs/_intersphinx
+docs: $(STAMP)
+	$(PY) -c 'import sphinx' 2>/dev/null || $(PY) -m pip install --quiet sphinx
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 # a worker, seven orders (two complete, five fail at different steps and
 # are undone), their trails and the books; REDIS_URL to use your Redis
@@ -66,4 +73,5 @@ dist: $(STAMP)
 	$(PY) -m twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .bench dist build
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .bench dist build \
+		docs/_build docs/_generated

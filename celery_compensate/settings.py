@@ -2,7 +2,7 @@
 
 Each setting is declared once, as an :class:`Option` of :class:`Settings`:
 its key, default, check and documentation. The table in ``docs/settings.md``
-and in the README is generated from those declarations
+and on the Reference page of the docs is generated from those declarations
 (``python -m celery_compensate.settings`` prints it).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ _STORE_SCHEMES = _REDIS_SCHEMES + CLUSTER_SCHEMES + SENTINEL_SCHEMES
 #: options of Celery's and kombu's transport options)
 _TRANSPORT_OPTIONS = ('master_name', 'sentinel_kwargs', 'min_other_sentinels')
 
-#: the markers around the generated table in the README and docs/settings.md
+#: the markers around the generated table in docs/settings.md
 TABLE_START = '<!-- settings-table:start -->'
 TABLE_END = '<!-- settings-table:end -->'
 

@@ -378,12 +378,19 @@ def test_the_readme_five_line_test(pytester, redis_url, monkeypatch):
 
 
 def _readme_test() -> str:
-    """The tests in the README (quick start, Testing your sagas)."""
-    readme = open(os.path.join(os.path.dirname(__file__), '..', '..',
-                               'README.md')).read()
-    blocks = []
-    for first_line in ('# test_shop.py',
-                       'def test_a_declined_card_releases_the_stock'):
-        start = readme.index(first_line)
-        blocks.append(readme[start:readme.index('```', start)])
+    """The tests the docs show: the README's quick start, and the first
+    example of the Testing your sagas page (an rst code block)."""
+    root = os.path.join(os.path.dirname(__file__), '..', '..')
+    readme = open(os.path.join(root, 'README.md')).read()
+    start = readme.index('# test_shop.py')
+    blocks = [readme[start:readme.index('```', start)]]
+    page = open(os.path.join(root, 'docs', 'testing.rst')).read()
+    lines = page[page.index('   def test_a_declined_card_releases_the_stock'):
+                 ].splitlines()
+    body = [lines[0]]
+    for line in lines[1:]:
+        if line.strip() and not line.startswith('   '):
+            break                       # the code block ended
+        body.append(line)
+    blocks.append(textwrap.dedent('\n'.join(body)))
     return '\n\n'.join(blocks)

@@ -1,7 +1,7 @@
 """Bad input and corruption met by running sagas: a damaged record, an
 unknown step, an unknown saga, Redis stalling mid-undo.  Each gets a clear
 error or a clean retry, the other sagas carry on, and nothing recorded is
-lost (README, "Bad input and corruption")."""
+lost (docs/semantics.rst, "Bad input and corruption")."""
 from __future__ import annotations
 
 import logging
