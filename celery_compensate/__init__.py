@@ -18,12 +18,13 @@ from .exceptions import (
 from .install import install
 from .model import SagaState, StepState, UndoState
 from .result import SagaResult
+from .store import SagaRecord, StepRecord
 
 __version__ = '0.1.0'
 
 __all__ = (
-    'install', 'saga', 'Saga', 'SagaResult', 'SagaState', 'StepState',
-    'UndoState', 'signals',
+    'install', 'saga', 'Saga', 'SagaResult', 'SagaRecord', 'StepRecord',
+    'SagaState', 'StepState', 'UndoState', 'signals',
     'CompensateError', 'CorruptSagaRecord', 'ImproperlyConfigured',
     'InvalidSaga', 'ResultNotSerializable', 'ResultTooLarge', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
