@@ -109,8 +109,7 @@ class Saga(Signature):
         """Rebuild a saga from its dict (``Signature.from_dict`` calls
         this for ``subtask_type`` ``saga``)."""
         kwargs = dict(d.get('kwargs') or {})
-        steps = [maybe_signature(step, app=app)
-                 for step in kwargs.pop('steps', ())]
+        steps = kwargs.pop('steps', ())     # dicts: __init__ rebuilds them
         made = cls(*steps, app=app, **dict(d.get('options') or {}))
         made['args'] = tuple(d.get('args') or ())
         made.kwargs.update(kwargs)              # partial kwargs (clone)
@@ -123,9 +122,9 @@ class Saga(Signature):
             steps = tuple(steps[0])
         if not steps:
             raise InvalidSaga('a saga needs at least one step')
-        steps = tuple(maybe_signature(step, app=app)
-                      if isinstance(step, dict) and not isinstance(
-                          step, Signature) else step for step in steps)
+        # a dict from a message is rebuilt; a signature is left as given
+        steps = tuple(step if isinstance(step, Signature) or not isinstance(
+            step, dict) else maybe_signature(step, app=app) for step in steps)
         app = app or _app_of(steps)
         super().__init__(self.TASK_NAME, (), {'steps': list(steps)},
                          options, subtask_type='saga', app=app)

@@ -97,12 +97,20 @@ class Spool:
             os.mkdir(self.directory, 0o700)
         except FileExistsError:
             pass
-        info = os.lstat(self.directory)
-        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
-                or info.st_mode & 0o077):
+        if not self._private():
             raise PermissionError(
                 f'{self.directory} is not a private directory of this '
                 'user: unrecorded completions are not written there')
+
+    def _private(self) -> bool:
+        """Whether the directory exists and is this user's alone (not a
+        link, nobody else may write or read it)."""
+        try:
+            info = os.lstat(self.directory)
+        except FileNotFoundError:
+            return False
+        return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+                and not info.st_mode & 0o077)
 
     def _reclaim(self) -> None:
         """Give back the entries claimed by a process that died before it
@@ -149,13 +157,8 @@ class Spool:
         """Everything waiting to be recorded, oldest first.  A file that
         cannot be read is logged and set aside (``.bad``) for an
         operator."""
-        try:
-            info = os.lstat(self.directory)
-        except FileNotFoundError:
-            return []
-        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
-                or info.st_mode & 0o077):
-            return []       # not ours: never trusted (put says why)
+        if not self._private():
+            return []       # none, or not ours: never trusted (put says why)
         self._reclaim()
         dated = []
         for path in self.directory.glob('*.json'):
