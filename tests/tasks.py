@@ -84,6 +84,9 @@ def undo(self: Task, result: Any, name: str, *args: Any, **kwargs: Any) -> str:
         time.sleep(kwargs['undo_sleep'])
     if kwargs.get('undo_hang_once') and r.set(
             countdown_key(self.app, saga_id, f'{name}-hung'), 1, nx=True):
+        # noted only now: a test that stops this attempt on 'undo-start'
+        # may stop it before the marker is set, and the next attempt hangs
+        note(self, f'undo-hang:{name}')
         time.sleep(120)  # until the test kills the whole worker
     if kwargs.get('undo_kill_once') and r.set(
             countdown_key(self.app, saga_id, f'{name}-killed'), 1, nx=True):

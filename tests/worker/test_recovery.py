@@ -133,7 +133,7 @@ def test_whole_worker_killed_during_an_undo(cluster):
     first = start('first')
     res = saga(tasks.do.si('a'), tasks.do.si('b', undo_hang_once=True),
                tasks.do.si('c', fail=True), app=app).apply_async()
-    wait_for(lambda: 'undo-start:b' in entries(app, rds, res.id), timeout=15)
+    wait_for(lambda: 'undo-hang:b' in entries(app, rds, res.id), timeout=15)
     first.kill()
     start('second')
     assert res.wait(timeout=20) is SagaState.COMPENSATED
@@ -160,7 +160,7 @@ def test_an_undo_lost_with_its_worker_is_sent_again_after_the_backoff(
         first = start('first')
         res = saga(tasks.do.si('a'), tasks.do.si('b', undo_hang_once=True),
                    tasks.do.si('c', fail=True), app=app).apply_async()
-        wait_for(lambda: 'undo-start:b' in entries(app, rds, res.id),
+        wait_for(lambda: 'undo-hang:b' in entries(app, rds, res.id),
                  timeout=15)
         first.kill()
         start('second')

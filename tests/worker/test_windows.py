@@ -278,7 +278,7 @@ def test_a_running_undo_revoked_with_terminate_is_tried_again(cluster):
     start('only')
     res = saga(tasks.do.si('a', undo_hang_once=True),
                tasks.do.si('b', fail=True), app=app).apply_async()
-    wait_for(lambda: 'undo-start:a' in entries(app, rds, res.id), timeout=15)
+    wait_for(lambda: 'undo-hang:a' in entries(app, rds, res.id), timeout=15)
     app.control.revoke(undo_task_id(res.id, 0, 1), terminate=True)
     assert res.wait(timeout=20) is SagaState.COMPENSATED
     assert undone(entries(app, rds, res.id)) == ['a']
