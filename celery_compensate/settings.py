@@ -259,8 +259,8 @@ class Settings:
         doc='Redis holding the saga records: `redis://`, `rediss://`, '
             '`redis+socket://`, a Redis Cluster '
             '`redis+cluster://host:port[,host:port]` (`rediss+cluster://`), '
-            'or Sentinels `sentinel://host:26379[;sentinel://...]` (see Redis '
-            'Cluster and Sentinel)')
+            'or Sentinels `sentinel://host:26379[;sentinel://...]` (see '
+            'Operating: Redis Cluster and Sentinel)')
     #: ``master_name``, ``sentinel_kwargs``, ``min_other_sentinels`` (read
     #: only; ``sentinel_kwargs`` may hold a password)
     redis_transport_options = Option(
@@ -284,7 +284,7 @@ class Settings:
         doc="queue undo tasks are sent to; `None` uses the undo task's "
             'normal routing. Set it on every worker (undos are sent by '
             'whichever worker records a failure or an undo) and have a worker '
-            'consume it (see Performance)')
+            'consume it (see Operating: Undo routing)')
     result_max_bytes = Option(
         'compensate_result_max_bytes', 65536, _byte_size,
         doc="largest step result stored, in bytes of JSON; a step whose "
