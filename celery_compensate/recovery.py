@@ -188,6 +188,7 @@ class Recovery:
         self._last_error = float('-inf')
         #: whether the last sweep held off (see :meth:`sweep`)
         self.was_held = False
+        self._hold_told = False
         #: the saga tasks this worker received, by task id: what each is and
         #: the holder token it was received as (see :meth:`receive`)
         self.holding: dict[str, tuple[TaskIdInfo, str, float]] = {}
@@ -556,11 +557,15 @@ class Recovery:
         if not self._lead():
             return 0
         held, due, full = self.store.due(SWEEP_BATCH, self.gap, self.hold)
-        self.was_held = bool(held)
+        if held and not self._hold_told:
+            # once per hold, not once per sweep: on a first start it is
+            # routine, and repeated it reads like a fault
+            logger.info('celery_compensate: the sweep starts in %.1fs: no '
+                        'sweep ran for a while (a first start, no worker '
+                        'running, or Redis unreachable), so live workers '
+                        'renew their leases first', held)
+        self.was_held = self._hold_told = bool(held)
         if held:
-            logger.info('celery_compensate: the sweep waits %.1fs: no sweep '
-                        'ran for a while (Redis unreachable, or no worker), '
-                        'so live workers renew their leases first', held)
             return 0
         if time.monotonic() - self._last_error < self.hold:
             # this worker just saw the store fail: leases may have lapsed
