@@ -12,7 +12,8 @@ test, which is what ``@shared_task`` libraries want)::
         from proj.celery import app
         return app
 
-(or ``compensate_app = proj.celery:app`` in the ``[pytest]`` ini section).
+(or ``compensate_celery_app = proj.celery:app`` in the ``[pytest]`` ini
+section: the ini option and the fixture have the same name).
 
 What you get
 ------------
@@ -25,7 +26,7 @@ Fixtures:
   (:func:`celery_compensate.testing.redis_server`).  Override it to use a
   Redis you start yourself.
 - ``compensate_celery_app``: the app under test; ``None`` (the default,
-  unless the ``compensate_app`` ini option names one) makes a fresh
+  unless the ``compensate_celery_app`` ini option names one) makes a fresh
   ``Celery`` app per test.  Override it to return your app.
 - ``compensate_config``: a dict of settings for the test's app (default
   ``{}``); ``@pytest.mark.compensate_config(key=value)`` adds more for one
@@ -713,19 +714,25 @@ class _NoPersistenceWarning(logging.Filter):
 
 def _import_app(path: str) -> Celery:
     module, _, attr = path.partition(':')
-    obj: Any = importlib.import_module(module)
-    for part in (attr or 'app').split('.'):
-        obj = getattr(obj, part)
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in (attr or 'app').split('.'):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise pytest.UsageError(
+            f'compensate_celery_app = {path}: {exc} (the module must be '
+            f'importable when pytest starts: from the directory of your '
+            f'top-level conftest.py, or installed)') from exc
     if not isinstance(obj, Celery):
-        raise pytest.UsageError(f'compensate_app = {path}: not a Celery app '
-                                f'({obj!r})')
+        raise pytest.UsageError(f'compensate_celery_app = {path}: not a '
+                                f'Celery app ({obj!r})')
     return obj
 
 
 # -- fixtures -----------------------------------------------------------------
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addini('compensate_app', 'the Celery app celery_compensate\'s '
+    parser.addini('compensate_celery_app', 'the Celery app celery_compensate\'s '
                   'fixtures test, as module:attribute (default: a fresh app '
                   'per test, unless the compensate_celery_app fixture is '
                   'overridden)')
@@ -748,7 +755,7 @@ def compensate_redis_url() -> Iterator[str]:
 @pytest.fixture
 def compensate_celery_app(request: pytest.FixtureRequest) -> Celery | None:
     """The app under test (override it); ``None``: a fresh app per test."""
-    path = request.config.getini('compensate_app')
+    path = request.config.getini('compensate_celery_app')
     return _import_app(path) if path else None
 
 

@@ -370,7 +370,7 @@ def test_the_readme_five_line_test(pytester, redis_url, monkeypatch):
     '''))
     pytester.makeconftest(
         'pytest_plugins = ("celery_compensate.contrib.pytest",)\n')
-    pytester.makeini('[pytest]\ncompensate_app = shop:app\n')
+    pytester.makeini('[pytest]\ncompensate_celery_app = shop:app\n')
     pytester.makepyfile(test_shop=_readme_test())
     result = pytester.runpytest_subprocess('-p', 'no:cacheprovider',
                                            '-p', 'no:celery')
@@ -394,3 +394,16 @@ def _readme_test() -> str:
         body.append(line)
     blocks.append(textwrap.dedent('\n'.join(body)))
     return '\n\n'.join(blocks)
+
+
+def test_an_app_in_the_ini_that_cannot_be_imported_is_named(pytester):
+    pytester.makeconftest(
+        'pytest_plugins = ("celery_compensate.contrib.pytest",)\n')
+    pytester.makeini('[pytest]\ncompensate_celery_app = nowhere.celery:app\n')
+    pytester.makepyfile(test_x='def test_x(compensate_app): pass\n')
+    result = pytester.runpytest_subprocess('-p', 'no:cacheprovider',
+                                           '-p', 'no:celery')
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([
+        "*compensate_celery_app = nowhere.celery:app: No module named "
+        "'nowhere'*importable*"])
