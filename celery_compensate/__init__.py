@@ -11,8 +11,8 @@ from .canvas import Saga, saga
 from .exceptions import (
     CompensateError, CompletionNotRecorded, CorruptSagaRecord,
     ImproperlyConfigured, InvalidSaga, ResultNotSerializable, ResultTooLarge,
-    SagaCompensated, SagaCompensationFailed, SagaFailed, SagaNotFinished,
-    SagaNotFound, SagaStoreError, SagaStoreUnavailable, SagaTimeoutError,
+    SagaCompensated, SagaCompensationFailed, SagaFailed, SagaForwardFailed,
+    SagaNotFinished, SagaNotFound, SagaStoreError, SagaStoreUnavailable, SagaTimeoutError,
     TaskRefused,
 )
 from .install import install
@@ -29,5 +29,5 @@ __all__ = (
     'InvalidSaga', 'ResultNotSerializable', 'ResultTooLarge', 'SagaNotFound',
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
     'TaskRefused', 'CompletionNotRecorded', 'SagaFailed', 'SagaCompensated',
-    'SagaCompensationFailed', 'SagaNotFinished',
+    'SagaCompensationFailed', 'SagaForwardFailed', 'SagaNotFinished',
 )

@@ -233,7 +233,10 @@ class Saga(Signature):
                     {**every, **first} if k == 0 else every))
                 index += 1
             built.append(members)
-        plan = Plan.from_stages(built)
+        try:
+            plan = Plan.from_stages(built)
+        except ValueError as exc:
+            raise InvalidSaga(str(exc)) from None
         specs = []
         for step in plan.steps:
             self._check_serializable(step.call, step.describe())
@@ -269,6 +272,11 @@ class Saga(Signature):
                       else getattr(task, 'compensate_with', None))
         cof = bool(opts['compensate_on_failure'] if 'compensate_on_failure'
                    in opts else getattr(task, 'compensate_on_failure', False))
+        pivot = opts['compensate_pivot'] if 'compensate_pivot' in opts \
+            else getattr(task, 'compensate_pivot', False)
+        if not isinstance(pivot, bool):
+            raise InvalidSaga(f'{where}: compensate_pivot must be True or '
+                              f'False, not {pivot!r}')
         call = TaskRef(
             name=name, args=(*extra, *sig.args),
             kwargs={**sig.kwargs, **extra_kwargs},
@@ -289,7 +297,7 @@ class Saga(Signature):
             undo_timeout = self._timeout(
                 undo_sig.options if undo_sig is not None else {},
                 self.app.tasks.get(undo.name), f'the undo of {where}')
-        return call, undo, cof, timeout, undo_timeout, delay
+        return call, undo, cof, timeout, undo_timeout, delay, pivot
 
     def _timeout(self, opts: Mapping[str, Any], task: Any,
                  where: str) -> float | None:

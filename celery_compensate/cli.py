@@ -30,7 +30,10 @@ import click
 
 from .exceptions import CompensateError, InvalidSaga, SagaNotFound
 from .appstate import AppState, get_state
-from .model import SagaState, StepState, UndoState, undo_task_id, validate_saga_id
+from .model import (
+    SagaState, StepState, UndoState, step_task_id, undo_task_id,
+    validate_saga_id,
+)
 from .store import Listed, Reply, SagaRecord, StepRecord, StepSummary
 
 __all__ = ('compensate', 'EXIT_ERROR', 'EXIT_NOT_FOUND', 'EXIT_WRONG_STATE')
@@ -51,7 +54,8 @@ _COLOURS = {
     'RUNNING': 'yellow', 'COMPENSATING': 'yellow', 'QUEUED': 'yellow',
     'WAITING': 'yellow',
     'COMPENSATED': 'cyan',
-    'FAILED': 'red', 'COMPENSATION_FAILED': 'red', 'CORRUPT': 'red',
+    'FAILED': 'red', 'COMPENSATION_FAILED': 'red', 'FORWARD_FAILED': 'red',
+    'CORRUPT': 'red',
 }
 
 
@@ -180,12 +184,25 @@ def show(ctx: click.Context, saga_id: str, wide: bool, as_json: bool,
 @_json_option
 @click.pass_context
 def retry(ctx: click.Context, saga_id: str, as_json: bool) -> None:
-    """Re-drive a COMPENSATION_FAILED saga from the undo that failed
-    (finished undos are never repeated)."""
+    """Re-drive a saga that waits for an operator: a COMPENSATION_FAILED
+    one from the undo that failed (finished undos are never repeated), a
+    FORWARD_FAILED one from the step past its pivot that failed."""
     def body(st: AppState) -> tuple[Any, str]:
         outcome = st.coordinator.retry(saga_id)
         _check(outcome.status, saga_id, outcome.old_state,
-               SagaState.COMPENSATION_FAILED, 'retry')
+               'COMPENSATION_FAILED or FORWARD_FAILED', 'retry')
+        if outcome.old_state is SagaState.FORWARD_FAILED:
+            steps = [{'step': s.index, 'task': s.call.name,
+                      'task_id': step_task_id(saga_id, s.index)}
+                     for s in outcome.forward]
+            text = [f'saga {saga_id}: {outcome.old_state} -> '
+                    f'{outcome.new_state}; steps sent again:']
+            text += [f'  step {s["step"]} {s["task"]} ({s["task_id"]})'
+                     for s in steps]
+            return ({'saga_id': saga_id, 'retried': True,
+                     'old_state': outcome.old_state,
+                     'new_state': outcome.new_state, 'steps': steps},
+                    '\n'.join(text))
         after = st.store.read(saga_id)
         if after.state is SagaState.COMPENSATION_FAILED:
             # an undo was refused at once (not a task of this app?)
@@ -223,6 +240,11 @@ def abort(ctx: click.Context, saga_id: str, reason: str,
         outcome = st.coordinator.abort(saga_id, f'aborted: {reason}')
         _check(outcome.status, saga_id, outcome.old_state,
                SagaState.RUNNING, 'abort')
+        if outcome.status is Reply.PAST_PIVOT:
+            raise _Exit(EXIT_WRONG_STATE, 'past-pivot',
+                        f'saga {saga_id} passed its pivot: it can only go '
+                        'forward, so it cannot be aborted; nothing was '
+                        'changed', saga_id=saga_id, state=outcome.old_state)
         revoked = ', '.join(str(i) for i in outcome.stopped) or 'none'
         return ({'saga_id': saga_id, 'aborted': True,
                  'old_state': outcome.old_state,
@@ -236,7 +258,7 @@ def abort(ctx: click.Context, saga_id: str, reason: str,
 
 
 def _check(status: Reply, saga_id: str, state: SagaState | None,
-           needed: SagaState, verb: str) -> None:
+           needed: SagaState | str, verb: str) -> None:
     if status is Reply.MISSING:
         raise SagaNotFound(saga_id)
     if status in (Reply.WRONG_STATE, Reply.NOT_RUNNING):
@@ -300,7 +322,7 @@ def _show(record: SagaRecord, width: int | None = None,
     lines += ['', _table(
         ('STEP', 'STAGE', 'TASK', 'TASK ID', 'STATE', 'STARTED', 'TOOK',
          'RESULT (FOR ITS UNDO) / ERROR'),
-        [(s.index, s.stage, s.task_name, s.task_id, s.state.name,
+        [(s.index, s.stage, _task_label(s), s.task_id, s.state.name,
           _offset(s.started_at, record.created),
           _took(s.started_at, s.settled_at),
           json.dumps(s.result) if s.state is StepState.DONE
@@ -320,6 +342,15 @@ def _show(record: SagaRecord, width: int | None = None,
               s.undo_error or '') for s in undos],
             width=width, paint=paint, coloured=(3,), optional=(2,))]
     return '\n'.join(lines)
+
+
+def _task_label(step: StepRecord) -> str:
+    """The step's task, marked when it is the pivot, and with its forward
+    attempts once it failed past the pivot."""
+    label = step.task_name + (' (pivot)' if step.pivot else '')
+    if step.attempts > 1:
+        label += f' (attempt {step.attempts})'
+    return label
 
 
 def _width(wide: bool) -> int | None:

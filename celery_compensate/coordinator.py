@@ -104,21 +104,29 @@ class Coordinator:
 
     def publish_step(self, saga_id: str, step: StepSpec,
                      args: Sequence[Any], kwargs: Mapping[str, Any],
-                     generation: int = 1, outbox: bool = False) -> None:
+                     generation: int = 1, outbox: bool = False,
+                     countdown: float | None = None) -> None:
         """Publish forward step ``step`` with the given arguments.
 
         Arguments:
             generation: how many times it has been published, this time
                 included (the sweep publishes a step again when its
-                publisher died before confirming it).
+                publisher died before confirming it, and a step past the
+                pivot is published again when it failed).
             outbox: its stage was dispatched into the outbox (by a
                 completion): the message says until when the sweep cannot
                 have published it again.
+            countdown: a retry past the pivot: seconds before it runs, in
+                place of the step's own countdown or eta.
         """
         self.check_task(saga_id, step.describe(), step.call.name)
         options = _allowed(step.call.options)
         now = time.time()
-        lease = self.settings.queue_timeout + step.delay
+        delay = step.delay
+        if countdown is not None:
+            options.pop('eta', None)
+            options['countdown'] = delay = countdown
+        lease = self.settings.queue_timeout + delay
         ident = identity(saga_id, step.index)
         headers = {**(options.pop('headers', None) or {}), **ident,
                    DEADLINE: round(now + lease, 3)}
@@ -195,7 +203,8 @@ class Coordinator:
 
     def publish_stage(self, saga_id: str, steps: Sequence[StepSpec],
                       prev: Sequence[Any] = (), first: bool = False,
-                      generations: Mapping[int, int] | None = None) -> None:
+                      generations: Mapping[int, int] | None = None,
+                      countdowns: Mapping[int, float] | None = None) -> None:
         """Publish the members of a stage.
 
         If one cannot be published (Celery already retried), it and the
@@ -206,6 +215,7 @@ class Coordinator:
             prev: the previous stage's results.
             first: the saga's first stage: publishing errors are raised.
             generations: the publish generation of steps sent again.
+            countdowns: the backoff of steps retried past the pivot.
 
         Raises:
             Exception: the publishing error, for the first stage only (the
@@ -215,7 +225,9 @@ class Coordinator:
             try:
                 self.publish_step(saga_id, step, *step.called_with(prev),
                                   generation=(generations or {}).get(
-                                      step.index, 1), outbox=not first)
+                                      step.index, 1), outbox=not first,
+                                  countdown=(countdowns or {}).get(
+                                      step.index))
             except Exception as exc:  # noqa: BLE001 - becomes a step failure
                 logger.exception('saga %s: could not publish %s',
                                  saga_id, step.describe())
@@ -276,16 +288,43 @@ class Coordinator:
         self.apply(info.saga_id, outcome, step=info.index)
 
     def step_failed(self, info: TaskIdInfo, reason: str,
-                    placeholder: str = '') -> Outcome:
-        """A forward step failed for good: claim or join compensation.
+                    placeholder: str = '',
+                    generation: int | None = None) -> Outcome:
+        """A forward step failed for good: claim or join compensation;
+        past the saga's completed pivot, publish it again after the backoff
+        (or, its attempts spent, the saga is ``FORWARD_FAILED``).
 
         Arguments:
             placeholder: see :meth:`SagaStore.step_failed`.
+            generation: the publish generation of the copy that failed.
         """
         outcome = self.store.step_failed(info.saga_id, info.index, reason,
-                                         placeholder)
+                                         placeholder, generation)
+        if outcome.status is Reply.FORWARD_RETRY:
+            self._retry_forward(info.saga_id, outcome, reason)
+            return outcome
+        if outcome.status is Reply.STALE_COPY:
+            logger.info('saga %s: step %d: the failure of an older copy is '
+                        'ignored (%s)', info.saga_id, info.index, reason)
+            return outcome
         self.apply(info.saga_id, outcome, step=info.index, reason=reason)
         return outcome
+
+    def _retry_forward(self, saga_id: str, outcome: Outcome,
+                       reason: str) -> None:
+        """Publish again the steps past the pivot that failed or were
+        lost, each after its backoff (and what else ``outcome`` has to
+        publish again)."""
+        for step in outcome.forward:
+            if step.index not in outcome.countdowns:
+                continue
+            logger.warning(
+                'saga %s: %s failed past the pivot (%s): it goes forward, '
+                'published again in %.2fs', saga_id, step.describe(), reason,
+                outcome.countdowns.get(step.index, 0.0))
+        self.publish_stage(saga_id, outcome.forward, outcome.results,
+                           generations=outcome.generations,
+                           countdowns=outcome.countdowns)
 
     def undo_done(self, info: TaskIdInfo, task_name: str) -> None:
         """An undo attempt succeeded."""
@@ -357,13 +396,20 @@ class Coordinator:
     def recover(self, saga_id: str) -> Outcome:
         """Act on a saga whose leases lapsed (the sweep found it due)."""
         outcome = self.store.recover(saga_id)
-        if outcome.forward:
+        resent = [s for s in outcome.forward
+                  if s.index not in outcome.countdowns]
+        if resent:
             logger.warning(
                 'saga %s: steps %s were dispatched but their publishing was '
                 'never confirmed (the publisher died): published again',
-                saga_id, ', '.join(str(s.index) for s in outcome.forward))
-            self.publish_stage(saga_id, outcome.forward, outcome.results,
-                               generations=outcome.generations)
+                saga_id, ', '.join(str(s.index) for s in resent))
+        if outcome.forward:
+            if len(resent) < len(outcome.forward):
+                self._retry_forward(saga_id, outcome,
+                                    'lost: no live worker renewed its lease')
+            else:
+                self.publish_stage(saga_id, outcome.forward, outcome.results,
+                                   generations=outcome.generations)
         for index in outcome.stopped:
             logger.warning('saga %s: step %d given up: its lease lapsed',
                            saga_id, index)
@@ -390,14 +436,25 @@ class Coordinator:
         return outcome
 
     def retry(self, saga_id: str) -> Outcome:
-        """Re-drive a COMPENSATION_FAILED saga from the undos that failed
+        """Re-drive a saga that waits for an operator: a
+        COMPENSATION_FAILED one from the undos that failed, a
+        FORWARD_FAILED one from the steps past its pivot that failed
         (status ``retried``; ``wrong-state``/``missing`` change nothing)."""
         outcome = self.store.retry(saga_id, new_token())
-        if outcome.status is Reply.RETRIED:
-            steps = ', '.join(str(d.step.index) for d in outcome.undos)
-            self.apply(saga_id, outcome,
-                       reason=f'retried by an operator (undos of steps '
-                              f'{steps or "none"} sent again)')
+        if outcome.status is not Reply.RETRIED:
+            return outcome
+        if outcome.old_state is SagaState.FORWARD_FAILED:
+            steps = ', '.join(str(s.index) for s in outcome.forward)
+            self.publish_stage(saga_id, outcome.forward, outcome.results,
+                               generations=outcome.generations)
+            self._transition(saga_id, outcome.old_state, outcome.new_state,
+                             None, f'retried by an operator (steps '
+                                   f'{steps or "none"} sent again)')
+            return outcome
+        steps = ', '.join(str(d.step.index) for d in outcome.undos)
+        self.apply(saga_id, outcome,
+                   reason=f'retried by an operator (undos of steps '
+                          f'{steps or "none"} sent again)')
         return outcome
 
     def _revoke(self, saga_id: str, ids: list[str],
@@ -529,6 +586,17 @@ class Coordinator:
                     reason: str | None) -> None:
         """Log the transition (one line) and send its signals."""
         send = {'sender': self.app, 'saga_id': saga_id}
+        if new is SagaState.FORWARD_FAILED:
+            logger.error('saga %s: FORWARD_FAILED: step %s failed past the '
+                         'pivot and spent its attempts, last error: %s; it '
+                         'waits for an operator (retry drives it forward)',
+                         saga_id, step, reason)
+            signals.saga_forward_failed.send(step=step, error=reason, **send)
+            return
+        if old is SagaState.FORWARD_FAILED and new is SagaState.RUNNING:
+            logger.warning('saga %s: RUNNING again: %s', saga_id,
+                           reason or f'step {step} completed after all')
+            return
         if new is SagaState.COMPENSATION_FAILED:
             # only the sweep gets here (undo_failed logs its own)
             logger.error('saga %s: COMPENSATION_FAILED: an undo was lost with '

@@ -9,7 +9,7 @@ __all__ = (
     'SagaStoreError', 'SagaStoreUnavailable', 'SagaTimeoutError',
     'ResultNotSerializable', 'ResultTooLarge', 'CorruptSagaRecord',
     'TaskRefused', 'CompletionNotRecorded', 'SagaFailed', 'SagaCompensated',
-    'SagaCompensationFailed', 'SagaNotFinished',
+    'SagaCompensationFailed', 'SagaForwardFailed', 'SagaNotFinished',
 )
 
 
@@ -130,6 +130,12 @@ class SagaCompensated(SagaFailed):
 class SagaCompensationFailed(SagaFailed):
     """The saga failed and an undo spent its attempts: the saga waits for
     an operator (``celery compensate retry``)."""
+
+
+class SagaForwardFailed(SagaFailed):
+    """A step past the saga's pivot (``compensate_pivot``) spent its
+    forward attempts: nothing is undone past a pivot, so the saga waits for
+    an operator (``celery compensate retry`` drives it forward)."""
 
 
 class SagaNotFinished(CompensateError):

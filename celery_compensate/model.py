@@ -21,12 +21,12 @@ __all__ = (
     'SagaState', 'StepState', 'UndoState', 'UndoSpec', 'StepSpec', 'Plan',
     'TaskRef', 'FINAL_STATES', 'step_task_id', 'undo_task_id',
     'parse_task_id', 'idempotency_key', 'undo_delay', 'validate_saga_id',
-    'TASK_OPTIONS',
+    'TASK_OPTIONS', 'OPERATOR_STATES',
 )
 
 #: The task options this library reads (``@app.task(compensate_with=...)``).
 TASK_OPTIONS = ('compensate_with', 'compensate_on_failure',
-                'compensate_timeout')
+                'compensate_timeout', 'compensate_pivot')
 
 
 class SagaState(str, enum.Enum):
@@ -37,6 +37,9 @@ class SagaState(str, enum.Enum):
     COMPENSATING = 'COMPENSATING'
     COMPENSATED = 'COMPENSATED'
     COMPENSATION_FAILED = 'COMPENSATION_FAILED'
+    #: past its pivot, a step spent its forward-recovery budget: it waits
+    #: for an operator's retry (nothing is undone past a pivot)
+    FORWARD_FAILED = 'FORWARD_FAILED'
 
     def __str__(self) -> str:
         return self.value
@@ -46,11 +49,18 @@ class SagaState(str, enum.Enum):
         return self in FINAL_STATES
 
 
-#: States `SagaResult.wait` returns on.  ``COMPENSATION_FAILED`` is final
-#: for waiting (nothing more happens by itself) but is kept in Redis
-#: without expiry so an operator can repair it.
+#: States `SagaResult.wait` returns on.  ``COMPENSATION_FAILED`` and
+#: ``FORWARD_FAILED`` are final for waiting (nothing more happens by
+#: itself) but are kept in Redis without expiry so an operator can repair
+#: them.
 FINAL_STATES = frozenset({
     SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED,
+    SagaState.FORWARD_FAILED,
+})
+
+#: States that wait for an operator (``retry``).
+OPERATOR_STATES = frozenset({
+    SagaState.COMPENSATION_FAILED, SagaState.FORWARD_FAILED,
 })
 
 
@@ -150,6 +160,9 @@ class StepSpec:
     #: seconds it waits in the broker by design (countdown, eta), added to
     #: the time it may wait there
     delay: float = 0.0
+    #: the saga's point of no return (``compensate_pivot``): once it
+    #: completed, the steps after it are retried, never compensated
+    pivot: bool = False
 
     @property
     def undo_flag(self) -> str:
@@ -166,7 +179,7 @@ class StepSpec:
             'undo': self.undo.to_dict() if self.undo else None,
             'compensate_on_failure': self.compensate_on_failure,
             'timeout': self.timeout, 'undo_timeout': self.undo_timeout,
-            'delay': self.delay,
+            'delay': self.delay, 'pivot': self.pivot,
         }
 
     @classmethod
@@ -180,6 +193,7 @@ class StepSpec:
             timeout=_opt_float(d.get('timeout')),
             undo_timeout=_opt_float(d.get('undo_timeout')),
             delay=float(d.get('delay') or 0.0),
+            pivot=bool(d.get('pivot')),
         )
 
     def called_with(self, prev: Sequence[Any]
@@ -218,11 +232,42 @@ class Plan:
                     raise ValueError(
                         f'{step.describe()} is out of order in the plan')
                 expected += 1
+        self._check_pivot()
+
+    def _check_pivot(self) -> None:
+        """At most one pivot, alone in its stage (a parallel member
+        cannot be the point of no return: its siblings could still fail
+        and compensate it), and no undo after it (nothing after the point
+        of no return is undone)."""
+        pivots = [step for step in self.steps if step.pivot]
+        if len(pivots) > 1:
+            raise ValueError(
+                f'{pivots[1].describe()}: a saga has at most one pivot '
+                f'(compensate_pivot), and {pivots[0].describe()} is one')
+        if not pivots:
+            return
+        pivot = pivots[0]
+        if len(self.stages[pivot.stage]) > 1:
+            raise ValueError(
+                f'{pivot.describe()}: a pivot (compensate_pivot) cannot be '
+                f'a member of a parallel stage; make it a stage of its own')
+        for step in self.steps[pivot.index + 1:]:
+            if step.undo is not None:
+                raise ValueError(
+                    f'{step.describe()}: it comes after the pivot '
+                    f'{pivot.describe()} and has an undo '
+                    f'({step.undo.name}): steps after a pivot are retried, '
+                    f'never undone; drop its compensate_with')
+
+    @property
+    def pivot(self) -> StepSpec | None:
+        """The saga's pivot step, if it has one."""
+        return next((step for step in self.steps if step.pivot), None)
 
     @classmethod
     def from_stages(cls, stages: Sequence[Sequence[tuple[Any, ...]]]) -> Plan:
         """Number the steps of ``stages``: lists of ``(call, undo, cof)``
-        or ``(call, undo, cof, timeout, undo_timeout, delay)``."""
+        or ``(call, undo, cof, timeout, undo_timeout, delay[, pivot])``."""
         built: list[tuple[StepSpec, ...]] = []
         index = 0
         for k, stage in enumerate(stages):

@@ -34,18 +34,22 @@ from celery.utils.log import get_logger
 from . import signals
 from .appstate import find_state
 from .messages import IDENTITY, SAGA_ID, is_labelled, label_kwargs
-from .model import UndoState
+from .model import UndoState, step_task_id
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ('COMPENSATION_FAILED_EVENT', 'send_compensation_failed',
+__all__ = ('COMPENSATION_FAILED_EVENT', 'FORWARD_FAILED_EVENT',
+           'send_compensation_failed', 'send_forward_failed',
            'connect_events')
 
 logger = get_logger(__name__)
 
 #: Type of the event sent when a saga becomes ``COMPENSATION_FAILED``.
 COMPENSATION_FAILED_EVENT = 'task-compensation_failed'
+
+#: Type of the event sent when a saga becomes ``FORWARD_FAILED``.
+FORWARD_FAILED_EVENT = 'task-forward_failed'
 
 #: Longest wait for the event to be sent; the rest happens in the
 #: background (a failed compensation must not stall a worker).
@@ -77,23 +81,49 @@ def send_compensation_failed(
     Returns:
         threading.Thread: the sending thread.
     """
+    return _send(app, COMPENSATION_FAILED_EVENT, saga_id,
+                 lambda: _failed_undo(app, saga_id, step), error, hostname,
+                 timeout)
+
+
+def send_forward_failed(
+        app: Celery, saga_id: str, step: int | None, error: Any,
+        hostname: str | None = None,
+        timeout: float = SEND_TIMEOUT) -> threading.Thread:
+    """Send a ``task-forward_failed`` event for ``saga_id``: its step
+    past the pivot spent its attempts.  The event names that step's task
+    (``uuid`` ``<saga>.s<step>``, ``name``), plus ``saga_id``, ``step``
+    and ``error``; sent as :func:`send_compensation_failed` sends.
+
+    Returns:
+        threading.Thread: the sending thread.
+    """
+    return _send(app, FORWARD_FAILED_EVENT, saga_id,
+                 lambda: _failed_step(app, saga_id, step), error, hostname,
+                 timeout)
+
+
+def _send(app: Celery, event: str, saga_id: str,
+          describe: Callable[[], dict[str, Any]], error: Any,
+          hostname: str | None, timeout: float) -> threading.Thread:
     thread = threading.Thread(
-        target=_send_compensation_failed,
-        args=(app, saga_id, step, error, hostname), daemon=True,
+        target=_send_event,
+        args=(app, event, saga_id, describe, error, hostname), daemon=True,
         name='compensate-event')
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
         logger.warning('saga %s: the %s event is not sent yet after %.1fs; '
-                       'it is sent in the background', saga_id,
-                       COMPENSATION_FAILED_EVENT, timeout)
+                       'it is sent in the background', saga_id, event,
+                       timeout)
     return thread
 
 
-def _send_compensation_failed(app: Celery, saga_id: str, step: int | None,
-                              error: Any, hostname: str | None) -> None:
+def _send_event(app: Celery, event: str, saga_id: str,
+                describe: Callable[[], dict[str, Any]], error: Any,
+                hostname: str | None) -> None:
     try:
-        fields = _failed_undo(app, saga_id, step)
+        fields = describe()
         fields.update(saga_id=saga_id,
                       error=None if error is None else str(error)[:2000])
         with app.connection_for_write() as conn:
@@ -107,13 +137,30 @@ def _send_compensation_failed(app: Celery, saga_id: str, step: int | None,
                 conn, hostname=hostname, enabled=True,
                 buffer_while_offline=False)
             try:
-                dispatcher.send(COMPENSATION_FAILED_EVENT, retry=True,
+                dispatcher.send(event, retry=True,
                                 retry_policy=_RETRY_POLICY, **fields)
             finally:
                 dispatcher.close()
     except Exception as exc:  # noqa: BLE001 - monitoring only
         logger.warning('saga %s: could not send the %s event: %r', saga_id,
-                       COMPENSATION_FAILED_EVENT, exc)
+                       event, exc)
+
+
+def _failed_step(app: Celery, saga_id: str,
+                 step: int | None) -> dict[str, Any]:
+    """``uuid``, ``name`` and ``step`` of the forward step that failed
+    (the saga id as ``uuid`` if the record cannot tell)."""
+    from .appstate import get_state
+    try:
+        record = get_state(app).store.read(saga_id)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning('saga %s: cannot read the record for the %s event: %r',
+                       saga_id, FORWARD_FAILED_EVENT, exc)
+        return {'uuid': saga_id, 'step': step}
+    if step is None or not 0 <= step < len(record.steps):
+        return {'uuid': saga_id, 'step': step}
+    return {'uuid': step_task_id(saga_id, step),
+            'name': record.steps[step].task_name, 'step': step}
 
 
 def _failed_undo(app: Celery, saga_id: str,
@@ -172,24 +219,35 @@ def connect_events(app: Celery) -> tuple[Callable[..., None], ...]:
             logger.warning('celery_compensate: could not label message %s '
                            'for monitors', headers.get('id'), exc_info=True)
 
-    def on_compensation_failed(sender: Any = None, saga_id: str | None = None,
-                               step: int | None = None, error: Any = None,
-                               **_: Any) -> None:
-        if sender is not app or not saga_id:
-            return
-        state = find_state(app)
-        if state is None or not (state.task_events
-                                 or app.conf.worker_send_task_events):
-            return
-        try:
-            send_compensation_failed(app, saga_id, step, error,
-                                     hostname=state.hostname)
-        except Exception:  # noqa: BLE001 - e.g. no thread could be started
-            logger.warning('saga %s: could not send the %s event', saga_id,
-                           COMPENSATION_FAILED_EVENT, exc_info=True)
+    def sender_of(event: str, send: Callable[..., Any]
+                  ) -> Callable[..., None]:
+        def on_failed(sender: Any = None, saga_id: str | None = None,
+                      step: int | None = None, error: Any = None,
+                      **_: Any) -> None:
+            if sender is not app or not saga_id:
+                return
+            state = find_state(app)
+            if state is None or not (state.task_events
+                                     or app.conf.worker_send_task_events):
+                return
+            try:
+                send(app, saga_id, step, error, hostname=state.hostname)
+            except Exception:  # noqa: BLE001 - e.g. no thread started
+                logger.warning('saga %s: could not send the %s event',
+                               saga_id, event, exc_info=True)
+        return on_failed
+
+    # looked up when called: tests replace the module's senders
+    on_compensation_failed = sender_of(
+        COMPENSATION_FAILED_EVENT,
+        lambda *a, **kw: send_compensation_failed(*a, **kw))
+    on_forward_failed = sender_of(
+        FORWARD_FAILED_EVENT, lambda *a, **kw: send_forward_failed(*a, **kw))
 
     celery_signals.before_task_publish.connect(
         on_before_publish, dispatch_uid=f'{uid}.on_before_publish')
     signals.compensation_failed.connect(
         on_compensation_failed, dispatch_uid=f'{uid}.on_compensation_failed')
-    return on_before_publish, on_compensation_failed
+    signals.saga_forward_failed.connect(
+        on_forward_failed, dispatch_uid=f'{uid}.on_forward_failed')
+    return on_before_publish, on_compensation_failed, on_forward_failed

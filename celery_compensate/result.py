@@ -12,7 +12,7 @@ from celery.utils.log import get_logger
 from .appstate import get_state
 from .exceptions import (
     InvalidSaga, SagaCompensated, SagaCompensationFailed, SagaFailed,
-    SagaNotFinished, SagaNotFound, SagaTimeoutError,
+    SagaForwardFailed, SagaNotFinished, SagaNotFound, SagaTimeoutError,
 )
 from .model import FINAL_STATES, SagaState, validate_saga_id
 from .store import Reply
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 __all__ = ('SagaResult',)
 
 logger = get_logger(__name__)
+
+#: what a failed saga's result is, by its state
+_FAILURES: dict[SagaState, type[SagaFailed]] = {
+    SagaState.COMPENSATED: SagaCompensated,
+    SagaState.COMPENSATION_FAILED: SagaCompensationFailed,
+    SagaState.FORWARD_FAILED: SagaForwardFailed,
+}
 
 
 class SagaResult:
@@ -92,10 +99,9 @@ class SagaResult:
         return self.state is SagaState.COMPLETED
 
     def failed(self) -> bool:
-        """Whether the saga failed: ``COMPENSATED`` or
-        ``COMPENSATION_FAILED``."""
-        return self.state in (SagaState.COMPENSATED,
-                              SagaState.COMPENSATION_FAILED)
+        """Whether the saga failed: ``COMPENSATED``,
+        ``COMPENSATION_FAILED`` or ``FORWARD_FAILED``."""
+        return self.state in _FAILURES
 
     def get(self, timeout: float | None = None, propagate: bool = True,
             interval: float = 0.5) -> Any:
@@ -112,6 +118,8 @@ class SagaResult:
             SagaCompensated: the saga failed and was compensated.
             SagaCompensationFailed: the saga failed and an undo spent its
                 attempts (it waits for an operator).
+            SagaForwardFailed: a step past the pivot spent its attempts
+                (it waits for an operator).
             SagaTimeoutError: time ran out (a saga not started yet is
                 waited for, as a ``PENDING`` task is).
         """
@@ -124,20 +132,19 @@ class SagaResult:
     @property
     def result(self) -> Any:
         """What :meth:`get` returns without waiting: the last stage's
-        result once ``COMPLETED``, the :exc:`SagaCompensated` or
-        :exc:`SagaCompensationFailed` of a failed saga, else ``None``."""
+        result once ``COMPLETED``, the :exc:`SagaCompensated`,
+        :exc:`SagaCompensationFailed` or :exc:`SagaForwardFailed` of a
+        failed saga, else ``None``."""
         record = self.info()
         if record.state is SagaState.COMPLETED:
             last = max(step.stage for step in record.steps)
             results = [step.result for step in record.steps
                        if step.stage == last]
             return results[0] if len(results) == 1 else results
-        if record.state in (SagaState.COMPENSATED,
-                            SagaState.COMPENSATION_FAILED):
+        if record.state in _FAILURES:
             error = (record.steps[record.failed_step].failure
                      if record.failed_step is not None else None)
-            cls = (SagaCompensated if record.state is SagaState.COMPENSATED
-                   else SagaCompensationFailed)
+            cls = _FAILURES[record.state]
             return cls(self.id, record.state.value, record.reason,
                        record.failed_step, error)
         return None
@@ -209,8 +216,9 @@ class SagaResult:
             reason: recorded as the saga's reason (``aborted: <reason>``).
         Returns:
             bool: ``True`` if the saga was running and is now compensating;
-            ``False`` if it was not running (nothing changed; a warning
-            names its state).
+            ``False`` if it was not running, or its pivot
+            (``compensate_pivot``) completed so it can only go forward
+            (nothing changed; a warning says which).
         Raises:
             SagaNotFound: no saga with this id.
         """
@@ -222,20 +230,31 @@ class SagaResult:
             logger.warning('saga %s: not aborted: it is %s, not RUNNING',
                            self.id, outcome.old_state)
             return False
+        if outcome.status is Reply.PAST_PIVOT:
+            logger.warning('saga %s: not aborted: its pivot completed, so it '
+                           'can only go forward', self.id)
+            return False
         return True
 
     def retry(self) -> bool:
-        """Re-drive a ``COMPENSATION_FAILED`` saga from the undo that failed.
+        """Re-drive a saga that waits for an operator.
 
-        Every undo that spent its attempts is sent again with a fresh
-        budget of ``compensate_undo_max_attempts`` (its next attempt
-        number, so a new task id); undos that finished are never repeated,
-        and compensation then carries on backwards as before.
+        ``COMPENSATION_FAILED``: every undo that spent its attempts is sent
+        again with a fresh budget of ``compensate_undo_max_attempts`` (its
+        next attempt number, so a new task id); undos that finished are
+        never repeated, and compensation then carries on backwards as
+        before.
+
+        ``FORWARD_FAILED``: every step past the pivot that spent its
+        attempts is published again with a fresh budget of
+        ``compensate_forward_max_attempts``, and the saga is ``RUNNING``
+        again, forward.
 
         Returns:
-            bool: ``True`` if the saga was ``COMPENSATION_FAILED`` and is
-            ``COMPENSATING`` again; ``False`` if it was in another state
-            (nothing changed; a warning names its state).
+            bool: ``True`` if the saga was ``COMPENSATION_FAILED`` (now
+            ``COMPENSATING``) or ``FORWARD_FAILED`` (now ``RUNNING``);
+            ``False`` if it was in another state (nothing changed; a
+            warning names its state).
         Raises:
             SagaNotFound: no saga with this id.
         """
@@ -244,7 +263,8 @@ class SagaResult:
             raise SagaNotFound(self.id)
         if outcome.status is Reply.WRONG_STATE:
             logger.warning('saga %s: not retried: it is %s, not '
-                           'COMPENSATION_FAILED', self.id, outcome.old_state)
+                           'COMPENSATION_FAILED or FORWARD_FAILED', self.id,
+                           outcome.old_state)
             return False
         return True
 

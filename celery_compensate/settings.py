@@ -302,6 +302,11 @@ class Settings:
         # at least undo_retry_backoff: checked by _check_bounds
         _number(f'a number of seconds >= {undo_retry_backoff.key}'),
         doc='cap of the delay between attempts')
+    forward_max_attempts = Option(
+        'compensate_forward_max_attempts', 6, _attempts,
+        doc='after a completed pivot (`compensate_pivot`), attempts per '
+            'failing step (each after its own Celery retries) before '
+            '`FORWARD_FAILED`; the undo retry backoff spaces them')
     redis_socket_timeout = Option(
         'compensate_redis_socket_timeout', 5.0,
         _number('a positive number', lambda value: value > 0),

@@ -17,6 +17,8 @@ Signal                      Keyword arguments besides ``sender``
                             that failed), ``countdown``, ``error``
 ``saga_compensated``        ``saga_id``
 ``compensation_failed``     ``saga_id``, ``step``, ``error``
+``saga_forward_failed``     ``saga_id``, ``step`` (past the pivot, it
+                            spent its attempts), ``error``
 ==========================  ==========================================
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from celery.utils.dispatch import Signal
 __all__ = (
     'saga_started', 'saga_completed', 'compensation_started',
     'step_compensated', 'undo_retry', 'saga_compensated',
-    'compensation_failed',
+    'compensation_failed', 'saga_forward_failed',
 )
 
 saga_started = Signal(name='saga_started', providing_args=['saga_id', 'steps'])
@@ -41,3 +43,5 @@ undo_retry = Signal(
 saga_compensated = Signal(name='saga_compensated', providing_args=['saga_id'])
 compensation_failed = Signal(
     name='compensation_failed', providing_args=['saga_id', 'step', 'error'])
+saga_forward_failed = Signal(
+    name='saga_forward_failed', providing_args=['saga_id', 'step', 'error'])

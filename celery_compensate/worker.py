@@ -15,7 +15,9 @@ class works):
   undo then gets ``None`` as the result);
 - ``compensate_timeout``: seconds the step (or, on an undo task, the undo)
   may go without a live worker holding it before the recovery sweep acts
-  (default ``compensate_step_timeout``).
+  (default ``compensate_step_timeout``);
+- ``compensate_pivot``: the step is the saga's point of no return (read
+  by the canvas when the saga is built).
 """
 from __future__ import annotations
 
@@ -153,10 +155,12 @@ def _run_step(state: AppState, task: AnyTask, orig: Callable[..., Any],
         # celery-types omits the attributes Reject sets
         if not exc.requeue:  # type: ignore[attr-defined]
             _guarded(state.coordinator.step_failed, info,
-                     f'rejected: {exc.reason!r}')  # type: ignore[attr-defined]
+                     f'rejected: {exc.reason!r}',  # type: ignore[attr-defined]
+                     generation=generation or None)
         raise
     except Exception as exc:
-        _guarded(state.coordinator.step_failed, info, _describe(exc))
+        _guarded(state.coordinator.step_failed, info, _describe(exc),
+                 generation=generation or None)
         _mark_handled(exc)
         raise
     try:
@@ -316,11 +320,11 @@ def _recheck(state: AppState) -> float:
     return min(1.0, state.settings.heartbeat_interval)
 
 
-def _guarded(fn: Callable[..., Any], *args: Any) -> None:
+def _guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Call ``fn``, logging instead of raising: the task's own exception is
     what Celery must see, and signal handlers must not raise into Celery."""
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except Exception:  # noqa: BLE001
         logger.exception('celery_compensate: %s%r failed',
                          getattr(fn, '__name__', fn), args[:2])

@@ -25,6 +25,9 @@ for name in ('step_timeout', 'queue_timeout', 'heartbeat_interval',
     value = os.environ.get(f'COMPENSATE_TEST_{name.upper()}')
     if value:
         app.conf[f'compensate_{name}'] = float(value)
+if os.environ.get('COMPENSATE_TEST_FORWARD_MAX_ATTEMPTS'):
+    app.conf.compensate_forward_max_attempts = int(
+        os.environ['COMPENSATE_TEST_FORWARD_MAX_ATTEMPTS'])
 if os.environ.get('COMPENSATE_TEST_UNDO_MAX_ATTEMPTS'):
     app.conf.compensate_undo_max_attempts = int(
         os.environ['COMPENSATE_TEST_UNDO_MAX_ATTEMPTS'])

@@ -369,3 +369,35 @@ def around_call(call: Any) -> Any:
             note(self, 'around')
         return call(self, *args, **kwargs)
     return __call__
+
+
+@shared_task(bind=True, name='t.forward')
+def forward(self: Task, name: str, fail_times: int = 0,
+            kill_once: bool = False) -> str:
+    """A step without an undo (as a step after a pivot is): its first
+    ``fail_times`` runs in a saga fail, then it succeeds; ``kill_once``
+    kills the whole worker on its first run."""
+    return _forward_body(self, name, fail_times, kill_once)
+
+
+@shared_task(bind=True, name='t.forward_retrying', autoretry_for=(ValueError,),
+             max_retries=1, default_retry_delay=0)
+def forward_retrying(self: Task, name: str, fail_times: int = 0) -> str:
+    """``t.forward`` with a Celery retry policy of its own (one retry)."""
+    return _forward_body(self, name, fail_times, False)
+
+
+def _forward_body(task: Task, name: str, fail_times: int,
+                  kill_once: bool) -> str:
+    r = client_for(task.app)
+    saga_id = task.request.compensate_saga_id
+    note(task, f'start:{name}')
+    if kill_once and r.set(
+            countdown_key(task.app, saga_id, f'{name}-killed'), 1, nx=True):
+        note(task, f'killing:{name}')
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    if r.incr(countdown_key(task.app, saga_id, f'{name}-runs')) <= fail_times:
+        note(task, f'fail:{name}')
+        raise ValueError(f'{name} failed on purpose')
+    note(task, f'do:{name}')
+    return f'res-{name}'

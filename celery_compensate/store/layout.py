@@ -32,8 +32,10 @@ Fields (``i`` a step index, ``k`` a stage index)
 ``n/ns``    number of steps / stages; ``qt`` seconds a message may wait
             in the broker before a worker takes it
 ``created`` when started; ``ended`` when finished (or became
-            COMPENSATION_FAILED); ``reason`` why it compensates (an undo's
-            errors are its ``e<i>``); ``failed`` the failed step;
+            COMPENSATION_FAILED or FORWARD_FAILED); ``reason`` why it
+            compensates or why it failed forward (an undo's errors are its
+            ``e<i>``); ``failed`` the failed step; ``pv`` the pivot step
+            (``compensate_pivot``), if any;
             ``retries`` operator retries; ``cstart`` compensation began
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
@@ -51,7 +53,8 @@ Fields (``i`` a step index, ``k`` a stage index)
             dispatched by a completion whose publishing is not confirmed
             yet; ``pb<k>`` the step whose completion dispatched stage ``k``;
             ``pg<i>`` the step's publish generation (absent: 1), raised
-            each time the sweep publishes it again
+            each time it is published again; ``fa<i>`` past a pivot, its
+            current attempt (absent: 1)
 ``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
             when settled; ``fe<i>`` why it failed
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``ab<i>``
@@ -63,7 +66,7 @@ tokens      of the call that made a change, so that a resent call (its
             reply lost) answers again: ``tok`` created, ``tk<i>`` settled
             step ``i``, ``dn<k>`` completed stage ``k``, ``claim`` claimed
             compensation, ``fin`` finished the saga, ``cf`` made it
-            COMPENSATION_FAILED, ``tb<i>`` let the running copy of an undo
+            COMPENSATION_FAILED, ``ff`` made it FORWARD_FAILED, ``tb<i>`` let the running copy of an undo
             in, ``tu<i>`` settled an undo attempt, ``rt`` retried by an
             operator
 =========== ================================================================
@@ -77,6 +80,7 @@ __all__ = (
     'SHARDS', 'shard_of', 'Keys',
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
+    'PIVOT', 'FF', 'forward_attempt',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
     'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
     'deadline', 'held', 'outbox', 'generation', 'step_state', 'result',
@@ -174,9 +178,12 @@ CLAIM = 'claim'
 FIN = 'fin'
 CF = 'cf'
 RT = 'rt'
+PIVOT = 'pv'
+FF = 'ff'
 
 SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
-               RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT)
+               RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT, PIVOT,
+               FF)
 
 # -- stage fields: the prefix, then the stage index -------------------------
 
@@ -259,6 +266,12 @@ def outbox(i: int) -> str:
 def generation(i: int) -> str:
     """How many times the step was published (absent: once)."""
     return f'pg{i}'
+
+
+def forward_attempt(i: int) -> str:
+    """After a completed pivot: the step's current attempt (absent: the
+    first); each failure past the pivot publishes it again."""
+    return f'fa{i}'
 
 
 def step_state(i: int) -> str:
@@ -349,6 +362,6 @@ STAGE_FIELDS = _prefixes(members, waiting, undos_left, stage_token,
 #: the prefix of every per-step field, by function name
 STEP_FIELDS = _prefixes(
     spec, stage, undo_flag, lease, undo_lease, countdown, deadline, held,
-    outbox, generation, step_state, result, settled_at, failure,
+    outbox, generation, forward_attempt, step_state, result, settled_at, failure,
     undo_state, attempt, attempts_before, undo_started, undone_at,
     undo_error, late, redo, settle_token, begin_token, undo_token)

@@ -42,6 +42,11 @@ class StepRecord:
     #: the last failed attempt's error (kept after a later success)
     undo_error: str | None
     undone_at: float | None
+    #: the saga's point of no return (``compensate_pivot``)
+    pivot: bool = False
+    #: past a completed pivot: the step's current (or last) forward
+    #: attempt (1 until it failed once)
+    attempts: int = 1
 
     @property
     def in_flight(self) -> bool:
@@ -63,6 +68,8 @@ class SagaRecord:
     steps: list[StepRecord]
     #: operator retries (``compensate retry``) so far
     retries: int = 0
+    #: when compensation was claimed (``None``: it never was)
+    compensation_started: float | None = None
 
     @property
     def current(self) -> list[StepRecord]:
@@ -187,6 +194,8 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
             undo_started_at=_float(raw.get(L.undo_started(i))),
             undo_error=raw.get(L.undo_error(i)),
             undone_at=_float(raw.get(L.undone_at(i))),
+            pivot=spec.pivot,
+            attempts=int(raw.get(L.forward_attempt(i), 1)),
         ))
     failed = raw.get(L.FAILED)
     return SagaRecord(
@@ -195,4 +204,5 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         failed_step=int(failed) if failed else None,
         reason=raw.get(L.REASON), steps=steps,
         retries=int(raw.get(L.RETRIES, 0)),
+        compensation_started=_float(raw.get(L.CSTART)),
     )

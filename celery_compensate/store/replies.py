@@ -30,6 +30,9 @@ class Reply(str, enum.Enum):
     JOINED = 'joined'               #: a failure recorded while compensating
     COMPLETED_STEP = 'completed-step'   #: a failure of a step recorded done
     NOT_DISPATCHED = 'not-dispatched'   #: a step whose stage never started
+    FORWARD_RETRY = 'forward-retry'     #: past the pivot: published again
+    FORWARD_FAILED = 'forward-failed'   #: past the pivot: attempts spent
+    STALE_COPY = 'stale-copy'       #: the failure of an older copy: ignored
     UNKNOWN_STEP = 'unknown-step'   #: the saga has no such step
     # an undo attempt: undo_begin, undo_release, undo_done, undo_failed
     RUN = 'run'                     #: this copy may run the undo
@@ -55,8 +58,9 @@ class Reply(str, enum.Enum):
     # operators: abort, retry
     ABORTED = 'aborted'             #: compensation claimed by an abort
     NOT_RUNNING = 'not-running'     #: only a running saga can be aborted
-    RETRIED = 'retried'             #: failed undos sent again
-    WRONG_STATE = 'wrong-state'     #: only a COMPENSATION_FAILED saga retries
+    RETRIED = 'retried'             #: failed undos (or forward steps) sent again
+    WRONG_STATE = 'wrong-state'     #: only a saga that waits for an operator retries
+    PAST_PIVOT = 'past-pivot'       #: the pivot completed: nothing can be aborted
     # forget
     FORGOTTEN = 'forgotten'         #: the record and its index entries are gone
     NOT_FINISHED = 'not-finished'   #: only a finished saga can be forgotten

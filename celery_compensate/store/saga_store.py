@@ -65,6 +65,9 @@ class Outcome:
     #: the publish generation of each step of ``forward`` published again
     #: by the sweep (a step published for the first time is absent: 1)
     generations: dict[int, int] = field(default_factory=dict)
+    #: seconds before each step of ``forward`` retried past a pivot may
+    #: run (the retry backoff); absent: at once
+    countdowns: dict[int, float] = field(default_factory=dict)
 
 
 def _state(value: Any) -> SagaState | None:
@@ -135,6 +138,8 @@ class SagaStore:
                            L.undo_lease(i), step.undo_timeout or default]
                 if step.delay:
                     fields += [L.countdown(i), step.delay]
+        if plan.pivot is not None:
+            fields += [L.PIVOT, plan.pivot.index]
         reply = self._run(self._commands['start'],
                           keys=self.keys.for_saga(saga_id),
                           args=[new_token(), saga_id,
@@ -150,17 +155,27 @@ class SagaStore:
             'step_done', saga_id, token, index, result_json), result_json)
 
     def step_failed(self, saga_id: str, index: int, reason: str,
-                    placeholder: str = '') -> Outcome:
+                    placeholder: str = '',
+                    generation: int | None = None) -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
-        was running.
+        was running.  Past a completed pivot the step is published again
+        instead (``forward-retry``), or, its attempts spent, the saga is
+        ``FORWARD_FAILED``.
 
         Arguments:
             placeholder: the body returned but its result cannot be stored:
                 this JSON stands for it, and the step is undone like a
                 completed one.
+            generation: the publish generation of the copy that failed,
+                when known: the failure of an older copy than the one in
+                flight changes nothing.
         """
+        s = self.settings
         return self._decoded(saga_id, self._change(
-            'step_failed', saga_id, None, index, reason[:2000], placeholder))
+            'step_failed', saga_id, None, index, reason[:2000], placeholder,
+            '' if generation is None else generation,
+            s.forward_max_attempts, s.undo_retry_backoff,
+            s.undo_retry_backoff_max))
 
     def undo_begin(self, saga_id: str, index: int, attempt: int,
                    token: str) -> Reply:
@@ -294,7 +309,8 @@ class SagaStore:
         return self._decoded(saga_id, self._change(
             'recover', saga_id, None, saga_id,
             self.settings.undo_max_attempts, self.settings.undo_retry_backoff,
-            self.settings.undo_retry_backoff_max))
+            self.settings.undo_retry_backoff_max,
+            self.settings.forward_max_attempts))
 
     def quarantine(self, saga_id: str) -> None:
         """Take a saga the sweep cannot process out of the deadline index
@@ -314,7 +330,8 @@ class SagaStore:
             self.settings.heartbeat_interval))
 
     def retry(self, saga_id: str, token: str | None = None) -> Outcome:
-        """Re-drive a COMPENSATION_FAILED saga from the undos that failed
+        """Re-drive a COMPENSATION_FAILED saga from the undos that failed,
+        or a FORWARD_FAILED one from the steps past its pivot that failed
         (status ``retried``, or ``wrong-state``/``missing``, which change
         nothing)."""
         return self._decoded(saga_id, self._change('retry', saga_id,
@@ -389,7 +406,8 @@ class SagaStore:
                    ) -> list[Listed]:
         """The newest sagas first, read from the per-shard indexes (never
         ``KEYS``): the unfinished ones when ``state`` is RUNNING,
-        COMPENSATING or COMPENSATION_FAILED, else every stored one.
+        COMPENSATING, COMPENSATION_FAILED or FORWARD_FAILED, else every
+        stored one.
 
         Each saga is read as a bounded summary (``lua/summary.lua``),
         never whole: a saga of thousands of steps or with megabytes of
@@ -408,7 +426,8 @@ class SagaStore:
             SagaStoreUnavailable: Redis cannot be reached.
         """
         live = state in (SagaState.RUNNING, SagaState.COMPENSATING,
-                         SagaState.COMPENSATION_FAILED)
+                         SagaState.COMPENSATION_FAILED,
+                         SagaState.FORWARD_FAILED)
         keys = [self.keys.live(s) if live else self.keys.sagas(s)
                 for s in range(SHARDS)]
         found: list[Listed] = []
@@ -580,11 +599,13 @@ class SagaStore:
             # '' is the calling step's own result, which is not sent back
             results = [loads(own if r == '' and own is not None else r)
                        for r in reply[3]] if len(reply) > 3 else []
-            forward, generations = [], {}
+            forward, generations, countdowns = [], {}, {}
             for entry in (reply[4] if len(reply) > 4 else ()):
                 forward.append(StepSpec.from_dict(loads(entry[1])))
                 if len(entry) > 2:
                     generations[int(entry[0])] = int(entry[2])
+                if len(entry) > 3:
+                    countdowns[int(entry[0])] = float(entry[3])
             undos = []
             for _, spec, result, prev, attempt, countdown in (
                     reply[5] if len(reply) > 5 else ()):
@@ -597,7 +618,7 @@ class SagaStore:
             ) from exc
         stopped = [int(i) for i in reply[6]] if len(reply) > 6 else []
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
-                       forward, undos, stopped, generations)
+                       forward, undos, stopped, generations, countdowns)
 
 
 #: Errors after which the same call may succeed: connection trouble (also

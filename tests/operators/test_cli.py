@@ -38,12 +38,14 @@ class Env:
             'COMPENSATE_TEST_PREFIX': self.prefix,
             'COMPENSATE_TEST_QUEUE': f'{self.prefix}-q',
             'COMPENSATE_TEST_UNDO_MAX_ATTEMPTS': '2',
+            'COMPENSATE_TEST_FORWARD_MAX_ATTEMPTS': '2',
         }
         self.app = Celery('cli-producer', broker=redis_url,
                           set_as_current=False)
         self.app.conf.update(compensate_key_prefix=self.prefix,
                              task_default_queue=f'{self.prefix}-q',
-                             compensate_undo_max_attempts=2)
+                             compensate_undo_max_attempts=2,
+                             compensate_forward_max_attempts=2)
         install(self.app)
         self.rds = redis.Redis.from_url(redis_url, decode_responses=True)
         self.worker = WorkerProcess(
@@ -222,7 +224,8 @@ def test_retry_redrives_from_the_failed_undo_only(env):
     # a saga in another state: nothing changes, and it says why
     proc = env.cli('retry', res.id)
     assert proc.returncode == EXIT_WRONG_STATE
-    assert (f'saga {res.id} is COMPENSATED, not COMPENSATION_FAILED: cannot '
+    assert (f'saga {res.id} is COMPENSATED, not COMPENSATION_FAILED or '
+            'FORWARD_FAILED: cannot '
             'retry it; nothing was changed') in proc.stderr
     assert res.state is SagaState.COMPENSATED and undone(log()) == ['b', 'a']
 
@@ -258,6 +261,32 @@ def test_retry_gives_a_fresh_budget_and_can_fail_again(env):
     wait_for(lambda: res.steps[0].undo_attempts == 4, timeout=30)
     assert res.wait(timeout=30) is SagaState.COMPENSATION_FAILED
     assert res.steps[0].undo_attempts == 4      # two more: a fresh budget
+
+
+def test_a_forward_failed_saga_is_shown_and_retried_forward(env):
+    """Past its pivot, ship spends its 2 attempts: FORWARD_FAILED, shown
+    with the pivot and the attempts; retry publishes ship again (a fresh
+    budget) and the saga completes, nothing undone."""
+    res = env.start(tasks.do.si('reserve'),
+                    tasks.do.si('capture').set(compensate_pivot=True),
+                    tasks.forward.si('ship', fail_times=3))
+    assert res.wait(timeout=30) is SagaState.FORWARD_FAILED
+    proc = env.cli('show', res.id, '--wide', '--no-color')
+    assert proc.returncode == 0, proc.stderr
+    assert 'state    FORWARD_FAILED' in proc.stdout
+    assert 't.do (pivot)' in proc.stdout
+    assert 't.forward (attempt 2)' in proc.stdout
+    code, data = env.cli_json('list', '--state', 'FORWARD_FAILED')
+    assert code == 0 and res.id in [e['saga_id'] for e in data]
+
+    proc = env.cli('retry', res.id)
+    assert proc.returncode == 0, proc.stderr
+    assert f'saga {res.id}: FORWARD_FAILED -> RUNNING; steps sent again:' \
+        in proc.stdout
+    assert f'step 2 t.forward ({res.id}.s2)' in proc.stdout
+    assert res.wait(timeout=30) is SagaState.COMPLETED
+    log = env.rds.lrange(tasks.ledger_key(env.app, res.id), 0, -1)
+    assert log.count('start:ship') == 4 and undone(log) == []
 
 
 def test_abort_stops_a_running_saga_and_refuses_a_finished_one(env):

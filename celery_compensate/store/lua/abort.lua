@@ -19,6 +19,8 @@
 ---   aborted      compensation claimed (also for this call sent again:
 ---                the steps still running are revoked again)
 ---   not-running  the saga is not RUNNING: nothing changed
+---   past-pivot   the saga's pivot completed: it can only go forward,
+---                nothing changed
 ---   missing      no such saga
 ---
 --- Transitions: saga RUNNING -> COMPENSATING (``reason``, no ``failed``);
@@ -34,6 +36,7 @@
 --- @include "includes/claim"
 --- @include "includes/advance"
 --- @include "includes/replay"
+--- @include "includes/pivot"
 
 local st = hget('state')
 if not st then return {'missing'} end
@@ -54,6 +57,7 @@ if st ~= 'RUNNING' then
   end
   return {'not-running', st, st}
 end
+if pivot_passed() then return {'past-pivot', st, st} end
 local stopped = running()
 local t = clock()
 for _, i in ipairs(stopped) do

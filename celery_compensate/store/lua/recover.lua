@@ -11,7 +11,9 @@
 ---
 --- KEYS[1-5] saga hash, :due, :live, :ends, :sagas (see includes/saga.lua)
 --- ARGV[1-3] token, now, ttl; ARGV[4] saga id; ARGV[5] max undo attempts;
----   ARGV[6], ARGV[7] the undo retry backoff and its cap (seconds)
+---   ARGV[6], ARGV[7] the undo retry backoff and its cap (seconds), also
+---   the backoff of forward attempts past the pivot; ARGV[8] forward
+---   attempts per step past the pivot
 ---
 --- Replies {status, old state, new state, the results of the stage
 --- before the current one, {index, spec, generation} of each forward step
@@ -23,7 +25,10 @@
 ---   missing    no such saga: its index entries are dropped
 ---
 --- Transitions: step R in the outbox -> R queued, published again
---- (``pg`` + 1); step R -> F (lost; saga RUNNING -> COMPENSATING); undo
+--- (``pg`` + 1); past a completed pivot, a lost step stays R, published
+--- again after the backoff (``fa``, ``pg`` + 1), or R -> F with saga
+--- RUNNING -> FORWARD_FAILED; step R -> F (lost; saga RUNNING ->
+--- COMPENSATING); undo
 --- Q/W re-sent (queued lease); undo R -> W (a + 1, sent after the backoff
 --- a failed attempt gets) or -> F with saga -> COMPENSATION_FAILED; then
 --- as step_failed (open the stage, walk down).
@@ -38,6 +43,8 @@
 --- @include "includes/rescore"
 --- @include "includes/claim"
 --- @include "includes/advance"
+--- @include "includes/results"
+--- @include "includes/forward"
 
 if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', idx, ARGV[4])
@@ -78,6 +85,15 @@ for _, i in ipairs(candidates) do
       redis.call('HDEL', h, 'ob' .. i)
       wait_lease(i, hget('c' .. i))
       again[#again + 1] = {tonumber(i), hget('p' .. i), gen}
+    elseif s == 'R' and hget('state') == 'RUNNING' and past_pivot(i) then
+      local why = hget('h' .. i) and
+          ('lost: its worker died (no lease renewal for ' ..
+           hget('o' .. i) .. 's)') or
+          ('lost: no worker took it from the broker within ' ..
+           hget('qt') .. 's')
+      local entry = forward_retry(i, why, tonumber(ARGV[8]),
+                                  tonumber(ARGV[6]), tonumber(ARGV[7]))
+      if entry then again[#again + 1] = entry else lost[#lost + 1] = tonumber(i) end
     elseif s == 'R' then
       local why = 'lost: its worker died (no lease renewal for ' ..
                   hget('o' .. i) .. 's)'
@@ -125,9 +141,5 @@ rescore()
 -- what the steps published again are called with: the stage before's
 -- results, as when the stage was dispatched
 local prev = {}
-if #again > 0 and cur > 0 then
-  for j in string.gmatch(hget('g' .. (cur - 1)) or '', '%d+') do
-    prev[#prev + 1] = hget('r' .. j) or 'null'
-  end
-end
+if #again > 0 then prev = stage_results(cur) end
 return {'recovered', st, now_st, prev, again, out, lost}

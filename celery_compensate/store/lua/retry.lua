@@ -1,4 +1,10 @@
---- RETRY: an operator re-drives a COMPENSATION_FAILED saga.  Every undo
+--- RETRY: an operator re-drives a saga that waits for one.
+---
+--- FORWARD_FAILED (a step past the pivot spent its attempts): every
+--- failed member of the current stage gets a new budget and is published
+--- again (generation + 1); the saga is RUNNING again.
+---
+--- COMPENSATION_FAILED:  Every undo
 --- that spent its attempts gets a new budget and is queued again (the next
 --- attempt number, so its task id is new); finished undos are never
 --- repeated.  What waited while the saga was COMPENSATION_FAILED is made
@@ -10,12 +16,17 @@
 --- ARGV[1-3] token, now, ttl
 ---
 --- Replies {status, old state, new state, {}, {}, undos due}:
----   retried      sent again (also for this call sent again)
----   wrong-state  the saga is not COMPENSATION_FAILED: nothing changed
+---   retried      sent again (also for this call sent again); for a
+---                FORWARD_FAILED saga with the results of the stage
+---                before and {index, spec, generation, 0} of each step
+---                to publish again
+---   wrong-state  the saga waits for no operator: nothing changed
 ---   missing      no such saga
 ---   error CORRUPT  a step lacks its stage, spec or counters
 ---
---- Transitions: saga COMPENSATION_FAILED -> COMPENSATING (``retries`` + 1,
+--- Transitions: saga FORWARD_FAILED -> RUNNING (``retries`` + 1, no
+--- ``ended``), step F -> R (``fa`` 1, ``pg`` + 1, queued);
+--- saga COMPENSATION_FAILED -> COMPENSATING (``retries`` + 1,
 --- no ``ended``); undo F -> Q (a + 1, ``ab<i>`` = a); then as undo_done
 --- (walk settled stages down, possibly -> COMPENSATED).
 
@@ -26,11 +37,31 @@
 --- @include "includes/undo_wait"
 --- @include "includes/rescore"
 --- @include "includes/resume"
+--- @include "includes/results"
+--- @include "includes/wait_lease"
 
 local st = hget('state')
 if not st then return {'missing'} end
 if hget('rt') == token then
   return replay('retried', st, 'rt', 'COMPENSATION_FAILED')
+end
+if st == 'FORWARD_FAILED' then
+  local cur = num('cur')
+  local again = {}
+  redis.call('HSET', h, 'state', 'RUNNING', 'rt', token)
+  redis.call('HINCRBY', h, 'retries', 1)
+  redis.call('HDEL', h, 'ended')
+  for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
+    if hget('s' .. i) == 'F' then
+      local gen = math.max(num('pg' .. i), 1) + 1
+      redis.call('HSET', h, 's' .. i, 'R', 'fa' .. i, 1, 'pg' .. i, gen)
+      redis.call('HINCRBY', h, 'w' .. cur, 1)
+      wait_lease(i, 0)
+      again[#again + 1] = {tonumber(i), hget('p' .. i), gen, '0'}
+    end
+  end
+  rescore()
+  return {'retried', st, 'RUNNING', stage_results(cur), again}
 end
 if st ~= 'COMPENSATION_FAILED' then return {'wrong-state', st, st} end
 local n = num('n')

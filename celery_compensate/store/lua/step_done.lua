@@ -26,7 +26,9 @@
 --- Transitions: step R -> D (F -> D for a late completer of a given-up
 --- step); stage complete -> next stage P -> R (in the outbox) and
 --- ``cur`` + 1, or saga RUNNING -> COMPLETED (expires, :live -> :ends);
---- saga COMPENSATING/COMPENSATED/COMPENSATION_FAILED: see ``late`` above.
+--- saga COMPENSATING/COMPENSATED/COMPENSATION_FAILED: see ``late`` above;
+--- saga FORWARD_FAILED -> RUNNING when the step that failed past the
+--- pivot completes after all and no other member of its stage failed.
 
 --- @include "includes/saga"
 --- @include "includes/many"
@@ -201,6 +203,22 @@ if st == 'RUNNING' then
   if left <= 0 then return next_stage({}) end
   -- other members run: the saga's :due entry stays a lower bound (O(1))
   return {'recorded', st, st}
+end
+if st == 'FORWARD_FAILED' and s == 'F' then
+  -- the step that failed past the pivot completed after all (a copy taken
+  -- for lost): forward again, unless another member of its stage failed
+  for j in string.gmatch(hget('g' .. k) or '', '%d+') do
+    if hget('s' .. j) == 'F' then return {'late', st, st, {}, {}, {}} end
+  end
+  redis.call('HSET', h, 'state', 'RUNNING')
+  redis.call('HDEL', h, 'ended')
+  if left <= 0 then
+    local r = next_stage({})
+    if r then r[2] = st end
+    return r
+  end
+  rescore()
+  return {'recorded', st, 'RUNNING'}
 end
 -- A late completer: compensation began while this step was running, or
 -- the step had been given up (lost, aborted) and ran after all.

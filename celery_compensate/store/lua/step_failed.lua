@@ -7,7 +7,10 @@
 --- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] reason; ARGV[6]
 ---   '' or, when the body returned but its result cannot be stored, the
 ---   placeholder result (JSON): the step took effect, so its undo runs
----   (``u<i>`` 1 -> 2) and gets the placeholder
+---   (``u<i>`` 1 -> 2) and gets the placeholder; ARGV[7] the publish
+---   generation of the copy that failed ('' unknown); ARGV[8] forward
+---   attempts per step past the pivot; ARGV[9], ARGV[10] their backoff
+---   and its cap (seconds)
 ---
 --- Replies {status, old state, new state, {}, {}, undos due}:
 ---   claimed         the saga was RUNNING: now COMPENSATING
@@ -15,13 +18,21 @@
 ---   replayed        this call was resent after its reply was lost
 ---   duplicate       another call recorded this failure already
 ---   completed-step  the step is recorded done: the failure is ignored
+---   forward-retry   past the pivot: the step is published again after
+---                   the backoff ({index, spec, generation, countdown})
+---   forward-failed  past the pivot, its attempts spent: saga RUNNING ->
+---                   FORWARD_FAILED
+---   stale-copy      past the pivot, the failure of a copy older than the
+---                   one published last (or not yet received): ignored
 ---   not-dispatched  its stage was never dispatched (a stale or forged
 ---                   message): nothing changed
 ---   unknown-step    the saga has no such step
 ---   missing         no such saga
 ---   error CORRUPT   the record lacks the step's stage, spec or counters
 ---
---- Transitions: step R -> F (with a placeholder result: undone like a
+--- Transitions: past a completed pivot, step R stays R, published again
+--- (``fa``, ``pg`` + 1), or R -> F with saga RUNNING -> FORWARD_FAILED;
+--- otherwise step R -> F (with a placeholder result: undone like a
 --- completed step); saga RUNNING -> COMPENSATING (claimed, with
 --- ``reason`` and ``failed``); the stage under compensation is opened
 --- (undos of its completed members and compensate_on_failure ones due);
@@ -36,6 +47,8 @@
 --- @include "includes/claim"
 --- @include "includes/advance"
 --- @include "includes/replay"
+--- @include "includes/results"
+--- @include "includes/forward"
 
 local st, cur0 = hget('state'), hget('cur')
 if not st then return {'missing'} end
@@ -53,6 +66,22 @@ end
 local bad = damaged(i)
 if bad then return bad end
 local k = hget('k' .. i)
+if st == 'RUNNING' and past_pivot(i) then
+  local g = ARGV[7] or ''
+  if (g ~= '' and tonumber(g) < math.max(num('pg' .. i), 1))
+      or (g == '' and num('fa' .. i) > 1 and not hget('h' .. i)) then
+    -- a copy published before the last one (the one in flight has not
+    -- even been received yet): its failure was handled already
+    return {'stale-copy', st, st}
+  end
+  -- a result that cannot be stored fails every attempt alike
+  local max = (ARGV[6] or '') ~= '' and 1 or tonumber(ARGV[8])
+  local again = forward_retry(i, ARGV[5], max, tonumber(ARGV[9]),
+                              tonumber(ARGV[10]))
+  rescore()
+  if not again then return {'forward-failed', st, 'FORWARD_FAILED'} end
+  return {'forward-retry', st, st, stage_results(tonumber(k)), {again}}
+end
 if (ARGV[6] or '') ~= '' then
   redis.call('HSET', h, 'r' .. i, ARGV[6])
   if hget('u' .. i) == '1' then redis.call('HSET', h, 'u' .. i, 2) end

@@ -28,9 +28,11 @@ end
 
 --- Move the cursor down over settled stages, opening each next one; once
 --- every stage is settled the saga is COMPENSATED and starts to expire.
---- Nothing moves while the saga is COMPENSATION_FAILED.
+--- Nothing moves while the saga is COMPENSATION_FAILED, nor in
+--- FORWARD_FAILED (past its pivot: nothing is compensated).
 local function advance(out)
-  if hget('state') == 'COMPENSATION_FAILED' then return end
+  local st = hget('state')
+  if st == 'COMPENSATION_FAILED' or st == 'FORWARD_FAILED' then return end
   local cur = num('cur')
   while cur >= 0 do
     if num('w' .. cur) > 0 or num('y' .. cur) > 0 then return end
