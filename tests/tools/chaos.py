@@ -25,7 +25,12 @@ a countdown longer than its lease (``retry_wait``), a step whose result
 cannot be stored (``unencodable``), undos that ``replace()`` themselves,
 raise ``Ignore`` or ``retry(countdown=0)`` (``undo_replace``,
 ``undo_ignore``, ``undo_retry0``), and one saga with a 200-member stage
-(``--wide``).  Faults marked ``:fx`` hit after the
+(``--wide``).  About 25% of the sagas get a pivot where one fits
+(``compensate_pivot``) on a single-member stage with a stage after it: the
+terminating fault, if any, is at or before it, the steps after it have no
+undo and may fail or lose their pool child once (``fail_once``,
+``kill_once``): they are retried and the saga completes.  Faults marked
+``:fx`` hit after the
 effect was applied: the outcome of the step (or undo) is in doubt.  Some
 steps and undos are slow (1-2 s) so that revokes, aborts and kills hit
 running tasks; a worker kill waits a moment for a worker running an undo
@@ -60,6 +65,8 @@ checks, and prints as one line::
   longer than the step lease + a sweep interval + 5 s (+ the queue timeout
   after an undo's ``Ignore``, or when Redis was killed while they were in
   flight: a message published in its last second may be gone);
+- ``forward-undone``: sagas whose pivot was recorded done before any
+  compensation, yet an undo ran or the saga did not complete;
 - ``healthy-compensated``: sagas compensated although no fault touched
   them but faults after which a saga must complete (``dup``,
   ``kill_publish``, ``retry_wait``), and none of their tasks ran on a
@@ -126,7 +133,11 @@ TERMINATING = ('fail', 'time_limit', 'kill_child', 'revoke', 'abort',
 #: faults after which the saga must still complete (aimed at the windows
 #: between the library's own actions): with only these, or none, a
 #: compensated saga is ``healthy-compensated``
-HEALTHY = ('dup', 'kill_publish', 'retry_wait')
+HEALTHY = ('dup', 'kill_publish', 'retry_wait', 'fail_once', 'kill_once')
+#: faults on the steps after a pivot (retried: the saga completes)
+PIVOT_FAULTS = ('fail_once', 'fail_once:fx', 'kill_once')
+#: sagas that get a pivot
+PIVOT_RATIO = 0.25
 #: the chaos app's step lease and sweep interval (tests/tools/chaos_app.py)
 #: and its queue timeout: a saga with nothing happening to it for longer
 #: than lease + sweep + 5 s (+ the queue timeout after an undo's Ignore)
@@ -149,7 +160,7 @@ RESTORED_WITHIN = VISIBILITY_TIMEOUT + 2.0 + 3.0
 
 #: the counts that must be zero
 MUST_BE_ZERO = ('double-undo', 'missing-undo', 'wrong-order', 'lost',
-                'stranded', 'healthy-compensated',
+                'stranded', 'healthy-compensated', 'forward-undone',
                 'undo-without-do', 'undo-not-due', 'completed-bad',
                 'forward-not-due', 'bad-idem', 'cf-unexpected', 'cf-missed',
                 'double-do', 'ledger-mismatch', 'orphan-ran', 'orphan-stuck')
@@ -288,6 +299,8 @@ class Plan:
     #: attempt, when submitted)
     revoke: list[tuple[int, str]] = field(default_factory=list)
     abort: int | None = None
+    #: the stage of its pivot (one member), if it has one
+    pivot: int | None = None
     #: wall times the driver revoked or aborted something of it
     touched: list[float] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)
@@ -326,6 +339,8 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
 
     kinds = [k for k in WEIGHTS if k in enabled]
     if not kinds or rng.random() >= FAULTY_RATIO:
+        if rng.random() < PIVOT_RATIO:
+            add_pivot(rng, plan, None)
         return plan
     chosen: list[str] = []
     for _ in range(1 if rng.random() < 0.75 else 2):
@@ -392,7 +407,37 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
         if free:
             plan.fwd[rng.choice(free)] = kind
             plan.faults[kind] += 1
+    if rng.random() < PIVOT_RATIO:
+        add_pivot(rng, plan, t)
     return plan
+
+
+def add_pivot(rng: random.Random, plan: Plan, t: int | None) -> None:
+    """Make a single-member stage at or after the terminating fault's
+    (``t``) and before the last stage the saga's pivot; the steps after it
+    lose their undo (and any undo fault) and may fail or lose their pool
+    child once."""
+    low = plan.stage_of(t) if t is not None else 0
+    undo_faulted = [plan.stage_of(i) for i, f in plan.undo.items()
+                    if not f.startswith('slow')]
+    undo_faulted += [plan.stage_of(i) for i, mode in plan.revoke
+                     if mode == 'undo']
+    if undo_faulted:
+        low = max(low, max(undo_faulted) + 1)
+    choices = [k for k in range(low, len(plan.stages) - 1)
+               if len(plan.stages[k]) == 1]
+    if not choices:
+        return
+    plan.pivot = rng.choice(choices)
+    after = [i for s in plan.stages[plan.pivot + 1:] for i in s]
+    for i in after:
+        plan.undo.pop(i, None)
+    if rng.random() < 0.5:
+        i = rng.choice(after)
+        if plan.fwd.get(i, 'slow').startswith('slow'):
+            kind = rng.choice(PIVOT_FAULTS)
+            plan.fwd[i] = kind
+            plan.faults[kind.split(':')[0]] += 1
 
 
 def wide_plan(key: int, width: int) -> Plan:
@@ -562,6 +607,22 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
                     problem('bad-idem', att, i, f'undo got idempotency key '
                             f'{d.get("idem")!r}, saga id {d.get("sid")!r}')
                     break
+        if plan.pivot is not None:
+            p = plan.stages[plan.pivot][0]
+            pivot = rec.steps[p]
+            started = rec.compensation_started
+            passed = pivot.state is StepState.DONE and (
+                started is None or (pivot.settled_at or 0.0) < started)
+            undone_any = [i for i, lg in logs.items()
+                          if lg.count['undo-start']]
+            if passed and undone_any:
+                problem('forward-undone', att, undone_any[0], 'an undo ran '
+                        'although the pivot was recorded done first')
+            elif passed and state in FINAL_STATES \
+                    and state is not SagaState.COMPLETED:
+                problem('forward-undone', att, p, f'{state.value} although '
+                        'its pivot was recorded done first')
+            info['pivots-passed' if passed else 'pivots-not-passed'] += 1
         if state is SagaState.COMPLETED:
             bad = [i for i in range(plan.n)
                    if (logs.get(i) or StepLog()).count['do'] != 1
@@ -840,8 +901,16 @@ class Driver:
         for stage in plan.stages:
             members = []
             for i in stage:
-                sig = ca.step.si(no, i, plan.fwd.get(i, '')).set(
-                    compensate_with=ca.undo.si(no, i, plan.undo.get(i, '')))
+                sig = ca.step.si(no, i, plan.fwd.get(i, ''))
+                if plan.pivot is not None and plan.stage_of(i) > plan.pivot:
+                    # retried, never undone
+                    sig = sig.set(compensate_with=None,
+                                  compensate_on_failure=False)
+                else:
+                    sig = sig.set(compensate_with=ca.undo.si(
+                        no, i, plan.undo.get(i, '')))
+                if plan.pivot is not None and plan.stage_of(i) == plan.pivot:
+                    sig = sig.set(compensate_pivot=True)
                 if i in plan.time_limit:
                     sig = sig.set(time_limit=1)
                 members.append(sig)
@@ -1119,7 +1188,8 @@ class Driver:
             f'{counts["double-undo"]}, missing-undo {counts["missing-undo"]}, '
             f'wrong-order {counts["wrong-order"]}, lost {counts["lost"]}, '
             f'stranded {counts["stranded"]}, healthy-compensated '
-            f'{counts["healthy-compensated"]}, '
+            f'{counts["healthy-compensated"]}, forward-undone '
+            f'{counts["forward-undone"]}, '
             f'undo-without-do {counts["undo-without-do"]}, undo-not-due '
             f'{counts["undo-not-due"]}, completed-bad '
             f'{counts["completed-bad"]}, other {other}, compensation-failed '

@@ -247,7 +247,9 @@ def undo(self: Task, saga_no: int, index: int, fault: str = '') -> str:
           compensate_on_failure=True)
 def step(self: Task, saga_no: int, index: int, fault: str = '') -> str:
     """A forward step.  Faults: ``fail`` raises, ``time_limit`` sleeps past
-    its hard time limit, ``kill_child`` SIGKILLs its own pool child,
+    its hard time limit, ``kill_child`` SIGKILLs its own pool child
+    (``fail_once``, ``kill_once``: on its first run only, for steps past a
+    pivot, which are retried),
     ``dup`` publishes a second copy of its own message, ``slow`` sleeps
     (so revokes and worker kills hit running steps); with ``:fx`` the
     effect is applied before the fault hits (an outcome in doubt)."""
@@ -282,12 +284,14 @@ def step(self: Task, saga_no: int, index: int, fault: str = '') -> str:
 
     if fx:
         apply()
-    if kind == 'fail':
+    if kind == 'fail' or (kind == 'fail_once'
+                          and _once(f'fail_once:{saga_no}:{index}')):
         note(self, 'fail', saga_no, index)
         raise ChaosFailure(f'step {saga_no}.{index} failed on purpose')
     if kind == 'time_limit':
         time.sleep(secs or 3.0)      # past its hard time limit
-    elif kind == 'kill_child':
+    elif kind == 'kill_child' or (kind == 'kill_once'
+                                  and _once(f'kill_once:{saga_no}:{index}')):
         note(self, 'kill', saga_no, index)
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == 'slow':

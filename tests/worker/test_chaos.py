@@ -34,11 +34,13 @@ def _attempt(stages, undo=None):
     return Attempt(7, plan, 'sid-7', acked=True)
 
 
-def _record(state, steps):
+def _record(state, steps, compensation_started=None, settled_at=None):
     """steps: (StepState, UndoState) per step."""
-    return SimpleNamespace(state=state, steps=[
-        SimpleNamespace(index=i, state=s, undo_state=u)
-        for i, (s, u) in enumerate(steps)])
+    return SimpleNamespace(
+        state=state, compensation_started=compensation_started, steps=[
+            SimpleNamespace(index=i, state=s, undo_state=u,
+                            settled_at=settled_at)
+            for i, (s, u) in enumerate(steps)])
 
 
 def _ledger(*events):
@@ -129,6 +131,30 @@ def test_checker_flags_lost_and_unexpected_states():
     lines[1] = lines[1].replace('sid-7:0', 'sid-7:9')
     assert analyse([att], lines, _effects(lines),
                    {att.sid: rec}).counts['bad-idem'] == 1
+
+
+def test_checker_counts_an_undo_past_a_completed_pivot():
+    """Stage 1 is the pivot: recorded done (at t=10) before compensation
+    began (t=20), nothing may be undone and the saga must complete."""
+    att = _attempt([[0], [1], [2]])
+    att.plan.pivot = 1
+    events = [('do', 0), ('do', 1), ('start', 2), ('undo-start', 0),
+              ('undo', 0)]
+    rec = _record(COMPENSATED, [(D, UD), (D, UN), (F, UN)],
+                  compensation_started=20.0, settled_at=10.0)
+    assert _check(att, rec, *events) == {'forward-undone': 1,
+                                         'missing-undo': 1}
+    # FORWARD_FAILED (or anything but COMPLETED) past the pivot
+    rec = _record(SagaState.FORWARD_FAILED, [(D, UN), (D, UN), (F, UN)],
+                  settled_at=10.0)
+    assert _check(att, rec, ('do', 0), ('do', 1), ('start', 2)) == {
+        'forward-undone': 1}
+    # a pivot that completed only after compensation began (it was taken
+    # for lost) is no point of no return: compensating is right
+    rec = _record(COMPENSATED, [(D, UD), (D, UD), (F, UN)],
+                  compensation_started=20.0, settled_at=30.0)
+    assert _check(att, rec, ('do', 0), ('do', 1), ('undo-start', 1),
+                  ('undo', 1), ('undo-start', 0), ('undo', 0)) == {}
 
 
 # -- the short run ---------------------------------------------------------------
