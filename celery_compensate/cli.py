@@ -193,7 +193,9 @@ def retry(ctx: click.Context, saga_id: str, as_json: bool) -> None:
                'COMPENSATION_FAILED or FORWARD_FAILED', 'retry')
         if outcome.old_state is SagaState.FORWARD_FAILED:
             steps = [{'step': s.index, 'task': s.call.name,
-                      'task_id': step_task_id(saga_id, s.index)}
+                      'task_id': step_task_id(
+                          saga_id, s.index,
+                          outcome.generations.get(s.index, 0))}
                      for s in outcome.forward]
             text = [f'saga {saga_id}: {outcome.old_state} -> '
                     f'{outcome.new_state}; steps sent again:']
@@ -285,6 +287,10 @@ def _current(entry: Listed) -> str:
 def _waits_for(step: StepSummary | StepRecord) -> str:
     if step.state is StepState.RUNNING:
         return f'step {step.index} {step.task_name} running'
+    if step.state is StepState.FAILED and step.undo_state is UndoState.NONE:
+        # only listed for a FORWARD_FAILED saga: past its pivot
+        return (f'step {step.index} {step.task_name} failed past the pivot; '
+                'retry drives it forward')
     if step.undo_state is UndoState.FAILED:
         return (f'undo of step {step.index} {step.undo_name} failed after '
                 f'{step.undo_attempts} attempts: {_cut(step.undo_error, 60)}')

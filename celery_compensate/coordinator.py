@@ -123,9 +123,12 @@ class Coordinator:
         options = _allowed(step.call.options)
         now = time.time()
         delay = step.delay
+        task_id = step_task_id(saga_id, step.index)
         if countdown is not None:
+            # past the pivot: a copy of its own (its task id says which)
             options.pop('eta', None)
             options['countdown'] = delay = countdown
+            task_id = step_task_id(saga_id, step.index, generation)
         lease = self.settings.queue_timeout + delay
         ident = identity(saga_id, step.index)
         headers = {**(options.pop('headers', None) or {}), **ident,
@@ -140,7 +143,7 @@ class Coordinator:
                                             options.get('kwargsrepr'))
         self._send(self.app.signature(
             step.call.name, args=tuple(args), kwargs=dict(kwargs)),
-            step_task_id(saga_id, step.index), headers, **options)
+            task_id, headers, **options)
 
     def publish_undo(self, saga_id: str, due: UndoDue,
                      countdown: float | None = None) -> None:
@@ -231,6 +234,8 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - becomes a step failure
                 logger.exception('saga %s: could not publish %s',
                                  saga_id, step.describe())
+                # past a pivot, a copy never sent is no attempt of its own
+                # (no generation): the queue lease sends it again
                 for rest in steps[n:]:
                     self.step_failed(TaskIdInfo(saga_id, rest.index, False),
                                      f'publish failed: {exc!r}')
@@ -289,17 +294,21 @@ class Coordinator:
 
     def step_failed(self, info: TaskIdInfo, reason: str,
                     placeholder: str = '',
-                    generation: int | None = None) -> Outcome:
+                    generation: int | None = None,
+                    stopped: bool = False) -> Outcome:
         """A forward step failed for good: claim or join compensation;
         past the saga's completed pivot, publish it again after the backoff
         (or, its attempts spent, the saga is ``FORWARD_FAILED``).
 
         Arguments:
             placeholder: see :meth:`SagaStore.step_failed`.
-            generation: the publish generation of the copy that failed.
+            generation: the publish generation of the copy that failed
+                (default: the one its task id carries, if any).
+            stopped: it was revoked: past the pivot, not tried again.
         """
-        outcome = self.store.step_failed(info.saga_id, info.index, reason,
-                                         placeholder, generation)
+        outcome = self.store.step_failed(
+            info.saga_id, info.index, reason, placeholder,
+            generation or info.generation or None, stopped)
         if outcome.status is Reply.FORWARD_RETRY:
             self._retry_forward(info.saga_id, outcome, reason)
             return outcome
@@ -446,7 +455,8 @@ class Coordinator:
         if outcome.old_state is SagaState.FORWARD_FAILED:
             steps = ', '.join(str(s.index) for s in outcome.forward)
             self.publish_stage(saga_id, outcome.forward, outcome.results,
-                               generations=outcome.generations)
+                               generations=outcome.generations,
+                               countdowns=outcome.countdowns)
             self._transition(saga_id, outcome.old_state, outcome.new_state,
                              None, f'retried by an operator (steps '
                                    f'{steps or "none"} sent again)')

@@ -287,7 +287,8 @@ class Plan:
 
 
 _SAGA_ID = re.compile(r'^[A-Za-z0-9_-]{1,128}$')
-_TASK_ID = re.compile(r'^(?P<saga>[A-Za-z0-9_-]{1,128})\.(?:s(?P<step>\d+)|'
+_TASK_ID = re.compile(r'^(?P<saga>[A-Za-z0-9_-]{1,128})\.(?:s(?P<step>\d+)'
+                      r'(?:\.(?P<generation>\d+))?|'
                       r'u(?P<undo>\d+)\.(?P<attempt>\d+))$')
 
 
@@ -303,8 +304,14 @@ def validate_saga_id(saga_id: str) -> str:
     return saga_id
 
 
-def step_task_id(saga_id: str, index: int) -> str:
-    """Task id of forward step ``index``: ``<saga_id>.s<index>``."""
+def step_task_id(saga_id: str, index: int, generation: int = 0) -> str:
+    """Task id of forward step ``index``: ``<saga_id>.s<index>``; a copy
+    published again past the saga's pivot carries its publish generation,
+    ``<saga_id>.s<index>.<generation>``, so that every report about a copy
+    (even one from a worker's main process, with only the task id) says
+    which copy it is, and a revoke of one copy does not stop the next."""
+    if generation > 1:
+        return f'{saga_id}.s{index}.{generation}'
     return f'{saga_id}.s{index}'
 
 
@@ -321,6 +328,9 @@ class TaskIdInfo:
     index: int
     is_undo: bool
     attempt: int = 0
+    #: the publish generation a forward step's id carries (0: none, a
+    #: first copy or one the sweep published again under the same id)
+    generation: int = 0
 
 
 def parse_task_id(task_id: str | None) -> TaskIdInfo | None:
@@ -338,7 +348,8 @@ def parse_task_id(task_id: str | None) -> TaskIdInfo | None:
     if m is None:
         return None
     if m.group('step') is not None:
-        return TaskIdInfo(m.group('saga'), int(m.group('step')), False)
+        return TaskIdInfo(m.group('saga'), int(m.group('step')), False,
+                          generation=int(m.group('generation') or 0))
     return TaskIdInfo(m.group('saga'), int(m.group('undo')), True,
                       int(m.group('attempt')))
 

@@ -34,7 +34,7 @@ from celery.utils.log import get_logger
 from . import signals
 from .appstate import find_state
 from .messages import IDENTITY, SAGA_ID, is_labelled, label_kwargs
-from .model import UndoState, step_task_id
+from .model import UndoState
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -159,7 +159,7 @@ def _failed_step(app: Celery, saga_id: str,
         return {'uuid': saga_id, 'step': step}
     if step is None or not 0 <= step < len(record.steps):
         return {'uuid': saga_id, 'step': step}
-    return {'uuid': step_task_id(saga_id, step),
+    return {'uuid': record.steps[step].task_id,
             'name': record.steps[step].task_name, 'step': step}
 
 

@@ -354,14 +354,16 @@ def connect_signals(app: Celery) -> tuple[Callable[..., None], ...]:
     """
     uid = f'celery_compensate.{id(app)}'
 
-    def failed(info: TaskIdInfo, reason: str, started: bool) -> None:
+    def failed(info: TaskIdInfo, reason: str, started: bool,
+               stopped: bool = False) -> None:
         state = find_state(app)
         if state is None:
             return
         if info.is_undo:
             state.coordinator.undo_failed(info, reason, started)
         else:
-            state.coordinator.step_failed(info, reason)
+            # the copy is known by the generation its task id carries
+            state.coordinator.step_failed(info, reason, stopped=stopped)
 
     def on_failure(sender: Any = None, task_id: str | None = None,
                    exception: BaseException | None = None,
@@ -383,8 +385,10 @@ def connect_signals(app: Celery) -> tuple[Callable[..., None], ...]:
         reason = ('expired' if expired else
                   f'revoked (terminated by {signum})' if terminated else
                   'revoked')
-        # only a terminated copy had started running
-        _guarded(lambda: failed(info, reason, bool(terminated)))
+        # only a terminated copy had started running; a revoke (not an
+        # expiry) stops the step on purpose: past a pivot it is not retried
+        _guarded(lambda: failed(info, reason, bool(terminated),
+                                stopped=not expired))
 
     def on_unknown(sender: Any = None, name: str | None = None,
                    id: str | None = None, **_: Any) -> None:

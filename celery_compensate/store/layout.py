@@ -54,7 +54,8 @@ Fields (``i`` a step index, ``k`` a stage index)
             yet; ``pb<k>`` the step whose completion dispatched stage ``k``;
             ``pg<i>`` the step's publish generation (absent: 1), raised
             each time it is published again; ``fa<i>`` past a pivot, its
-            current attempt (absent: 1)
+            current attempt (absent: 1), ``fb<i>`` the attempts spent
+            before an operator's retry
 ``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
             when settled; ``fe<i>`` why it failed
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``ab<i>``
@@ -66,7 +67,9 @@ tokens      of the call that made a change, so that a resent call (its
             reply lost) answers again: ``tok`` created, ``tk<i>`` settled
             step ``i``, ``dn<k>`` completed stage ``k``, ``claim`` claimed
             compensation, ``fin`` finished the saga, ``cf`` made it
-            COMPENSATION_FAILED, ``ff`` made it FORWARD_FAILED, ``tb<i>`` let the running copy of an undo
+            COMPENSATION_FAILED, ``ff`` made it FORWARD_FAILED, ``rtf``
+            retried it forward (``rf<i>``: the steps that retry published
+            again), ``tb<i>`` let the running copy of an undo
             in, ``tu<i>`` settled an undo attempt, ``rt`` retried by an
             operator
 =========== ================================================================
@@ -80,7 +83,8 @@ __all__ = (
     'SHARDS', 'shard_of', 'Keys',
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
-    'PIVOT', 'FF', 'forward_attempt',
+    'PIVOT', 'FF', 'RTF', 'forward_attempt', 'forward_attempts_before',
+    'forward_retry_token',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
     'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
     'deadline', 'held', 'outbox', 'generation', 'step_state', 'result',
@@ -180,10 +184,11 @@ CF = 'cf'
 RT = 'rt'
 PIVOT = 'pv'
 FF = 'ff'
+RTF = 'rtf'
 
 SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
                RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT, PIVOT,
-               FF)
+               FF, RTF)
 
 # -- stage fields: the prefix, then the stage index -------------------------
 
@@ -274,6 +279,16 @@ def forward_attempt(i: int) -> str:
     return f'fa{i}'
 
 
+def forward_attempts_before(i: int) -> str:
+    """Forward attempts spent before the operator's last retry."""
+    return f'fb{i}'
+
+
+def forward_retry_token(i: int) -> str:
+    """Token of the operator's retry that published the step again."""
+    return f'rf{i}'
+
+
 def step_state(i: int) -> str:
     """Forward state (:class:`~celery_compensate.model.StepState` code)."""
     return f's{i}'
@@ -362,6 +377,7 @@ STAGE_FIELDS = _prefixes(members, waiting, undos_left, stage_token,
 #: the prefix of every per-step field, by function name
 STEP_FIELDS = _prefixes(
     spec, stage, undo_flag, lease, undo_lease, countdown, deadline, held,
-    outbox, generation, forward_attempt, step_state, result, settled_at, failure,
+    outbox, generation, forward_attempt, forward_attempts_before,
+    forward_retry_token, step_state, result, settled_at, failure,
     undo_state, attempt, attempts_before, undo_started, undone_at,
     undo_error, late, redo, settle_token, begin_token, undo_token)

@@ -75,10 +75,13 @@ class SagaRecord:
     def current(self) -> list[StepRecord]:
         """What the saga waits for: its steps in flight (running forward,
         or their undos queued or running), else the undos that failed for
-        good (COMPENSATION_FAILED)."""
+        good (COMPENSATION_FAILED), or the steps past the pivot that did
+        (FORWARD_FAILED)."""
         busy = [s for s in self.steps if s.in_flight]
         return busy or [s for s in self.steps
-                        if s.undo_state is UndoState.FAILED]
+                        if s.undo_state is UndoState.FAILED
+                        or (s.state is StepState.FAILED
+                            and self.state is SagaState.FORWARD_FAILED)]
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,10 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         attempts = int(raw.get(L.attempt(i), 0))
         steps.append(StepRecord(
             index=i, stage=spec.stage, task_name=spec.call.name,
-            task_id=step_task_id(saga_id, i),
+            # a copy published again past the pivot has an id of its own
+            task_id=step_task_id(
+                saga_id, i, int(raw.get(L.generation(i), 1))
+                if int(raw.get(L.forward_attempt(i), 1)) > 1 else 0),
             undo_name=spec.undo.name if spec.undo else None,
             state=state,
             result=loads(raw[L.result(i)]) if L.result(i) in raw else None,

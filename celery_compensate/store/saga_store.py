@@ -156,7 +156,8 @@ class SagaStore:
 
     def step_failed(self, saga_id: str, index: int, reason: str,
                     placeholder: str = '',
-                    generation: int | None = None) -> Outcome:
+                    generation: int | None = None,
+                    stopped: bool = False) -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
         was running.  Past a completed pivot the step is published again
         instead (``forward-retry``), or, its attempts spent, the saga is
@@ -169,13 +170,15 @@ class SagaStore:
             generation: the publish generation of the copy that failed,
                 when known: the failure of an older copy than the one in
                 flight changes nothing.
+            stopped: the step was stopped on purpose (revoked): past the
+                pivot it is not tried again.
         """
         s = self.settings
         return self._decoded(saga_id, self._change(
             'step_failed', saga_id, None, index, reason[:2000], placeholder,
             '' if generation is None else generation,
             s.forward_max_attempts, s.undo_retry_backoff,
-            s.undo_retry_backoff_max))
+            s.undo_retry_backoff_max, '1' if stopped else ''))
 
     def undo_begin(self, saga_id: str, index: int, attempt: int,
                    token: str) -> Reply:

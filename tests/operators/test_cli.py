@@ -283,7 +283,7 @@ def test_a_forward_failed_saga_is_shown_and_retried_forward(env):
     assert proc.returncode == 0, proc.stderr
     assert f'saga {res.id}: FORWARD_FAILED -> RUNNING; steps sent again:' \
         in proc.stdout
-    assert f'step 2 t.forward ({res.id}.s2)' in proc.stdout
+    assert f'step 2 t.forward ({res.id}.s2.3)' in proc.stdout  # its own id
     assert res.wait(timeout=30) is SagaState.COMPLETED
     log = env.rds.lrange(tasks.ledger_key(env.app, res.id), 0, -1)
     assert log.count('start:ship') == 4 and undone(log) == []

@@ -151,3 +151,98 @@ def test_the_step_that_failed_forward_completing_after_all_resumes(
         SagaState.FORWARD_FAILED, SagaState.RUNNING)
     assert [s.index for s in resumed.forward] == [4]
     assert store.step_done('s', 4, '"rd"').status is Reply.COMPLETED
+
+
+# -- which copy failed (found by the review of the first version) -----------
+
+@pytest.mark.compensate_conf(compensate_forward_max_attempts=2)
+def test_a_second_report_of_one_failure_is_stale_after_the_new_copy_held(
+        celery_app, rds):
+    """A hard time limit is told twice from the main process, without a
+    generation; by the second, the copy published again (its id carries
+    generation 2) may be held already: still one attempt."""
+    store = make(celery_app)
+    passed(store)
+    assert store.receive('s', 2, None, 1, 'holder-1') is Reply.HELD
+    first = store.step_failed('s', 2, 'TimeLimitExceeded(5)')
+    assert first.status is Reply.FORWARD_RETRY and first.generations == {2: 2}
+    assert store.receive('s', 2, None, 2, 'holder-2') is Reply.HELD
+    assert store.step_failed('s', 2, 'TimeLimitExceeded(5)').status \
+        is Reply.STALE_COPY
+    assert store.get_state('s') is SagaState.RUNNING
+
+
+def test_the_loss_of_an_old_copy_leaves_the_running_one_alone(celery_app,
+                                                              rds):
+    store = make(celery_app)
+    passed(store)
+    key = store.keys.saga('s')
+    assert store.receive('s', 2, None, 1, 'holder-1') is Reply.HELD
+    rds.hset(key, L.deadline(2), 1)               # its worker stalled
+    assert store.recover('s').generations == {2: 2}
+    assert store.receive('s', 2, None, 2, 'holder-2') is Reply.HELD
+    # copy 1's pool child dies after all: WorkerLostError, no generation
+    assert store.step_failed('s', 2, 'WorkerLostError').status \
+        is Reply.STALE_COPY
+    assert rds.hget(key, L.held(2)) == 'holder-2'
+    assert rds.hget(key, L.generation(2)) == '2'
+
+
+def test_the_failure_of_the_new_copy_counts_before_its_receipt(celery_app,
+                                                               rds):
+    """The copy published again is revoked (or unknown) before its
+    receipt is recorded: its task id says it is the current copy, so the
+    failure counts (it was once taken for stale, leaving the saga to the
+    queue timeout)."""
+    store = make(celery_app)
+    passed(store)
+    assert store.step_failed('s', 2, 'e1', generation=1).status \
+        is Reply.FORWARD_RETRY
+    again = store.step_failed('s', 2, "task 't.c1' is not registered",
+                              generation=2)
+    assert again.status is Reply.FORWARD_RETRY and again.generations == {2: 3}
+
+
+def test_a_revoked_step_past_the_pivot_is_not_tried_again(celery_app, rds):
+    store = make(celery_app)
+    passed(store)
+    stopped = store.step_failed('s', 2, 'revoked', stopped=True)
+    assert stopped.status is Reply.FORWARD_FAILED
+    assert store.get_state('s') is SagaState.FORWARD_FAILED
+    retried = store.retry('s', 'op-1')
+    assert retried.generations == {2: 2}
+    assert store.read('s').steps[2].task_id == 's.s2.2'
+    assert store.read('s').reason is None       # running again
+
+
+@pytest.mark.compensate_conf(compensate_forward_max_attempts=2)
+def test_a_resent_forward_retry_publishes_like_the_first(celery_app, rds):
+    """redis-py resends a retry whose reply was lost (same token): its
+    caller published nothing, so the answer names the steps again."""
+    store = make(celery_app)
+    passed(store)
+    store.step_done('s', 3, '"r2"')
+    store.step_failed('s', 2, 'e1', generation=1)
+    store.step_failed('s', 2, 'e2', generation=2)
+    first = store.retry('s', 'op-1')
+    again = store.retry('s', 'op-1')
+    assert (again.status, again.old_state, again.new_state) == (
+        Reply.RETRIED, SagaState.FORWARD_FAILED, SagaState.RUNNING)
+    assert [s.index for s in again.forward] == [2]
+    assert again.generations == first.generations == {2: 3}
+    assert again.results == ['rp']
+
+
+@pytest.mark.compensate_conf(compensate_forward_max_attempts=2)
+def test_list_and_show_say_what_a_forward_failed_saga_waits_for(celery_app,
+                                                               rds):
+    from celery_compensate.cli import _current, _doing
+    store = make(celery_app)
+    passed(store)
+    store.step_done('s', 3, '"r2"')
+    store.step_failed('s', 2, 'e1', generation=1)
+    store.step_failed('s', 2, 'e2', generation=2)
+    [listed] = store.list_sagas(SagaState.FORWARD_FAILED)
+    want = 'step 2 t.c1 failed past the pivot; retry drives it forward'
+    assert _current(listed) == want
+    assert _doing(store.read('s')) == want

@@ -143,3 +143,36 @@ def test_a_step_lost_past_the_pivot_is_sent_again_not_compensated(
         assert res.wait(timeout=20) is SagaState.COMPLETED
         log = entries(app, rds, res.id)
         assert undone(log) == [] and log.count('start:ship') == 2
+
+
+@pytest.mark.compensate_conf(compensate_forward_max_attempts=4, **QUICK)
+def test_each_failure_told_twice_is_one_attempt(celery_app, celery_worker,
+                                                rds):
+    """``Reject(requeue=False)`` is told inside the call (with the copy's
+    generation) and again by the worker's main process (with only the task
+    id): each run is one attempt, so 4 attempts are 4 runs."""
+    res = saga(tasks.do.si('reserve'),
+               tasks.do.si('capture').set(compensate_pivot=True),
+               tasks.do.si('ship', reject=True).set(compensate_with=None)
+               ).apply_async()
+    assert res.wait(timeout=15) is SagaState.FORWARD_FAILED
+    assert ledger(rds, celery_app, res.id).count('start:ship') == 4
+    assert res.info().steps[2].attempts == 4
+
+
+@pytest.mark.compensate_conf(compensate_forward_max_attempts=3, **QUICK)
+def test_a_revoke_past_the_pivot_stops_the_step_until_an_operator_retries(
+        celery_app, celery_worker, rds):
+    """The operator revokes ship before it runs: it is not tried again
+    (FORWARD_FAILED at once, reason revoked); a retry publishes a copy with
+    an id of its own, which the revoke does not stop."""
+    res = saga(tasks.do.si('reserve'),
+               tasks.do.si('capture', sleep=0.5).set(compensate_pivot=True),
+               tasks.forward.si('ship')).apply_async()
+    celery_app.control.revoke(f'{res.id}.s2')
+    assert res.wait(timeout=10) is SagaState.FORWARD_FAILED
+    assert res.info().reason == 'revoked'
+    assert 'start:ship' not in ledger(rds, celery_app, res.id)
+    assert res.retry() is True
+    assert res.get(timeout=10) == 'res-ship'
+    assert res.info().steps[2].task_id == f'{res.id}.s2.2'

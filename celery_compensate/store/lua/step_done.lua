@@ -211,7 +211,7 @@ if st == 'FORWARD_FAILED' and s == 'F' then
     if hget('s' .. j) == 'F' then return {'late', st, st, {}, {}, {}} end
   end
   redis.call('HSET', h, 'state', 'RUNNING')
-  redis.call('HDEL', h, 'ended')
+  redis.call('HDEL', h, 'ended', 'reason', 'failed')
   if left <= 0 then
     local r = next_stage({})
     if r then r[2] = st end

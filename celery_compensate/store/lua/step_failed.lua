@@ -8,9 +8,11 @@
 ---   '' or, when the body returned but its result cannot be stored, the
 ---   placeholder result (JSON): the step took effect, so its undo runs
 ---   (``u<i>`` 1 -> 2) and gets the placeholder; ARGV[7] the publish
----   generation of the copy that failed ('' unknown); ARGV[8] forward
----   attempts per step past the pivot; ARGV[9], ARGV[10] their backoff
----   and its cap (seconds)
+---   generation of the copy that failed ('' unknown: a report from a
+---   worker's main process about a copy whose task id carries none);
+---   ARGV[8] forward attempts per step past the pivot; ARGV[9], ARGV[10]
+---   their backoff and its cap (seconds); ARGV[11] '1': the step was
+---   stopped on purpose (revoked): past the pivot it is not retried
 ---
 --- Replies {status, old state, new state, {}, {}, undos due}:
 ---   claimed         the saga was RUNNING: now COMPENSATING
@@ -23,7 +25,10 @@
 ---   forward-failed  past the pivot, its attempts spent: saga RUNNING ->
 ---                   FORWARD_FAILED
 ---   stale-copy      past the pivot, the failure of a copy older than the
----                   one published last (or not yet received): ignored
+---                   one published last: ignored (a copy published again
+---                   past the pivot has the generation in its task id, so
+---                   a report without one is about an older copy once
+---                   ``fa`` > 1)
 ---   not-dispatched  its stage was never dispatched (a stale or forged
 ---                   message): nothing changed
 ---   unknown-step    the saga has no such step
@@ -69,13 +74,16 @@ local k = hget('k' .. i)
 if st == 'RUNNING' and past_pivot(i) then
   local g = ARGV[7] or ''
   if (g ~= '' and tonumber(g) < math.max(num('pg' .. i), 1))
-      or (g == '' and num('fa' .. i) > 1 and not hget('h' .. i)) then
-    -- a copy published before the last one (the one in flight has not
-    -- even been received yet): its failure was handled already
+      or (g == '' and num('fa' .. i) > 1) then
+    -- a copy published before the last one: its failure was counted
     return {'stale-copy', st, st}
   end
-  -- a result that cannot be stored fails every attempt alike
-  local max = (ARGV[6] or '') ~= '' and 1 or tonumber(ARGV[8])
+  -- a result that cannot be stored fails every attempt alike, and a
+  -- revoked step was stopped on purpose: no more attempts
+  local max = tonumber(ARGV[8])
+  if (ARGV[6] or '') ~= '' or ARGV[11] == '1' then
+    max = num('fa' .. i) - num('fb' .. i)
+  end
   local again = forward_retry(i, ARGV[5], max, tonumber(ARGV[9]),
                               tonumber(ARGV[10]))
   rescore()

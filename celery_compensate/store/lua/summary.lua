@@ -13,8 +13,9 @@
 ---   {state, created, reason or false, waiting, shown, steps...}
 ---     waiting: how many steps the saga waits for (forward steps running,
 ---       undos queued, running or waiting to be retried; when none, undos
----       failed for good); shown: 0 when ``waiting`` counts steps in
----       flight, 1 when it counts failed undos; then for each step
+---       failed for good, or in FORWARD_FAILED the steps that failed);
+---       shown: 0 when ``waiting`` counts steps in flight, 1 when it counts
+---       failed ones; then for each step
 ---       described, 7 values: index, task name, undo name (or false),
 ---       forward state, undo state, undo attempts, undo error (or false)
 ---
@@ -65,7 +66,8 @@ for i = 0, n - 1 do
   end
   if f[1] == 'R' or x == 'Q' or x == 'R' or x == 'W' then
     busy[#busy + 1] = i
-  elseif x == 'F' then
+  elseif x == 'F' or (f[1] == 'F' and state == 'FORWARD_FAILED') then
+    -- an undo failed for good, or a step past the pivot did
     failed[#failed + 1] = i
   end
 end

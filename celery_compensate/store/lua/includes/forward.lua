@@ -15,17 +15,19 @@ end
 --- to ``cap``), its generation raised so that an older copy is refused;
 --- or, its ``max`` attempts spent, it fails and the saga becomes
 --- FORWARD_FAILED, waiting for an operator (nothing is undone).
---- Returns the {index, spec, generation, countdown} to publish, or nil.
+--- ``max`` counts from the operator's last retry (``fb<i>`` attempts were
+--- spent before it).  Returns the {index, spec, generation, countdown} to
+--- publish (under the task id ``<saga>.s<i>.<generation>``), or nil.
 local function forward_retry(i, why, max, base, cap)
   local a = math.max(num('fa' .. i), 1)
-  if a >= max then
+  if a - num('fb' .. i) >= max then
     redis.call('HSET', h, 's' .. i, 'F', 'fe' .. i, why, 't' .. i, now,
                'tk' .. i, token, 'state', 'FORWARD_FAILED', 'reason', why,
                'failed', i, 'ended', now, 'ff', token)
     redis.call('HINCRBY', h, 'w' .. hget('k' .. i), -1)
     return nil
   end
-  local delay = math.min(cap, base * 2 ^ (a - 1))
+  local delay = math.min(cap, base * 2 ^ (a - num('fb' .. i) - 1))
   local gen = math.max(num('pg' .. i), 1) + 1
   redis.call('HSET', h, 'fa' .. i, a + 1, 'pg' .. i, gen, 'fe' .. i, why)
   redis.call('HDEL', h, 'ob' .. i)
