@@ -34,7 +34,9 @@ Fields (``i`` a step index, ``k`` a stage index)
 ``created`` when started; ``ended`` when finished (or became
             COMPENSATION_FAILED); ``reason`` why it compensates (an undo's
             errors are its ``e<i>``); ``failed`` the failed step;
-            ``retries`` operator retries; ``cstart`` compensation began
+            ``retries`` operator retries; ``cstart`` compensation began;
+            ``tp`` the W3C ``traceparent`` of the span the saga was
+            started in (tracing only; absent otherwise)
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -77,6 +79,7 @@ __all__ = (
     'SHARDS', 'shard_of', 'Keys',
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
+    'TRACE_PARENT',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
     'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
     'deadline', 'held', 'outbox', 'generation', 'step_state', 'result',
@@ -174,9 +177,11 @@ CLAIM = 'claim'
 FIN = 'fin'
 CF = 'cf'
 RT = 'rt'
+TRACE_PARENT = 'tp'
 
 SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
-               RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT)
+               RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT,
+               TRACE_PARENT)
 
 # -- stage fields: the prefix, then the stage index -------------------------
 

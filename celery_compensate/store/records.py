@@ -63,6 +63,9 @@ class SagaRecord:
     steps: list[StepRecord]
     #: operator retries (``compensate retry``) so far
     retries: int = 0
+    #: the W3C ``traceparent`` of the span the saga was started in (with
+    #: tracing on, when there was one)
+    trace_parent: str | None = None
 
     @property
     def current(self) -> list[StepRecord]:
@@ -195,4 +198,5 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         failed_step=int(failed) if failed else None,
         reason=raw.get(L.REASON), steps=steps,
         retries=int(raw.get(L.RETRIES, 0)),
+        trace_parent=raw.get(L.TRACE_PARENT),
     )
