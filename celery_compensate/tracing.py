@@ -43,6 +43,7 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.id_generator import (
     IdGenerator, RandomIdGenerator,
 )
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.trace import (
     Link, NonRecordingSpan, ProxyTracerProvider, SpanContext, Status,
     StatusCode, TraceFlags,
@@ -132,22 +133,28 @@ def format_traceparent(ctx: SpanContext) -> str:
     return f'00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}'
 
 
-def saga_span_context(saga_id: str, trace_parent: str | None = None
-                      ) -> SpanContext:
+def saga_span_context(saga_id: str, trace_parent: str | None = None,
+                      sampler: Sampler | None = None) -> SpanContext:
     """The span context of a saga's span.
 
     Arguments:
         trace_parent: the ``traceparent`` of the span the saga was started
             in (its record's ``trace_parent``): the saga is in that trace
             and follows its sampling decision.  Without one the trace id is
-            derived from the saga id, and the trace is sampled.
+            derived from the saga id.
+        sampler: decides, without a ``trace_parent``, whether the saga is
+            sampled (as for a root span of that trace id: a ratio sampler
+            decides the same in every process); without one it is.
     """
     caller = parse_traceparent(trace_parent)
     if caller is not None:
         trace_id, flags = caller.trace_id, caller.trace_flags
     else:
         trace_id = int.from_bytes(_digest('trace', saga_id), 'big') or 1
-        flags = TraceFlags(TraceFlags.SAMPLED)
+        sampled = sampler is None or sampler.should_sample(
+            None, trace_id, 'saga').decision is Decision.RECORD_AND_SAMPLE
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled
+                           else TraceFlags.DEFAULT)
     return SpanContext(trace_id, _span_id('saga', saga_id), is_remote=True,
                        trace_flags=flags)
 
@@ -288,6 +295,12 @@ class Tracing:
         self._remember(saga_id, value)
         return value
 
+    def _saga_context(self, saga_id: str,
+                      trace_parent: str | None) -> SpanContext:
+        tracer = self.tracer()
+        return saga_span_context(saga_id, trace_parent,
+                                 tracer.sampler if tracer else None)
+
     # -- hooks (TraceHooks) -------------------------------------------------
 
     def started(self, saga_id: str) -> str | None:
@@ -315,7 +328,7 @@ class Tracing:
             if parent:
                 headers[TRACE_PARENT] = parent
             token = context_api.attach(trace.set_span_in_context(
-                NonRecordingSpan(saga_span_context(saga_id, parent))))
+                NonRecordingSpan(self._saga_context(saga_id, parent))))
         except Exception:  # noqa: BLE001 - the publish goes on untraced
             logger.warning('saga %s: the task is published outside its '
                            'trace', saga_id, exc_info=True)
@@ -380,7 +393,7 @@ class Tracing:
             parent_tp = None
         # what this task publishes goes to the same trace
         self._remember(info.saga_id, parent_tp)
-        saga = saga_span_context(info.saga_id, parent_tp)
+        saga = self._saga_context(info.saga_id, parent_tp)
         links: list[Link] = []
         # a span already current in the saga's trace runs this very task
         # (a Celery instrumentation's, whose message we sent in the trace):
@@ -467,7 +480,7 @@ class Tracing:
             return      # gone (forgotten or expired) meanwhile
         end = _ns(fields[L.ENDED]) or time.time_ns()
         parent_tp = fields[L.TRACE_PARENT]
-        saga = saga_span_context(saga_id, parent_tp)
+        saga = self._saga_context(saga_id, parent_tp)
         attributes: dict[str, AttributeValue] = {
             SAGA_ID: saga_id, STATE: state.value}
         reason, failed = fields[L.REASON], fields[L.FAILED]

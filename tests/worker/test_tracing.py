@@ -19,6 +19,7 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
@@ -257,6 +258,37 @@ def test_a_step_retried_by_celery_is_linked_from_its_undo_once_settled(
     assert runs[1]['span_id'] == step_span_id(res.id, 0)
     undo = next(s for s in spans if s['name'].startswith('undo 0'))
     assert links_to(undo) == [step_span_id(res.id, 0)]
+
+
+@TRACED
+def test_a_ratio_sampler_keeps_or_drops_a_saga_whole(
+        celery_app, celery_worker, rds, monkeypatch):
+    """Without a caller, a saga's trace id is derived from its id and every
+    process asks the sampler about it as about a root span: a ratio
+    sampler keeps or drops each saga whole, never part of it."""
+    ratio = TraceIdRatioBased(0.5)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ratio))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, 'get_tracer_provider', lambda: provider)
+
+    def kept(sid: str) -> bool:
+        low = saga_span_context(sid).trace_id & TraceIdRatioBased.TRACE_ID_LIMIT
+        return low < ratio.bound
+
+    prefix = celery_app.conf.compensate_key_prefix
+    ids = [f'{prefix}-{n}' for n in range(40)]
+    dropped = next(i for i in ids if not kept(i))
+    sampled = next(i for i in ids if kept(i))
+    for sid in (dropped, sampled):
+        res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)
+                   ).apply_async(saga_id=sid)
+        assert res.wait(timeout=15) is SagaState.COMPENSATED
+    spans = wait_spans(exporter, saga_span_context(sampled).trace_id, 4)
+    assert sorted(s['name'] for s in spans) == [
+        'saga', 'step 0 t.do', 'step 1 t.do', 'undo 0 t.undo #1']
+    # the other saga ran before that one: none of its spans was kept
+    assert spans_of(exporter, saga_span_context(dropped).trace_id) == []
 
 
 @TRACED
