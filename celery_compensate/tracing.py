@@ -51,6 +51,7 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import AttributeValue
 
 from . import signals
+from .exceptions import CompletionNotRecorded
 from .messages import TRACE_PARENT
 from .model import SagaState, TaskIdInfo
 from .store import layout as L
@@ -287,6 +288,10 @@ class Tracing:
     def trace_parent(self, saga_id: str) -> str | None:
         """The ``traceparent`` the saga was started in: remembered from its
         start or from a task of it run here, else read from its record."""
+        starting = getattr(self._local, 'starting', None)
+        if starting is not None and starting[0] == saga_id:
+            self._local.starting = None
+            self._remember(*starting)
         with self._lock:
             if saga_id in self._parents:
                 return self._parents[saga_id]
@@ -309,7 +314,9 @@ class Tracing:
         try:
             ctx = trace.get_current_span().get_span_context()
             value = format_traceparent(ctx) if ctx.is_valid else None
-            self._remember(saga_id, value)
+            # remembered once its first stage is published: the start may
+            # still find the id taken by another saga
+            self._local.starting = (saga_id, value)
             return value
         except Exception:  # noqa: BLE001 - tracing must not stop a saga
             logger.warning('saga %s: cannot read the current span',
@@ -433,6 +440,12 @@ class Tracing:
         if error is None:
             attributes[OUTCOME] = 'done'
             run.events.append((f'{kind}.done', {}, end))
+        elif isinstance(error, CompletionNotRecorded):
+            # it completed: its worker records it once the store is back
+            attributes[OUTCOME] = 'unrecorded'
+            attributes[REASON] = _describe(error)
+            run.events.append((f'{kind}.unrecorded',
+                               {REASON: _describe(error)}, end))
         elif isinstance(error, (Retry, Ignore)) or (
                 isinstance(error, Reject)
                 and error.requeue):  # type: ignore[attr-defined]

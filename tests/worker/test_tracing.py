@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import redis
 from celery import group
 from celery import signals as celery_signals
 from opentelemetry import trace
@@ -27,6 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from celery_compensate import ImproperlyConfigured, SagaState, install, saga
 from celery_compensate.appstate import get_state
 from celery_compensate.store import layout as L
+from celery_compensate.testing import redis_server
 from celery_compensate.tracing import (
     parse_traceparent, saga_span_context, step_span_id, undo_span_id,
 )
@@ -543,3 +545,45 @@ def test_a_recovered_undo_after_a_whole_worker_kill_has_its_span(
     assert top['parent_id'] == caller.get_span_context().span_id
     assert top['attributes']['saga.state'] == 'COMPENSATED'
     assert undo_span_id(sid, 1, 1) not in {s['span_id'] for s in spans}
+
+
+@pytest.mark.prefork
+def test_a_step_completed_while_the_store_is_away_is_no_error(redis_url):
+    """The step completes while the saga store takes no writes: its worker
+    records it later (tests/worker/test_windows.py), so its span says
+    ``unrecorded``, not an error; the saga completes and its span is
+    emitted by the worker that recorded its end."""
+    traces = Path(tempfile.mkstemp(prefix='compensate-spans-',
+                                   suffix='.jsonl')[1])
+    try:
+        with redis_server(env_names=()) as store_url, _cluster(
+                redis_url, worker_env={
+                    'COMPENSATE_TEST_STORE_URL': store_url,
+                    'COMPENSATE_TEST_LEDGER_URL': redis_url,
+                    'COMPENSATE_TEST_TRACES': str(traces)},
+                step_timeout=LEASE, queue_timeout=60.0,
+                heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
+                record_retry_timeout=0.5, redis_socket_timeout=0.3,
+                redis_url=store_url) as (app, rds, start):
+            store = redis.Redis.from_url(store_url)
+            start('one')
+            res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=0.5),
+                       tasks.do.si('c'), app=app).apply_async()
+            wait_for(lambda: 'start:b' in entries(app, rds, res.id),
+                     timeout=15, interval=0.005)
+            store.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
+            assert res.wait(timeout=LEASE + 15) is SagaState.COMPLETED
+            store.close()
+            trace_id = saga_span_context(res.id).trace_id
+            spans = by_name(wait_for(lambda: len(found := [
+                s for s in read_file(traces) if s['trace_id'] == trace_id])
+                >= 4 and found, timeout=15))
+    finally:
+        traces.unlink(missing_ok=True)
+    b = spans['step 1 t.do']
+    assert b['span_id'] == step_span_id(res.id, 1)
+    assert b['status'] == 'UNSET'
+    assert b['attributes']['saga.outcome'] == 'unrecorded'
+    assert event_names(b) == ['step.unrecorded']
+    assert spans['saga']['attributes']['saga.state'] == 'COMPLETED'
+    assert spans['step 2 t.do']['attributes']['saga.outcome'] == 'done'
