@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # a fraction of a second to build
 LINT_IMPORTS := $(VENV)/bin/lint-imports --no-cache --no-logo
 
-.PHONY: install test lint typecheck docs demo flower chaos bench dist clean
+.PHONY: install test lint typecheck docs demo demo-traces flower chaos bench dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ docs: $(STAMP)
 # are undone), their trails and the books; REDIS_URL to use your Redis
 demo: $(STAMP)
 	$(PY) -m example_project.demo
+
+# the same orders traced with OpenTelemetry, then the trace of a refunded
+# order as a tree (spans written to a file by the worker and the demo)
+demo-traces: $(STAMP)
+	$(PY) -m example_project.demo --traces
 
 # the same orders with Flower watching (FLOWER_PORT, default 5555;
 # FLOWER_ADDRESS, default 127.0.0.1); runs until Ctrl-C

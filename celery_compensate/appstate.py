@@ -11,7 +11,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .coordinator import Coordinator
+from .coordinator import Coordinator, TraceHooks
 from .exceptions import ImproperlyConfigured
 from .settings import Settings, SettingWarning, given
 from .store import SagaStore
@@ -42,6 +42,9 @@ class AppState:
         self.task_events: bool = False
         self.hostname: str | None = None
         self._store: SagaStore | None = None
+        #: set by ``install()`` when tracing is on
+        #: (:class:`celery_compensate.tracing.Tracing`)
+        self.tracing: TraceHooks | None = None
         self._coordinator: Coordinator | None = None
         #: the settings as given to install(): a later change is told once
         self.given = given(app.conf)
@@ -75,7 +78,8 @@ class AppState:
     @property
     def coordinator(self) -> Coordinator:
         if self._coordinator is None:
-            self._coordinator = Coordinator(self.app, self.settings, self.store)
+            self._coordinator = Coordinator(self.app, self.settings,
+                                            self.store, self.tracing)
         return self._coordinator
 
 

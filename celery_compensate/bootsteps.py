@@ -45,7 +45,7 @@ class CompensateRecovery(bootsteps.StartStopStep):
     def create(self, w: Any) -> Recovery:  # type: ignore[override]
         state = get_state(w.app)
         recovery = Recovery(w.app, state.settings, sweep=self.sweep,
-                            hostname=state.hostname)
+                            hostname=state.hostname, tracing=state.tracing)
         self.obj = recovery
         # the consumer's CompensateReceive records receipts through it
         w.compensate_recovery = recovery

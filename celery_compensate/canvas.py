@@ -453,7 +453,9 @@ class Saga(Signature):
             for step in plan.stages[0]:
                 if step.undo is not None and _gets_saga_args(step):
                     self._check_undo_call(step)
-        if not state.store.create(saga_id, plan, specs):
+        trace_parent = (state.tracing.started(saga_id) if state.tracing
+                        else None)
+        if not state.store.create(saga_id, plan, specs, trace_parent):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
         # the saga exists from here on: its start is announced before its
         # first stage is published, so that a publishing error (raised to

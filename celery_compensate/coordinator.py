@@ -11,7 +11,8 @@ import threading
 import time
 from contextlib import contextmanager
 from typing import (
-    TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar,
+    TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping,
+    Protocol, Sequence, TypeVar,
 )
 
 from celery.utils.log import get_logger
@@ -24,7 +25,7 @@ from .exceptions import (
     SagaStoreUnavailable, TaskRefused,
 )
 from .messages import (
-    DEADLINE, GENERATION, IDEMPOTENCY_KEY, OUTBOX_UNTIL, identity,
+    DEADLINE, GENERATION, IDEMPOTENCY_KEY, OUTBOX_UNTIL, SAGA_ID, identity,
     label_kwargs, unstored,
 )
 from .model import (
@@ -34,16 +35,36 @@ from .model import (
 from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from celery import Celery, Task
     from celery.canvas import Signature
 
     from .settings import Settings
 
-__all__ = ('Coordinator',)
+__all__ = ('Coordinator', 'TraceHooks')
 
 logger = get_logger(__name__)
 
 _T = TypeVar('_T')
+
+
+class TraceHooks(Protocol):
+    """What :class:`celery_compensate.tracing.Tracing` offers the layers
+    below it, which call it only when tracing is on (so none of them
+    imports OpenTelemetry)."""
+
+    def started(self, saga_id: str) -> str | None:
+        """A saga is being started: the ``traceparent`` of the span it is
+        started in, to keep in its record (``None``: none)."""
+
+    def publishing(self, saga_id: str,
+                   headers: dict[str, Any]) -> ContextManager[None]:
+        """Around the publishing of a saga task with ``headers``."""
+
+    def run(self, task: Task[..., Any], info: TaskIdInfo,
+            call: Callable[..., Any],
+            runner: Callable[[Callable[..., Any]], Any]) -> Any:
+        """Run a saga step or undo in a worker: ``runner(call)``, where
+        ``call`` runs the body."""
 
 
 class Coordinator:
@@ -53,13 +74,15 @@ class Coordinator:
         app: the Celery app.
         settings: its validated settings.
         store: its saga store.
+        tracing: the app's tracing, when it is on.
     """
 
     def __init__(self, app: Celery, settings: Settings,
-                 store: SagaStore) -> None:
+                 store: SagaStore, tracing: TraceHooks | None = None) -> None:
         self.app = app
         self.settings = settings
         self.store = store
+        self.tracing = tracing
         #: per thread: the tasks an eager run still has to run (see _send)
         self._eager = threading.local()
 
@@ -78,6 +101,16 @@ class Coordinator:
 
     def _send(self, sig: Signature, task_id: str, headers: dict[str, Any],
               **options: Any) -> None:
+        """Publish ``sig`` (see :meth:`_deliver`), in its saga's trace when
+        tracing is on."""
+        if self.tracing is None:
+            self._deliver(sig, task_id, headers, **options)
+            return
+        with self.tracing.publishing(headers[SAGA_ID], headers):
+            self._deliver(sig, task_id, headers, **options)
+
+    def _deliver(self, sig: Signature, task_id: str,
+                 headers: dict[str, Any], **options: Any) -> None:
         """Publish ``sig``; in eager mode (``task_always_eager``, or inside
         :meth:`eagerly`) run it in this process instead, iteratively: what
         a task sends while it runs waits in a queue until it returns, so a

@@ -12,7 +12,7 @@ from celery.utils.saferepr import saferepr
 
 __all__ = ('SAGA_ID', 'STEP', 'ATTEMPT', 'DEADLINE', 'GENERATION',
            'OUTBOX_UNTIL', 'UNSTORED_RESULT', 'unstored',
-           'IDEMPOTENCY_KEY',
+           'IDEMPOTENCY_KEY', 'TRACE_PARENT',
            'IDENTITY', 'KWARGSREPR_MAXSIZE', 'identity', 'label_kwargs',
            'is_labelled')
 
@@ -31,6 +31,9 @@ GENERATION = 'compensate_generation'
 #: worker receiving it later checks the record before the body may run
 OUTBOX_UNTIL = 'compensate_outbox_until'
 IDEMPOTENCY_KEY = 'compensate_idempotency_key'   #: undos only
+#: with tracing on, of a saga started inside a span: that span's W3C
+#: ``traceparent``, so the worker's spans join its trace
+TRACE_PARENT = 'compensate_trace_parent'
 
 #: The key of the placeholder an undo gets as the result of a step whose
 #: result could not be stored (not JSON, or over

@@ -22,7 +22,7 @@ import redis
 from celery.utils.log import get_logger
 
 from .clients import servers
-from .coordinator import Coordinator
+from .coordinator import Coordinator, TraceHooks
 from .exceptions import SagaStoreError, SagaStoreUnavailable
 from .messages import GENERATION, SAGA_ID
 from .model import TaskIdInfo, parse_task_id
@@ -158,17 +158,20 @@ class Recovery:
         sweep: whether this worker takes part in the sweep.
         hostname: the worker's node name (its spool of unrecorded
             completions, :mod:`celery_compensate.spool`).
+        tracing: the app's tracing, when it is on (what the sweep
+            publishes goes to its saga's trace).
     """
 
     def __init__(self, app: Celery, settings: Settings,
-                 sweep: bool = True, hostname: str | None = None) -> None:
+                 sweep: bool = True, hostname: str | None = None,
+                 tracing: TraceHooks | None = None) -> None:
         self.app = app
         self.settings = settings
         self.sweep_enabled = sweep
         #: completions this worker's pool children could not record
         self.spool = Spool.of_worker(settings.key_prefix, hostname)
         self.store = SagaStore(settings)
-        self.coordinator = Coordinator(app, settings, self.store)
+        self.coordinator = Coordinator(app, settings, self.store, tracing)
         # one sweeper at a time; another takes over within lock_ttl of its
         # death.  A shard not swept for two intervals means Redis (or every
         # sweeper) was away: the leases that lapsed meanwhile are not

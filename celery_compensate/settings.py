@@ -195,6 +195,11 @@ def _attempts(key: str, value: Any) -> int:
     return int(value)
 
 
+def _flag(key: str, value: Any) -> bool:
+    _require(isinstance(value, bool), key, 'True or False', value)
+    return bool(value)
+
+
 def _store_url(key: str, value: Any) -> str:
     """A URL of a store (password masked in errors); parsed if a list."""
     _require(isinstance(value, str) and value.startswith(_STORE_SCHEMES),
@@ -339,6 +344,11 @@ class Settings:
         'compensate_queue_timeout', 1800.0, _number('a number of seconds'),
         doc='seconds a step or undo may wait in the broker before a worker '
             'takes it (plus its countdown/eta) before it counts as lost')
+    tracing = Option(
+        'compensate_tracing', False, _flag,
+        doc='emit OpenTelemetry spans: one per saga, one per step and per '
+            'undo attempt (needs `pip install celery-compensate[otel]`; '
+            '`install(app, tracing=True)` sets it too; see Tracing)')
 
     def __init__(self, **values: Any) -> None:
         """Settings as given, not checked: use :meth:`from_conf`.

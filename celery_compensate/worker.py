@@ -89,9 +89,11 @@ def wrap_task_class(cls: type[AnyTask]) -> None:
                                ).items():
                 if key.startswith('compensate_'):
                     setattr(request, key, value)
-        if info.is_undo:
-            return _run_undo(state, self, call, info, args, kwargs)
-        return _run_step(state, self, call, info, args, kwargs)
+        run = _run_undo if info.is_undo else _run_step
+        if state.tracing is not None:
+            return state.tracing.run(self, info, call, lambda body: run(
+                state, self, body, info, args, kwargs))
+        return run(state, self, call, info, args, kwargs)
 
     __call__._compensate_hook = True  # type: ignore[attr-defined]
     __call__.__wrapped__ = orig  # type: ignore[attr-defined]

@@ -4,7 +4,9 @@ worker, show what was done and undone, then prove the books balance.
 Uses ``REDIS_URL`` when set, else a throwaway Redis (``redis-server`` from
 PATH, else an embedded one), starts a worker, and stops everything it
 started, also on Ctrl-C.  ``--flower`` (``make flower``) also starts
-Flower and keeps everything running until Ctrl-C.
+Flower and keeps everything running until Ctrl-C.  ``--traces`` (``make
+demo-traces``) turns tracing on and ends with the trace of a refunded
+order (:mod:`.traces`).
 
 Exit status: 0 when every order ended as expected and the books balance,
 1 when not, 130 when interrupted.
@@ -16,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -36,6 +39,8 @@ from .scenario import CUSTOMERS, ORDERS, Order, initial_books
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.2          # seconds between looks at the sagas
 TIMEOUT = 60.0      # seconds the orders may take in all
+#: the order whose trace --traces prints: its refund times out twice
+TRACED_ORDER = '1005'
 
 
 @dataclass
@@ -274,11 +279,36 @@ def verdict(runs: list[Run], books_ok: bool, console: Console) -> bool:
     return books_ok and not odd
 
 
-def run(started: Started, console: Console, flower: bool) -> bool:
+def trace_to_file(started: Started) -> str:
+    """Have the shop (this process and its worker) trace its sagas into a
+    file of spans; returns its path."""
+    fd, path = tempfile.mkstemp(prefix='shop-spans-', suffix='.jsonl')
+    os.close(fd)
+    started.stack.callback(lambda: os.path.exists(path) and os.unlink(path))
+    os.environ['SHOP_TRACES'] = path
+    return path
+
+
+def show_trace(runs: list[Run], path: str, console: Console) -> None:
+    from .traces import format_tree, trace_heading, wait_for_trace
+
+    run = next(r for r in runs if r.order.order_id == TRACED_ORDER)
+    assert run.record is not None
+    spans = wait_for_trace(path, run.record)
+    console.line(f'\nthe trace of order {run.order.order_id} '
+                 f'({run.order.story}), seconds since its saga started:')
+    console.line(f'  {trace_heading(spans)}')
+    for line in format_tree(spans):
+        console.line(f'  {line}')
+
+
+def run(started: Started, console: Console, flower: bool,
+        traces: bool = False) -> bool:
     """Start what the demo needs, run the orders, show what happened;
     True when all went as expected and the books balance."""
     url = start_redis(started, console)
     os.environ['SHOP_REDIS_URL'] = url
+    spans = trace_to_file(started) if traces else None
     from example_project import shop  # reads SHOP_REDIS_URL
 
     try:
@@ -298,6 +328,8 @@ def run(started: Started, console: Console, flower: bool) -> bool:
         return False
     show_trails(shop, runs, console)
     ok = verdict(runs, check_books(shop, runs, console), console)
+    if spans:
+        show_trace(runs, spans, console)
     if flower:
         from .flower import serve
         serve(watcher, runs, console)
@@ -314,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--flower', action='store_true',
                         help='also start Flower (FLOWER_PORT, FLOWER_ADDRESS)'
                              ' and keep running until Ctrl-C')
+    parser.add_argument('--traces', action='store_true',
+                        help='trace the sagas (OpenTelemetry) and print the '
+                             f'trace of order {TRACED_ORDER}')
     args = parser.parse_args(argv)
     console = Console()
     stop_on_signals()
@@ -322,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as stack:
             started = Started(stack)
             try:
-                ok = run(started, console, args.flower)
+                ok = run(started, console, args.flower, args.traces)
                 console.line(f'\nstopping {started.describe()} ...')
             except KeyboardInterrupt:
                 console.line(f'\ninterrupted: stopping {started.describe()}'

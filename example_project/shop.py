@@ -39,6 +39,8 @@ from redis.client import Pipeline
 from celery_compensate import SagaResult, install, saga
 
 REDIS_URL = os.environ.get('SHOP_REDIS_URL', 'redis://localhost:6379/0')
+#: a file: trace the sagas, their spans written there (``make demo-traces``)
+TRACES = os.environ.get('SHOP_TRACES')
 #: simulated network latency of every task, in seconds (0 to switch off)
 LATENCY = float(os.environ.get('SHOP_LATENCY', '0.15'))
 
@@ -54,7 +56,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
-install(app)
+if TRACES:
+    from .traces import export_to
+    export_to(TRACES)
+install(app, tracing=bool(TRACES))
 
 db = redis.Redis.from_url(REDIS_URL, decode_responses=True)
 

@@ -42,6 +42,11 @@ if os.environ.get('COMPENSATE_TEST_VISIBILITY'):
 if os.environ.get('COMPENSATE_TEST_REJECT_ON_WORKER_LOST'):
     app.conf.task_acks_late = True
     app.conf.task_reject_on_worker_lost = True
+if os.environ.get('COMPENSATE_TEST_TRACES'):
+    # an in-memory exporter sees only its own process: spans go to a file
+    from tests.spans import export_to_file
+    export_to_file(os.environ['COMPENSATE_TEST_TRACES'])
+    app.conf.compensate_tracing = True
 install(app)
 
 from tests import tasks  # noqa: E402,F401  (registers the shared tasks)

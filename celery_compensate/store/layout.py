@@ -36,7 +36,9 @@ Fields (``i`` a step index, ``k`` a stage index)
             compensates or why it failed forward (an undo's errors are its
             ``e<i>``); ``failed`` the failed step; ``pv`` the pivot step
             (``compensate_pivot``), if any;
-            ``retries`` operator retries; ``cstart`` compensation began
+            ``retries`` operator retries; ``cstart`` compensation began;
+            ``tp`` the W3C ``traceparent`` of the span the saga was
+            started in (tracing only; absent otherwise)
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -83,8 +85,8 @@ __all__ = (
     'SHARDS', 'shard_of', 'Keys',
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
-    'PIVOT', 'FF', 'RTF', 'forward_attempt', 'forward_attempts_before',
-    'forward_retry_token',
+    'PIVOT', 'FF', 'RTF', 'TRACE_PARENT', 'forward_attempt',
+    'forward_attempts_before', 'forward_retry_token',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
     'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
     'deadline', 'held', 'outbox', 'generation', 'step_state', 'result',
@@ -185,10 +187,11 @@ RT = 'rt'
 PIVOT = 'pv'
 FF = 'ff'
 RTF = 'rtf'
+TRACE_PARENT = 'tp'
 
 SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
                RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT, PIVOT,
-               FF, RTF)
+               FF, RTF, TRACE_PARENT)
 
 # -- stage fields: the prefix, then the stage index -------------------------
 

@@ -70,6 +70,9 @@ class SagaRecord:
     retries: int = 0
     #: when compensation was claimed (``None``: it never was)
     compensation_started: float | None = None
+    #: the W3C ``traceparent`` of the span the saga was started in (with
+    #: tracing on, when there was one)
+    trace_parent: str | None = None
 
     @property
     def current(self) -> list[StepRecord]:
@@ -211,4 +214,5 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         reason=raw.get(L.REASON), steps=steps,
         retries=int(raw.get(L.RETRIES, 0)),
         compensation_started=_float(raw.get(L.CSTART)),
+        trace_parent=raw.get(L.TRACE_PARENT),
     )

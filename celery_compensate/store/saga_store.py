@@ -105,12 +105,15 @@ class SagaStore:
     # -- writes ---------------------------------------------------------
 
     def create(self, saga_id: str, plan: Plan,
-               specs: Sequence[str] | None = None) -> bool:
+               specs: Sequence[str] | None = None,
+               trace_parent: str | None = None) -> bool:
         """Store a new saga with its first stage marked dispatched.
 
         Arguments:
             specs: each step's spec already encoded as JSON (the canvas
                 encodes them once, when it validates the saga).
+            trace_parent: the W3C ``traceparent`` of the span the saga is
+                started in (tracing), kept in the record.
 
         Returns:
             bool: ``False`` if a saga with this id already exists.
@@ -124,6 +127,8 @@ class SagaStore:
             L.N, len(plan), L.NS, len(plan.stages), L.CUR, 0,
             L.waiting(0), len(plan.stages[0]),
         ]
+        if trace_parent:
+            fields += [L.TRACE_PARENT, trace_parent]
         if specs is None:
             specs = [dumps(step.to_dict()) for step in plan.steps]
         for k, stage in enumerate(plan.stages):
@@ -390,6 +395,18 @@ class SagaStore:
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptSagaRecord(
                 f'saga {saga_id!r} has a corrupt record: {exc!r}') from exc
+
+    def fields(self, saga_id: str, *names: str) -> dict[str, str | None]:
+        """Some fields of a saga's hash (:mod:`.layout` names), in one
+        read; ``None`` for a field that is not set (every field, when the
+        saga does not exist).
+
+        Raises:
+            SagaStoreUnavailable: Redis cannot be reached.
+        """
+        values = self._run(self.client.hmget, self.keys.saga(saga_id),
+                           list(names))
+        return dict(zip(names, values, strict=True))
 
     def created_at(self, saga_id: str) -> float:
         """When the saga was started.
