@@ -16,7 +16,7 @@ from celery_compensate import (
 )
 
 from .. import tasks
-from ..helpers import FAST, ledger, undone, wait_for
+from ..helpers import ledger, undone, wait_for
 from .test_recovery import HEARTBEAT, LEASE, SWEEP, _cluster, entries
 
 #: quick forward retries (the undo backoff spaces them)

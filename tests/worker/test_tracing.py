@@ -7,7 +7,6 @@ import logging
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
