@@ -457,6 +457,10 @@ class Saga(Signature):
                         else None)
         if not state.store.create(saga_id, plan, specs, trace_parent):
             raise InvalidSaga(f'saga {saga_id!r} already exists')
+        if state.tracing:
+            # only now: a start refused for a taken id must not put the
+            # other saga's tasks in this caller's trace
+            state.tracing.created(saga_id, trace_parent)
         # the saga exists from here on: its start is announced before its
         # first stage is published, so that a publishing error (raised to
         # the caller, and compensated like a failed step) follows its

@@ -56,6 +56,10 @@ class TraceHooks(Protocol):
         """A saga is being started: the ``traceparent`` of the span it is
         started in, to keep in its record (``None``: none)."""
 
+    def created(self, saga_id: str, trace_parent: str | None) -> None:
+        """The saga's record was written (its id was free): what it
+        publishes goes to ``trace_parent``'s trace."""
+
     def publishing(self, saga_id: str,
                    headers: dict[str, Any]) -> ContextManager[None]:
         """Around the publishing of a saga task with ``headers``."""

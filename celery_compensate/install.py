@@ -46,6 +46,12 @@ def install(app: Celery, tracing: bool | None = None) -> AppState:
     """
     state = find_state(app)
     if state is not None:
+        if tracing is not None and bool(tracing) != (state.tracing is not None):
+            warnings.warn(
+                f'install(app, tracing={tracing!r}) on an app installed '
+                f'already (tracing {"on" if state.tracing else "off"}): '
+                'ignored; pass it to the first install()',
+                SettingWarning, stacklevel=2)
         return state
     for key, close in unknown_keys(app.conf):
         warnings.warn(

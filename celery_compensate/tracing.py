@@ -293,10 +293,6 @@ class Tracing:
     def trace_parent(self, saga_id: str) -> str | None:
         """The ``traceparent`` the saga was started in: remembered from its
         start or from a task of it run here, else read from its record."""
-        starting = getattr(self._local, 'starting', None)
-        if starting is not None and starting[0] == saga_id:
-            self._local.starting = None
-            self._remember(*starting)
         with self._lock:
             if saga_id in self._parents:
                 return self._parents[saga_id]
@@ -318,15 +314,16 @@ class Tracing:
         keep in the saga's record; ``None`` outside any span."""
         try:
             ctx = trace.get_current_span().get_span_context()
-            value = format_traceparent(ctx) if ctx.is_valid else None
-            # remembered once its first stage is published: the start may
-            # still find the id taken by another saga
-            self._local.starting = (saga_id, value)
-            return value
+            return format_traceparent(ctx) if ctx.is_valid else None
         except Exception:  # noqa: BLE001 - tracing must not stop a saga
             logger.warning('saga %s: cannot read the current span',
                            saga_id, exc_info=True)
             return None
+
+    def created(self, saga_id: str, trace_parent: str | None) -> None:
+        """The saga's record was written: remember its trace parent for
+        what this process publishes of it."""
+        self._remember(saga_id, trace_parent)
 
     @contextmanager
     def publishing(self, saga_id: str,
@@ -337,8 +334,9 @@ class Tracing:
         token = None
         try:
             parent = self.trace_parent(saga_id)
-            if parent:
-                headers[TRACE_PARENT] = parent
+            # '' says "no caller": a copy without the header at all (a
+            # replacement) looks its saga's trace parent up instead
+            headers[TRACE_PARENT] = parent or ''
             token = context_api.attach(trace.set_span_in_context(
                 NonRecordingSpan(self._saga_context(saga_id, parent))))
         except Exception:  # noqa: BLE001 - the publish goes on untraced
@@ -401,10 +399,16 @@ class Tracing:
 
     def _begin(self, task: Task[..., Any], info: TaskIdInfo) -> _Run:
         parent_tp = _header(task.request, TRACE_PARENT)
-        if parent_tp is not None and parse_traceparent(parent_tp) is None:
-            parent_tp = None
-        # what this task publishes goes to the same trace
-        self._remember(info.saga_id, parent_tp)
+        if parent_tp is None:
+            # no header at all: a copy Celery sent without the saga's
+            # headers (self.replace()): what this process knows of the
+            # saga, else one read of its record
+            parent_tp = self.trace_parent(info.saga_id)
+        else:
+            if parse_traceparent(parent_tp) is None:
+                parent_tp = None
+            # what this task publishes goes to the same trace
+            self._remember(info.saga_id, parent_tp)
         saga = self._saga_context(info.saga_id, parent_tp)
         links: list[Link] = []
         # a span already current in the saga's trace runs this very task

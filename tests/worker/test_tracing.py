@@ -614,3 +614,51 @@ def test_past_a_pivot_each_copy_has_its_span_and_forward_failed_is_an_error(
     assert top['attributes']['saga.state'] == 'FORWARD_FAILED'
     assert event_names(top)[-1] == 'saga.forward_failed'
     assert top['status'] == 'ERROR'
+
+
+@TRACED
+def test_a_replaced_step_keeps_the_callers_trace(celery_app, celery_worker,
+                                                 rds, exporter):
+    """``self.replace()`` sends its replacement without the saga's
+    headers: the worker looks the saga's trace parent up, so the rest of
+    the saga stays in the caller's trace (it used to move to a trace of its
+    own, its spans orphaned)."""
+    tracer = trace.get_tracer('tests')
+    with tracer.start_as_current_span('POST /orders') as request:
+        res = saga(tasks.do.si('a'), tasks.replaced.si('b'),
+                   tasks.do.si('c'), tasks.do.si('d', fail=True)
+                   ).apply_async()
+    caller = request.get_span_context()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    wait_spans(exporter, caller.trace_id, 9)
+    assert spans_of(exporter, saga_span_context(res.id).trace_id) == []
+    names = [s['name'] for s in spans_of(exporter, caller.trace_id)]
+    assert 'step 2 t.do' in names and 'undo 2 t.undo #1' in names
+
+
+@TRACED
+def test_a_start_refused_for_a_taken_id_leaves_that_saga_in_its_trace(
+        celery_app, celery_worker, rds, exporter):
+    """A start that finds its id taken must not put the other saga's
+    later tasks (here an operator's retry) in the refused caller's trace."""
+    from celery_compensate import InvalidSaga
+    rds.set(tasks.countdown_key(celery_app, 'taken-id', 'a'), 100)
+    res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)
+               ).apply_async(saga_id='taken-id')
+    assert res.wait(timeout=15) is SagaState.COMPENSATION_FAILED
+    tracer = trace.get_tracer('tests')
+    with tracer.start_as_current_span('another request') as request:
+        with pytest.raises(InvalidSaga, match='already exists'):
+            saga(tasks.do.si('x')).apply_async(saga_id='taken-id')
+    rds.set(tasks.countdown_key(celery_app, 'taken-id', 'a'), 0)
+    assert res.retry() is True
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    other = request.get_span_context().trace_id
+    assert [s['name'] for s in spans_of(exporter, other)] == [
+        'another request']
+
+
+def test_asking_for_tracing_after_install_is_warned(celery_app):
+    from celery_compensate.settings import SettingWarning
+    with pytest.warns(SettingWarning, match='installed already'):
+        install(celery_app, tracing=True)
