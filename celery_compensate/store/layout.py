@@ -57,7 +57,8 @@ Fields (``i`` a step index, ``k`` a stage index)
             ``pg<i>`` the step's publish generation (absent: 1), raised
             each time it is published again; ``fa<i>`` past a pivot, its
             current attempt (absent: 1), ``fb<i>`` the attempts spent
-            before an operator's retry
+            before an operator's retry, ``tr<i>``/``trd<i>`` the token of
+            the call that last published it again and its countdown
 ``s<i>``    forward state (StepState); ``r<i>`` result JSON; ``t<i>``
             when settled; ``fe<i>`` why it failed
 ``x<i>``    undo state (UndoState); ``a<i>`` current attempt; ``ab<i>``
@@ -86,7 +87,8 @@ __all__ = (
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
     'PIVOT', 'FF', 'RTF', 'TRACE_PARENT', 'forward_attempt',
-    'forward_attempts_before', 'forward_retry_token',
+    'forward_attempts_before', 'forward_retry_token', 'forward_retry_by',
+    'forward_retry_delay',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
     'spec', 'stage', 'undo_flag', 'lease', 'undo_lease', 'countdown',
     'deadline', 'held', 'outbox', 'generation', 'step_state', 'result',
@@ -292,6 +294,17 @@ def forward_retry_token(i: int) -> str:
     return f'rf{i}'
 
 
+def forward_retry_by(i: int) -> str:
+    """Token of the call that last published the step again past the
+    pivot (a resent call answers the same)."""
+    return f'tr{i}'
+
+
+def forward_retry_delay(i: int) -> str:
+    """The countdown that copy was published with."""
+    return f'trd{i}'
+
+
 def step_state(i: int) -> str:
     """Forward state (:class:`~celery_compensate.model.StepState` code)."""
     return f's{i}'
@@ -381,6 +394,7 @@ STAGE_FIELDS = _prefixes(members, waiting, undos_left, stage_token,
 STEP_FIELDS = _prefixes(
     spec, stage, undo_flag, lease, undo_lease, countdown, deadline, held,
     outbox, generation, forward_attempt, forward_attempts_before,
-    forward_retry_token, step_state, result, settled_at, failure,
+    forward_retry_token, forward_retry_by, forward_retry_delay, step_state,
+    result, settled_at, failure,
     undo_state, attempt, attempts_before, undo_started, undone_at,
     undo_error, late, redo, settle_token, begin_token, undo_token)

@@ -246,3 +246,34 @@ def test_list_and_show_say_what_a_forward_failed_saga_waits_for(celery_app,
     want = 'step 2 t.c1 failed past the pivot; retry drives it forward'
     assert _current(listed) == want
     assert _doing(store.read('s')) == want
+
+
+def again(store: SagaStore, sid: str, token: str, *args):
+    """step_failed as redis-py resends it after a lost reply: the same
+    arguments, the same token."""
+    s = store.settings
+    return store._outcome(store.command('step_failed')(
+        keys=store.keys.for_saga(sid),
+        args=[token, '0', 60, *args, s.forward_max_attempts,
+              s.undo_retry_backoff, s.undo_retry_backoff_max, '']))
+
+
+@pytest.mark.compensate_conf(compensate_forward_max_attempts=2,
+                             compensate_undo_retry_backoff=0.1)
+def test_a_resent_failure_past_the_pivot_answers_like_the_first(celery_app,
+                                                               rds):
+    """Its caller published nothing (the reply was lost): the resend hands
+    the same copy out again, and the budget's end is told again."""
+    store = make(celery_app)
+    passed(store)
+    first = again(store, 's', 'tok-1', 2, 'e1', '', 1)
+    resent = again(store, 's', 'tok-1', 2, 'e1', '', 1)
+    assert first.status is resent.status is Reply.FORWARD_RETRY
+    assert resent.generations == first.generations == {2: 2}
+    assert resent.countdowns == first.countdowns == {2: 0.1}
+    assert resent.results == ['rp']
+    spent = again(store, 's', 'tok-2', 2, 'e2', '', 2)
+    resent = again(store, 's', 'tok-2', 2, 'e2', '', 2)
+    assert spent.status is resent.status is Reply.FORWARD_FAILED
+    assert (resent.old_state, resent.new_state) == (
+        SagaState.RUNNING, SagaState.FORWARD_FAILED)

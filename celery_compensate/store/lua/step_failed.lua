@@ -24,6 +24,8 @@
 ---                   the backoff ({index, spec, generation, countdown})
 ---   forward-failed  past the pivot, its attempts spent: saga RUNNING ->
 ---                   FORWARD_FAILED
+---                   (a call resent after its reply was lost, ``tr<i>``
+---                   its token, answers the same again)
 ---   stale-copy      past the pivot, the failure of a copy older than the
 ---                   one published last: ignored (a copy published again
 ---                   past the pivot has the generation in its task id, so
@@ -66,6 +68,10 @@ if s == 'D' then return {'completed-step', st, st} end
 if s == 'P' then return {'not-dispatched', st, st} end
 if s == 'F' then
   if hget('tk' .. i) ~= token then return {'duplicate', st, st} end
+  if hget('ff') == token then
+    -- resent after its reply was lost: the transition is told again
+    return {'forward-failed', 'RUNNING', st}
+  end
   return replay('replayed', st, 'claim', 'RUNNING')
 end
 local bad = damaged(i)
@@ -73,6 +79,13 @@ if bad then return bad end
 local k = hget('k' .. i)
 if st == 'RUNNING' and past_pivot(i) then
   local g = ARGV[7] or ''
+  if hget('tr' .. i) == token then
+    -- resent after its reply was lost: its caller published nothing, so
+    -- the copy it made due is handed out again (the same generation)
+    return {'forward-retry', st, st, stage_results(tonumber(k)),
+            {{tonumber(i), hget('p' .. i), num('pg' .. i),
+              hget('trd' .. i) or '0'}}}
+  end
   if (g ~= '' and tonumber(g) < math.max(num('pg' .. i), 1))
       or (g == '' and num('fa' .. i) > 1) then
     -- a copy published before the last one: its failure was counted

@@ -29,7 +29,8 @@ local function forward_retry(i, why, max, base, cap)
   end
   local delay = math.min(cap, base * 2 ^ (a - num('fb' .. i) - 1))
   local gen = math.max(num('pg' .. i), 1) + 1
-  redis.call('HSET', h, 'fa' .. i, a + 1, 'pg' .. i, gen, 'fe' .. i, why)
+  redis.call('HSET', h, 'fa' .. i, a + 1, 'pg' .. i, gen, 'fe' .. i, why,
+             'tr' .. i, token, 'trd' .. i, tostring(delay))
   redis.call('HDEL', h, 'ob' .. i)
   wait_lease(i, delay)
   return {tonumber(i), hget('p' .. i), gen, tostring(delay)}
