@@ -411,16 +411,15 @@ class Tracing:
             self._remember(info.saga_id, parent_tp)
         saga = self._saga_context(info.saga_id, parent_tp)
         links: list[Link] = []
-        # a span already current in the saga's trace runs this very task
-        # (a Celery instrumentation's, whose message we sent in the trace):
-        # it is the parent; any other current span is linked
+        # a span current while the task runs (a Celery instrumentation's
+        # run span) is linked, not made the parent: the step's span id is
+        # derived, and a run that does not settle the step (a Celery retry,
+        # a replacement) publishes the next copy while that id is current,
+        # so the run that settles it would be its own ancestor
         current = trace.get_current_span().get_span_context()
         parent = saga
         if current.is_valid:
-            if current.trace_id == saga.trace_id:
-                parent = current
-            else:
-                links.append(Link(current, {'saga.link': 'task'}))
+            links.append(Link(current, {'saga.link': 'task'}))
         attributes: dict[str, AttributeValue] = {
             SAGA_ID: info.saga_id, STEP: info.index, TASK: task.name}
         if info.is_undo:

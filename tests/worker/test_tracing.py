@@ -331,13 +331,14 @@ def instrumented() -> Iterator[None]:
 
 
 @TRACED
-def test_with_the_celery_instrumentation_its_task_spans_are_parents(
+def test_with_the_celery_instrumentation_its_task_spans_are_linked(
         celery_app, celery_worker, rds, exporter, instrumented):
     """opentelemetry-instrumentation-celery's spans land in the saga's
     trace: each publish span under the saga span (it is current while a
-    saga task is published), each run span under its publish span, and
-    each step or undo span under the run span of its task: one span of
-    ours per step and per attempt, none duplicated."""
+    saga task is published), each run span under its publish span; each
+    step or undo span is a child of the saga span and links to the run
+    span of its task: one span of ours per step and per attempt, none
+    duplicated."""
     res = saga(tasks.do.si('a'), tasks.do.si('b', fail=True)).apply_async()
     assert res.wait(timeout=15) is SagaState.COMPENSATED
     root = saga_span_context(res.id)
@@ -351,14 +352,35 @@ def test_with_the_celery_instrumentation_its_task_spans_are_parents(
                             'undo 0 t.undo #1']
     for name, task in (('step 0 t.do', 't.do'), ('step 1 t.do', 't.do'),
                        ('undo 0 t.undo #1', 't.undo')):
-        run = by_id[ours[name]['parent_id']]
-        assert run['name'] == f'run/{task}'
-        publish = by_id[run['parent_id']]
+        assert ours[name]['parent_id'] == root.span_id
+        runs = [by_id[i] for i in links_to(ours[name])
+                if i in by_id and by_id[i]['name'].startswith('run/')]
+        assert [r['name'] for r in runs] == [f'run/{task}']
+        publish = by_id[runs[0]['parent_id']]
         assert publish['name'] == f'apply_async/{task}'
         assert publish['parent_id'] == root.span_id
     assert sorted(s['name'] for s in spans if s['name'].startswith('run/')
                   ) == ['run/t.do', 'run/t.do', 'run/t.undo']
-    assert links_to(ours['undo 0 t.undo #1']) == [step_span_id(res.id, 0)]
+    assert step_span_id(res.id, 0) in links_to(ours['undo 0 t.undo #1'])
+
+
+@TRACED
+def test_with_the_celery_instrumentation_a_retried_step_makes_no_cycle(
+        celery_app, celery_worker, rds, exporter, instrumented):
+    """A step retried by Celery publishes its retry while the step's
+    derived span is current; the run that settles the step emits that span,
+    which must not end up its own ancestor."""
+    res = saga(tasks.flaky.si('a', 1), tasks.do.si('b', fail=True)
+               ).apply_async()
+    assert res.wait(timeout=15) is SagaState.COMPENSATED
+    spans = wait_spans(exporter, saga_span_context(res.id).trace_id, 9)
+    by_id = {s['span_id']: s for s in spans}
+    for span in spans:
+        seen, at = set(), span
+        while at is not None and at['parent_id'] is not None:
+            assert at['span_id'] not in seen, f'a cycle through {at["name"]}'
+            seen.add(at['span_id'])
+            at = by_id.get(at['parent_id'])
 
 
 @TRACED
