@@ -45,6 +45,7 @@ class JsonLinesExporter(SpanExporter):
 
 
 def as_dict(span: ReadableSpan) -> Span:
+    """A span as a plain dict (ids as ints, times in ns): one JSON line."""
     ctx = span.get_span_context()
     assert ctx is not None
     return {
@@ -57,7 +58,8 @@ def as_dict(span: ReadableSpan) -> Span:
                     'attributes': dict(e.attributes or {})}
                    for e in span.events],
         'links': [{'trace_id': link.context.trace_id,
-                   'span_id': link.context.span_id}
+                   'span_id': link.context.span_id,
+                   'attributes': dict(link.attributes or {})}
                   for link in span.links],
     }
 

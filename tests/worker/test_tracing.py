@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import redis
 from celery import group
 from celery import signals as celery_signals
 from opentelemetry import trace
@@ -27,7 +26,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from celery_compensate import ImproperlyConfigured, SagaState, install, saga
 from celery_compensate.appstate import get_state
 from celery_compensate.store import layout as L
-from celery_compensate.testing import redis_server
 from celery_compensate.tracing import (
     parse_traceparent, saga_span_context, step_span_id, undo_span_id,
 )
@@ -36,6 +34,7 @@ from .. import tasks
 from ..helpers import ledger, undone, wait_for
 from ..spans import as_dict, read_file
 from .test_recovery import HEARTBEAT, LEASE, SWEEP, _cluster, entries
+from .test_windows import store_away_as_b_completes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -577,24 +576,10 @@ def test_a_step_completed_while_the_store_is_away_is_no_error(redis_url):
     traces = Path(tempfile.mkstemp(prefix='compensate-spans-',
                                    suffix='.jsonl')[1])
     try:
-        with redis_server(env_names=()) as store_url, _cluster(
-                redis_url, worker_env={
-                    'COMPENSATE_TEST_STORE_URL': store_url,
-                    'COMPENSATE_TEST_LEDGER_URL': redis_url,
-                    'COMPENSATE_TEST_TRACES': str(traces)},
-                step_timeout=LEASE, queue_timeout=60.0,
-                heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
-                record_retry_timeout=0.5, redis_socket_timeout=0.3,
-                redis_url=store_url) as (app, rds, start):
-            store = redis.Redis.from_url(store_url)
-            start('one')
-            res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=0.5),
-                       tasks.do.si('c'), app=app).apply_async()
-            wait_for(lambda: 'start:b' in entries(app, rds, res.id),
-                     timeout=15, interval=0.005)
-            store.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
+        with store_away_as_b_completes(
+                redis_url, COMPENSATE_TEST_TRACES=str(traces)
+                ) as (app, rds, res):
             assert res.wait(timeout=LEASE + 15) is SagaState.COMPLETED
-            store.close()
             trace_id = saga_span_context(res.id).trace_id
             spans = by_name(wait_for(lambda: len(found := [
                 s for s in read_file(traces) if s['trace_id'] == trace_id])

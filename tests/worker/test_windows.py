@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import redis
+from celery import Celery
 
-from celery_compensate import SagaState, StepState, saga
+from celery_compensate import SagaResult, SagaState, StepState, saga
 from celery_compensate.appstate import get_state
 from celery_compensate.messages import OUTBOX_UNTIL, SAGA_ID, STEP
 from celery_compensate.model import step_task_id, undo_task_id
@@ -110,34 +113,49 @@ def test_a_busy_worker_killed_by_a_step_as_it_starts(cluster):
     assert res.wait(timeout=10) is SagaState.COMPENSATED
 
 
-def test_a_step_completed_while_the_store_is_away_is_recorded_by_its_worker(
-        redis_url):
-    """The saga store (a Redis of its own) takes no writes for longer than
-    ``compensate_record_retry_timeout`` just as step b completes: the pool
-    child gives up and leaves the completion in its worker's spool; the
-    worker keeps b held, records it once the store is back and publishes
-    c.  The saga completes, every body ran once, nothing is undone."""
+@contextmanager
+def store_away_as_b_completes(redis_url: str, **worker_env: str) -> Iterator[
+        tuple[Celery, redis.Redis, SagaResult]]:
+    """Sagas a -> b -> c on one prefork worker whose saga store is a Redis
+    of its own; that store takes no writes for 2.5 s (``CLIENT PAUSE``),
+    longer than ``compensate_record_retry_timeout``, just as b completes.
+    Yields the producer app, a client of the broker (the ledger) and the
+    saga's handle, the pause begun."""
     with redis_server(env_names=()) as store_url, _cluster(
             redis_url, worker_env={'COMPENSATE_TEST_STORE_URL': store_url,
-                                   'COMPENSATE_TEST_LEDGER_URL': redis_url},
+                                   'COMPENSATE_TEST_LEDGER_URL': redis_url,
+                                   **worker_env},
             step_timeout=LEASE, queue_timeout=QUEUE,
             heartbeat_interval=HEARTBEAT, recovery_interval=SWEEP,
             record_retry_timeout=0.5, redis_socket_timeout=0.3,
             redis_url=store_url) as (app, rds, start):
         store = redis.Redis.from_url(store_url)
-        start('one')
-        res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=0.5),
-                   tasks.do.si('c'), app=app).apply_async()
-        wait_for(lambda: 'start:b' in entries(app, rds, res.id), timeout=15,
-                 interval=0.005)
-        store.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
+        try:
+            start('one')
+            res = saga(tasks.do.si('a'), tasks.do.si('b', sleep=0.5),
+                       tasks.do.si('c'), app=app).apply_async()
+            wait_for(lambda: 'start:b' in entries(app, rds, res.id),
+                     timeout=15, interval=0.005)
+            store.execute_command('CLIENT', 'PAUSE', 2500, 'WRITE')
+            yield app, rds, res
+        finally:
+            store.close()
+
+
+def test_a_step_completed_while_the_store_is_away_is_recorded_by_its_worker(
+        redis_url):
+    """The saga store takes no writes for longer than
+    ``compensate_record_retry_timeout`` just as step b completes: the pool
+    child gives up and leaves the completion in its worker's spool; the
+    worker keeps b held, records it once the store is back and publishes
+    c.  The saga completes, every body ran once, nothing is undone."""
+    with store_away_as_b_completes(redis_url) as (app, rds, res):
         wait_for(lambda: 'do:b' in entries(app, rds, res.id), timeout=5)
         assert res.wait(timeout=LEASE + 15) is SagaState.COMPLETED
         log = entries(app, rds, res.id)
         assert [e for e in log if e.startswith('do:')] == [
             'do:a', 'do:b', 'do:c']
         assert undone(log) == []
-        store.close()
 
 
 @pytest.mark.parametrize('mode', ['child', 'worker'])
