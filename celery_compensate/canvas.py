@@ -19,7 +19,8 @@ from . import signals
 from .exceptions import InvalidSaga
 from .appstate import get_state
 from .model import (
-    TASK_OPTIONS, Plan, StepSpec, TaskRef, UndoSpec, validate_saga_id,
+    CHILD_TASK, TASK_OPTIONS, Plan, StepSpec, TaskRef, UndoSpec,
+    validate_saga_id,
 )
 from .result import SagaResult
 
@@ -172,7 +173,8 @@ class Saga(Signature):
 
     def __or__(self, other: Any) -> Any:
         if isinstance(other, Saga):
-            return Saga(*self.steps, *other.steps, app=self.given_app,
+            # the right-hand saga stays a unit: a nested saga
+            return Saga(*self.steps, other, app=self.given_app,
                         **self.options)
         if isinstance(other, Signature):
             return Saga(*self.steps, other, app=self.given_app, **self.options)
@@ -237,26 +239,41 @@ class Saga(Signature):
             plan = Plan.from_stages(built)
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
+        limit = self._settings().max_depth
+        if plan.depth > limit:
+            raise InvalidSaga(
+                f'the saga nests sagas {plan.depth} levels deep, more than '
+                f'compensate_max_depth ({limit})')
         specs = []
         for step in plan.steps:
+            if step.child is not None:
+                specs.append(self._encode(step))
+                continue
             self._check_serializable(step.call, step.describe())
             if step.undo is not None:
                 self._check_serializable(step.undo,
                                          f'the undo of {step.describe()}')
                 if final or not _gets_saga_args(step):
                     self._check_undo_call(step)
-            try:
-                specs.append(dumps(step.to_dict()))
-            except (TypeError, ValueError) as exc:
-                raise InvalidSaga(
-                    f'{step.describe()}: arguments or options cannot be '
-                    f'serialized as JSON (saga records are JSON): {exc}'
-                ) from exc
+            specs.append(self._encode(step))
         return plan, specs
+
+    @staticmethod
+    def _encode(step: StepSpec) -> str:
+        try:
+            return dumps(step.to_dict())
+        except (TypeError, ValueError) as exc:
+            raise InvalidSaga(
+                f'{step.describe()}: arguments or options cannot be '
+                f'serialized as JSON (saga records are JSON): {exc}'
+            ) from exc
 
     def _freeze(self, sig: Signature, index: int, extra: Sequence[Any],
                 extra_kwargs: Mapping[str, Any], defaults: Mapping[str, Any]
                 ) -> tuple[Any, ...]:
+        if isinstance(sig, Saga):
+            return self._freeze_child(sig, index, extra, extra_kwargs,
+                                      defaults)
         name = sig.task
         where = f'step {index} ({name})'
         if not isinstance(name, str) or not name:
@@ -298,6 +315,40 @@ class Saga(Signature):
                 undo_sig.options if undo_sig is not None else {},
                 self.app.tasks.get(undo.name), f'the undo of {where}')
         return call, undo, cof, timeout, undo_timeout, delay, pivot
+
+    def _freeze_child(self, sig: Saga, index: int, extra: Sequence[Any],
+                      extra_kwargs: Mapping[str, Any],
+                      defaults: Mapping[str, Any]) -> tuple[Any, ...]:
+        """A nested saga as step ``index``: its plan, and its call (the
+        arguments its first stage gets, as ``apply_async(args, kwargs)``,
+        after the previous stage's result unless it is immutable).  The
+        parent's publishing options are defaults for its steps, its own
+        options win."""
+        where = f'step {index} (nested saga)'
+        own = {k: v for k, v in sig.options.items() if k != 'saga_id'}
+        refused = (_MANAGED | _REFUSED) & set(own)
+        if refused:
+            raise InvalidSaga(
+                f'{where}: a nested saga cannot carry '
+                f'{", ".join(sorted(refused))}')
+        if sig.options.get('saga_id'):
+            raise InvalidSaga(
+                f'{where}: a nested saga gets its id from its parent '
+                f'(<parent id>~{index}); do not freeze it with an id')
+        # the parent's countdown, eta or expires are its first stage's;
+        # the child's own apply to the child's first stage
+        options = {**{k: v for k, v in defaults.items()
+                      if k not in _FIRST_STAGE}, **own}
+        try:
+            plan, _ = sig.plan_for((), {}, options, final=False)
+        except InvalidSaga as exc:
+            raise InvalidSaga(f'{where}: {exc}') from None
+        call = TaskRef(
+            name=CHILD_TASK, args=(*extra, *sig.args),
+            kwargs={**{k: v for k, v in sig.kwargs.items() if k != 'steps'},
+                    **extra_kwargs},
+            immutable=bool(sig.immutable))
+        return call, None, False, None, None, 0.0, False, plan
 
     def _timeout(self, opts: Mapping[str, Any], task: Any,
                  where: str) -> float | None:
@@ -533,10 +584,8 @@ def _stages(steps: Iterable[Any]) -> list[list[Signature]]:
 
 def _flatten(sig: Any) -> list[list[Signature]]:
     if isinstance(sig, Saga):
-        raise InvalidSaga(
-            f'a saga cannot be a step of another saga yet, got {sig!r}: '
-            'add its steps instead (saga(a, *inner.steps)) or append it '
-            '(outer | inner)')
+        # a nested saga: one step (or parallel member) of its parent
+        return [[sig]]
     if isinstance(sig, _chain):
         return _stages(sig.tasks)
     if isinstance(sig, chord):

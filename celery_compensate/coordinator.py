@@ -30,8 +30,9 @@ from .messages import (
 )
 from .model import (
     FORBIDDEN_OPTIONS, SagaState, StepSpec, TaskIdInfo, idempotency_key,
-    step_task_id, undo_delay, undo_task_id,
+    parent_of, step_task_id, undo_delay, undo_task_id,
 )
+from .nesting import SETTLED, Nesting
 from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ class Coordinator:
         self.tracing = tracing
         #: per thread: the tasks an eager run still has to run (see _send)
         self._eager = threading.local()
+        self.nesting = Nesting(self)
 
     # -- publishing -----------------------------------------------------
 
@@ -156,6 +158,9 @@ class Coordinator:
             countdown: a retry past the pivot: seconds before it runs, in
                 place of the step's own countdown or eta.
         """
+        if step.child is not None:
+            self.nesting.start(saga_id, step, args, kwargs)
+            return
         self.check_task(saga_id, step.describe(), step.call.name)
         options = _allowed(step.call.options)
         now = time.time()
@@ -417,12 +422,13 @@ class Coordinator:
                 attempt=info.attempt, countdown=countdown, error=text)
             self._publish_undos(info.saga_id, [due], countdown)
         elif outcome.status is Reply.FAILED:
-            self._failed_for_good(
+            self.failed_for_good(
                 info.saga_id, info.index, outcome, text,
                 f'undo of step {info.index} failed {info.attempt} times, '
                 f'last error: {text}')
+            self.settled(info.saga_id, outcome)
 
-    def _failed_for_good(self, saga_id: str, step: int, outcome: Outcome,
+    def failed_for_good(self, saga_id: str, step: int, outcome: Outcome,
                          error: str, what: str) -> None:
         """An undo spent its attempts: log the saga's transition to
         COMPENSATION_FAILED (error level, with the reason) and signal it;
@@ -442,6 +448,11 @@ class Coordinator:
     def recover(self, saga_id: str) -> Outcome:
         """Act on a saga whose leases lapsed (the sweep found it due)."""
         outcome = self.store.recover(saga_id)
+        if outcome.status is Reply.REPORT:
+            logger.warning('saga %s: its report to its parent was not sent '
+                           '(its reporter died): sent now', saga_id)
+            self.nesting.report(saga_id)
+            return outcome
         resent = [s for s in outcome.forward
                   if s.index not in outcome.countdowns]
         if resent:
@@ -479,6 +490,8 @@ class Coordinator:
             self._revoke(saga_id, [step_task_id(saga_id, i)
                                    for i in outcome.stopped])
         self.apply(saga_id, outcome, reason=reason)
+        if outcome.children:
+            self.nesting.abort(saga_id, outcome.children, reason)
         return outcome
 
     def retry(self, saga_id: str) -> Outcome:
@@ -541,6 +554,18 @@ class Coordinator:
         self._publish_undos(saga_id, outcome.undos)
         if new is not old:
             self._transition(saga_id, old, new, step, reason)
+        self.settled(saga_id, outcome)
+
+    def settled(self, saga_id: str, outcome: Outcome) -> None:
+        """A nested saga that settled reports to its parent now (its
+        record owes the report; if this fails, the sweep sends it)."""
+        if outcome.new_state not in SETTLED or parent_of(saga_id) is None:
+            return
+        try:
+            self.nesting.report(saga_id)
+        except Exception:  # noqa: BLE001 - the record still owes it
+            logger.exception('saga %s: could not report to its parent; the '
+                             'sweep sends the report', saga_id)
 
     def _publish_undos(self, saga_id: str, dues: Sequence[UndoDue],
                        countdown: float | None = None) -> None:
@@ -549,6 +574,17 @@ class Coordinator:
         leaves them to the sweep after the undo's lease)."""
         sent = []
         for due in dues:
+            if due.step.child is not None:
+                # a nested saga's undo is its own compensation, held by it
+                # (never sent as a task): the sweep sends it again if this
+                # fails
+                try:
+                    self.nesting.unwind(saga_id, due)
+                except Exception:  # noqa: BLE001 - left queued in the record
+                    logger.exception('saga %s: could not undo the nested saga '
+                                     'of step %d; its undo stays queued',
+                                     saga_id, due.step.index)
+                continue
             wait = due.countdown or countdown or None
             if self._publish_undo_or_log(saga_id, due, wait):
                 sent.append((due.step.index, due.attempt, wait or 0.0))
@@ -598,7 +634,7 @@ class Coordinator:
                 break
             attempt = outcome.undos[0].attempt
         if outcome.status is Reply.FAILED:
-            self._failed_for_good(saga_id, due.step.index, outcome, text,
+            self.failed_for_good(saga_id, due.step.index, outcome, text,
                                   text.removeprefix(f'saga {saga_id}: '))
         else:
             logger.error('%s', text)

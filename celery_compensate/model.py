@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence, TypeVar
 
 __all__ = (
     'SagaState', 'StepState', 'UndoState', 'UndoSpec', 'StepSpec', 'Plan',
     'TaskRef', 'FINAL_STATES', 'step_task_id', 'undo_task_id',
     'parse_task_id', 'idempotency_key', 'undo_delay', 'validate_saga_id',
-    'TASK_OPTIONS', 'OPERATOR_STATES',
+    'TASK_OPTIONS', 'OPERATOR_STATES', 'child_saga_id', 'parent_of',
+    'nesting_depth', 'CHILD_TASK',
 )
+
+#: The task name of a nested saga's step in its parent's plan (no such task
+#: is registered or published: the parent's coordinator starts the child
+#: saga in its place).
+CHILD_TASK = 'celery_compensate.saga'
 
 #: The task options this library reads (``@app.task(compensate_with=...)``).
 TASK_OPTIONS = ('compensate_with', 'compensate_on_failure',
@@ -163,11 +169,21 @@ class StepSpec:
     #: the saga's point of no return (``compensate_pivot``): once it
     #: completed, the steps after it are retried, never compensated
     pivot: bool = False
+    #: a nested saga: the plan of the child saga this step runs (``call``
+    #: then carries the arguments for its first stage)
+    child: Plan | None = None
 
     @property
     def undo_flag(self) -> str:
         """Code stored for the Lua scripts: 0 no undo, 1 undo, 2 undo also
-        on the step's own failure."""
+        on the step's own failure.
+
+        A nested saga is ``2``: its "undo" is its own compensation, which
+        runs both when it completed (undone as a unit) and when it failed
+        (it compensated itself; the parent waits until it has, and an
+        operator's retry of the parent re-drives it)."""
+        if self.child is not None:
+            return '2'
         if self.undo is None:
             return '0'
         return '2' if self.compensate_on_failure else '1'
@@ -180,6 +196,7 @@ class StepSpec:
             'compensate_on_failure': self.compensate_on_failure,
             'timeout': self.timeout, 'undo_timeout': self.undo_timeout,
             'delay': self.delay, 'pivot': self.pivot,
+            **({'child': self.child.to_list()} if self.child else {}),
         }
 
     @classmethod
@@ -194,6 +211,7 @@ class StepSpec:
             undo_timeout=_opt_float(d.get('undo_timeout')),
             delay=float(d.get('delay') or 0.0),
             pivot=bool(d.get('pivot')),
+            child=Plan.from_list(d['child']) if d.get('child') else None,
         )
 
     def called_with(self, prev: Sequence[Any]
@@ -213,6 +231,8 @@ class StepSpec:
         return (first, *self.call.args), dict(self.call.kwargs)
 
     def describe(self) -> str:
+        if self.child is not None:
+            return f'step {self.index} (nested saga)'
         return f'step {self.index} ({self.call.name})'
 
 
@@ -233,6 +253,74 @@ class Plan:
                         f'{step.describe()} is out of order in the plan')
                 expected += 1
         self._check_pivot()
+        self._check_children()
+
+    def _check_children(self) -> None:
+        """A nested saga is compensatable: it may not contain a pivot, and
+        it may not come after its parent's pivot (steps there are retried
+        forward, never undone, and a child that failed has undone itself)."""
+        pivot = self.pivot
+        for step in self.steps:
+            if step.child is None:
+                continue
+            if step.child.has_pivot():
+                raise ValueError(
+                    f'{step.describe()}: a nested saga cannot contain a pivot '
+                    f'(compensate_pivot): it is undone as a unit when its '
+                    f'parent compensates; make the pivot a step of the '
+                    f'outermost saga')
+            if pivot is not None and step.index > pivot.index:
+                raise ValueError(
+                    f'{step.describe()}: it comes after the pivot '
+                    f'{pivot.describe()}; steps after a pivot are retried, '
+                    f'never undone, and a nested saga undoes itself when it '
+                    f'fails: put it before the pivot')
+
+    def has_pivot(self) -> bool:
+        """Whether this plan or one nested in it has a pivot."""
+        return any(step.pivot or (step.child is not None
+                                  and step.child.has_pivot())
+                   for step in self.steps)
+
+    @property
+    def depth(self) -> int:
+        """1 for a flat saga, plus one per level of nesting."""
+        return 1 + max((step.child.depth for step in self.steps
+                        if step.child is not None), default=0)
+
+    @property
+    def children(self) -> tuple[StepSpec, ...]:
+        """The steps that are nested sagas."""
+        return tuple(step for step in self.steps if step.child is not None)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """The steps as dicts (they carry their stage numbers)."""
+        return [step.to_dict() for step in self.steps]
+
+    @classmethod
+    def from_list(cls, steps: Sequence[Mapping[str, Any]]) -> Plan:
+        """Rebuild a plan from :meth:`to_list`."""
+        built: list[list[StepSpec]] = []
+        for d in steps:
+            step = StepSpec.from_dict(d)
+            while len(built) <= step.stage:
+                built.append([])
+            built[step.stage].append(step)
+        return cls(tuple(tuple(stage) for stage in built))
+
+    def with_arguments(self, args: Sequence[Any],
+                       kwargs: Mapping[str, Any]) -> Plan:
+        """The plan with ``args`` prepended to, and ``kwargs`` merged
+        into, the calls of its first stage's mutable steps (what a nested
+        saga is called with, as ``apply_async(args, kwargs)`` does)."""
+        if not args and not kwargs:
+            return self
+        first = tuple(
+            step if step.call.immutable else replace(step, call=replace(
+                step.call, args=(*args, *step.call.args),
+                kwargs={**step.call.kwargs, **kwargs}))
+            for step in self.stages[0])
+        return Plan((first, *self.stages[1:]))
 
     def _check_pivot(self) -> None:
         """At most one pivot, alone in its stage (a parallel member
@@ -287,21 +375,54 @@ class Plan:
 
 
 _SAGA_ID = re.compile(r'^[A-Za-z0-9_-]{1,128}$')
-_TASK_ID = re.compile(r'^(?P<saga>[A-Za-z0-9_-]{1,128})\.(?:s(?P<step>\d+)'
+#: a nested saga's id: its parent's, ``~`` and its step index in the parent
+_NESTED_ID = re.compile(r'^[A-Za-z0-9_-]{1,128}(?:~\d{1,6}){1,32}$')
+_TASK_ID = re.compile(r'^(?P<saga>[A-Za-z0-9_-]{1,128}(?:~\d{1,6}){0,32})'
+                      r'\.(?:s(?P<step>\d+)'
                       r'(?:\.(?P<generation>\d+))?|'
                       r'u(?P<undo>\d+)\.(?P<attempt>\d+))$')
 
 
-def validate_saga_id(saga_id: str) -> str:
+def validate_saga_id(saga_id: str, nested: bool = False) -> str:
     """Return ``saga_id`` or raise :exc:`ValueError` naming it.
 
     Saga ids are embedded in task ids and Redis hash tags, so they may not
     contain dots, braces or whitespace.
+
+    Arguments:
+        nested: also accept the id of a nested saga (``<parent>~<step>``,
+            which only a parent gives its child; looking one up is fine).
     """
-    if not isinstance(saga_id, str) or not _SAGA_ID.match(saga_id):
-        raise ValueError(
-            f'invalid saga id {saga_id!r}: use 1-128 letters, digits, "-" or "_"')
-    return saga_id
+    if isinstance(saga_id, str) and (
+            _SAGA_ID.match(saga_id)
+            or (nested and _NESTED_ID.match(saga_id))):
+        return saga_id
+    raise ValueError(
+        f'invalid saga id {saga_id!r}: use 1-128 letters, digits, "-" or "_"'
+        + (' (a nested saga\'s id adds "~<step>" per level)' if nested
+           else ''))
+
+
+def child_saga_id(saga_id: str, index: int) -> str:
+    """The id of the nested saga that is step ``index`` of ``saga_id``.
+
+    Derived, never chosen: a resent start finds the child it started, and
+    the whole tree shares the root's shard (:func:`~.store.layout.shard_of`),
+    so a command can change a parent and its child atomically."""
+    return f'{saga_id}~{index}'
+
+
+def parent_of(saga_id: str) -> tuple[str, int] | None:
+    """``(parent id, step index)`` of a nested saga, or ``None``."""
+    parent, sep, index = saga_id.rpartition('~')
+    if not sep or not index.isdigit():
+        return None
+    return parent, int(index)
+
+
+def nesting_depth(saga_id: str) -> int:
+    """0 for an outermost saga, 1 for its children, and so on."""
+    return saga_id.count('~')
 
 
 def step_task_id(saga_id: str, index: int, generation: int = 0) -> str:

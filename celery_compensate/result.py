@@ -14,7 +14,7 @@ from .exceptions import (
     InvalidSaga, SagaCompensated, SagaCompensationFailed, SagaFailed,
     SagaForwardFailed, SagaNotFinished, SagaNotFound, SagaTimeoutError,
 )
-from .model import FINAL_STATES, SagaState, validate_saga_id
+from .model import FINAL_STATES, SagaState, parent_of, validate_saga_id
 from .store import Reply
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class SagaResult:
 
     def __init__(self, id: str, app: Celery | None = None) -> None:
         try:
-            self.id = validate_saga_id(id)
+            self.id = validate_saga_id(id, nested=True)
         except ValueError as exc:
             raise InvalidSaga(str(exc)) from None
         self.app = app or current_app
@@ -70,6 +70,26 @@ class SagaResult:
 
     def __hash__(self) -> int:
         return hash(self.id)
+
+    @property
+    def children(self) -> list[SagaResult]:
+        """The handles of the sagas nested in this one (its steps that are
+        sagas), in step order; each has an id of the form
+        ``<this id>~<step index>`` and a record of its own.  A child not
+        started yet reads as not found.
+
+        Raises:
+            SagaNotFound: no saga with this id.
+        """
+        return [SagaResult(step.child, app=self.app)
+                for step in self.info().steps if step.child is not None]
+
+    @property
+    def parent_saga(self) -> SagaResult | None:
+        """The saga this one is nested in (``None``: an outermost saga).
+        (``parent`` is what Celery's chain sets on a link's result.)"""
+        up = parent_of(self.id)
+        return None if up is None else SagaResult(up[0], app=self.app)
 
     @property
     def _store(self) -> SagaStore:

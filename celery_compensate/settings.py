@@ -195,6 +195,12 @@ def _attempts(key: str, value: Any) -> int:
     return int(value)
 
 
+def _depth(key: str, value: Any) -> int:
+    _require(isinstance(value, int) and not isinstance(value, bool)
+             and value >= 1, key, 'an integer >= 1 (1: no nesting)', value)
+    return int(value)
+
+
 def _flag(key: str, value: Any) -> bool:
     _require(isinstance(value, bool), key, 'True or False', value)
     return bool(value)
@@ -312,6 +318,10 @@ class Settings:
         doc='after a completed pivot (`compensate_pivot`), attempts per '
             'failing step (each after its own Celery retries) before '
             '`FORWARD_FAILED`; the undo retry backoff spaces them')
+    max_depth = Option(
+        'compensate_max_depth', 8, _depth,
+        doc='how deep sagas may nest (a saga as a step of a saga is 2 '
+            'levels); a deeper saga is refused when it is built')
     redis_socket_timeout = Option(
         'compensate_redis_socket_timeout', 5.0,
         _number('a positive number', lambda value: value > 0),

@@ -42,7 +42,10 @@ def ledger_key(app: Any, saga_id: str) -> str:
 
 
 def note(task: Task, entry: str) -> None:
+    """Append to the ledger of the task's saga; a nested saga's tasks write
+    to their outermost saga's, so one ledger orders the whole tree."""
     saga_id = getattr(task.request, 'compensate_saga_id', None) or 'none'
+    saga_id = saga_id.partition('~')[0]
     client_for(task.app).rpush(ledger_key(task.app, saga_id), entry)
 
 

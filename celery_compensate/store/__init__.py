@@ -18,9 +18,10 @@ from .records import (
 )
 from .replies import Reply
 from .saga_store import (
-    TRANSIENT_ERRORS, Outcome, SagaStore, UndoDue, make_client, new_token,
+    TRANSIENT_ERRORS, ChildReport, Outcome, SagaStore, UndoDue, make_client,
+    new_token,
 )
 
-__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'SagaRecord', 'StepRecord',
+__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'ChildReport', 'SagaRecord', 'StepRecord',
            'SagaSummary', 'StepSummary', 'Listed', 'Reply', 'Keys', 'SHARDS', 'shard_of', 'new_token',
            'make_client', 'TRANSIENT_ERRORS')

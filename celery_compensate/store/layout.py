@@ -39,6 +39,15 @@ Fields (``i`` a step index, ``k`` a stage index)
             ``retries`` operator retries; ``cstart`` compensation began;
             ``tp`` the W3C ``traceparent`` of the span the saga was
             started in (tracing only; absent otherwise)
+``kids``    the step indices that are nested sagas (absent: none); the
+            child of step ``i`` is the saga ``<id>~<i>``, in the same shard
+``up``      in a nested saga: its step index in its parent (the parent's
+            id is its own up to the last ``~``); ``ua`` the parent's undo
+            attempt it compensates for, once the parent undoes it;
+            ``rp``/``rpd`` the token of the report it owes its parent (it
+            settled: completed, compensated, or COMPENSATION_FAILED) and
+            until when its reporter may take (the sweep reports it after);
+            ``rg`` that grace in seconds (a step lease)
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -50,7 +59,8 @@ Fields (``i`` a step index, ``k`` a stage index)
 ``o<i>``    its lease once held; ``ou<i>`` its undo's; ``c<i>`` countdown
 ``d<i>``    deadline of what is in flight for step ``i`` (forward task or
             undo); ``h<i>`` the holder (a token of the worker's copy) once
-            a worker received it
+            a worker received it, ``~`` while its nested saga holds it
+            (no deadline: the child reports when it settles)
 ``ob<i>``   ``1`` while the step's message is in the outbox: its stage was
             dispatched by a completion whose publishing is not confirmed
             yet; ``pb<k>`` the step whose completion dispatched stage ``k``;
@@ -86,7 +96,8 @@ __all__ = (
     'SHARDS', 'shard_of', 'Keys',
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
-    'PIVOT', 'FF', 'RTF', 'TRACE_PARENT', 'forward_attempt',
+    'PIVOT', 'FF', 'RTF', 'TRACE_PARENT', 'KIDS', 'UP', 'UNDO_FOR', 'REPORT',
+    'REPORT_BY', 'REPORT_GRACE', 'CHILD_HOLDS', 'forward_attempt',
     'forward_attempts_before', 'forward_retry_token', 'forward_retry_by',
     'forward_retry_delay',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
@@ -104,8 +115,11 @@ SHARDS = 64
 
 
 def shard_of(saga_id: str) -> int:
-    """The shard (hash tag) of a saga: stable across processes."""
-    return zlib.crc32(saga_id.encode()) % SHARDS
+    """The shard (hash tag) of a saga: stable across processes.  A nested
+    saga (``<root>~<i>...``) is in its root's shard, so a command can change
+    a parent and its child in one Redis Cluster slot."""
+    root = saga_id.partition('~')[0]
+    return zlib.crc32(root.encode()) % SHARDS
 
 
 class Keys:
@@ -190,10 +204,19 @@ PIVOT = 'pv'
 FF = 'ff'
 RTF = 'rtf'
 TRACE_PARENT = 'tp'
+KIDS = 'kids'
+UP = 'up'
+UNDO_FOR = 'ua'
+REPORT = 'rp'
+REPORT_BY = 'rpd'
+REPORT_GRACE = 'rg'
+#: ``h<i>`` of a step (or undo) a nested saga holds
+CHILD_HOLDS = '~'
 
 SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
                RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT, PIVOT,
-               FF, RTF, TRACE_PARENT)
+               FF, RTF, TRACE_PARENT, KIDS, UP, UNDO_FOR, REPORT, REPORT_BY,
+               REPORT_GRACE)
 
 # -- stage fields: the prefix, then the stage index -------------------------
 

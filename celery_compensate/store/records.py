@@ -7,7 +7,8 @@ from typing import Any
 from kombu.utils.json import loads
 
 from ..model import (
-    SagaState, StepSpec, StepState, UndoState, step_task_id, undo_task_id,
+    SagaState, StepSpec, StepState, UndoState, child_saga_id, parent_of,
+    step_task_id, undo_task_id,
 )
 from . import layout as L
 
@@ -47,6 +48,8 @@ class StepRecord:
     #: past a completed pivot: the step's current (or last) forward
     #: attempt (1 until it failed once)
     attempts: int = 1
+    #: the id of the nested saga this step is (``None``: a task)
+    child: str | None = None
 
     @property
     def in_flight(self) -> bool:
@@ -73,6 +76,8 @@ class SagaRecord:
     #: the W3C ``traceparent`` of the span the saga was started in (with
     #: tracing on, when there was one)
     trace_parent: str | None = None
+    #: a nested saga's parent id and its step index there
+    parent: tuple[str, int] | None = None
 
     @property
     def current(self) -> list[StepRecord]:
@@ -205,6 +210,8 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
             undone_at=_float(raw.get(L.undone_at(i))),
             pivot=spec.pivot,
             attempts=int(raw.get(L.forward_attempt(i), 1)),
+            child=(child_saga_id(saga_id, i) if spec.child is not None
+                   else None),
         ))
     failed = raw.get(L.FAILED)
     return SagaRecord(
@@ -215,4 +222,5 @@ def decode_record(saga_id: str, raw: dict[str, str]) -> SagaRecord:
         retries=int(raw.get(L.RETRIES, 0)),
         compensation_started=_float(raw.get(L.CSTART)),
         trace_parent=raw.get(L.TRACE_PARENT),
+        parent=parent_of(saga_id) if L.UP in raw else None,
     )

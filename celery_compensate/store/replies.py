@@ -21,6 +21,7 @@ class Reply(str, enum.Enum):
     # start
     CREATED = 'created'             #: the saga is stored (or the call was resent)
     EXISTS = 'exists'               #: a saga with this id exists already
+    ORPHAN = 'orphan'               #: a nested saga's parent no longer waits for it
     # forward steps: step_done, step_failed
     RECORDED = 'recorded'           #: completed; its stage still runs
     NEXT = 'next'                   #: completed its stage: publish the next one
@@ -61,6 +62,12 @@ class Reply(str, enum.Enum):
     RETRIED = 'retried'             #: failed undos (or forward steps) sent again
     WRONG_STATE = 'wrong-state'     #: only a saga that waits for an operator retries
     PAST_PIVOT = 'past-pivot'       #: the pivot completed: nothing can be aborted
+    # nested sagas: unwind, recover, reported
+    UNWINDING = 'unwinding'         #: the completed child compensates as a unit
+    REDRIVEN = 'redriven'           #: the COMPENSATION_FAILED child compensates again
+    WAITING = 'waiting'             #: the child compensates already
+    REPORT = 'report'               #: the child settled: report it to its parent
+    REPORTED = 'reported'           #: the child's report reached its parent
     # forget
     FORGOTTEN = 'forgotten'         #: the record and its index entries are gone
     NOT_FINISHED = 'not-finished'   #: only a finished saga can be forgotten

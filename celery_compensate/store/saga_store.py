@@ -21,7 +21,7 @@ from ..clients import connect
 from ..exceptions import (
     CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
 )
-from ..model import Plan, SagaState, StepSpec, StepState
+from ..model import Plan, SagaState, StepSpec, StepState, child_saga_id
 from ..settings import Settings
 from . import layout as L
 from .layout import SHARDS, Keys, shard_of
@@ -29,7 +29,7 @@ from .records import Listed, SagaRecord, decode_record, listed_entry
 from .replies import CORRUPT, Reply
 from .scripts import COMMANDS, Source, assemble, explain
 
-__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'new_token', 'make_client',
+__all__ = ('SagaStore', 'Outcome', 'UndoDue', 'ChildReport', 'new_token', 'make_client',
            'TRANSIENT_ERRORS', 'TRIM_LIMIT')
 
 logger = get_logger(__name__)
@@ -68,6 +68,26 @@ class Outcome:
     #: seconds before each step of ``forward`` retried past a pivot may
     #: run (the retry backoff); absent: at once
     countdowns: dict[int, float] = field(default_factory=dict)
+    #: running steps that nested sagas hold (an abort aborts them)
+    children: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChildReport:
+    """What a settled nested saga tells its parent (``lua/report.lua``)."""
+
+    state: SagaState
+    #: its step index in the parent (``None``: an outermost saga)
+    index: int | None
+    #: the parent's undo attempt it compensated for (``None``: it failed
+    #: or was aborted on its own, before its parent undid it)
+    undo_for: int | None
+    #: the token of the report it owes (``None``: none owed)
+    token: str | None
+    #: why it compensated
+    reason: str
+    #: the results of its last stage, when it completed
+    results: list[Any]
 
 
 def _state(value: Any) -> SagaState | None:
@@ -120,6 +140,20 @@ class SagaStore:
         Raises:
             SagaStoreUnavailable: Redis cannot be reached.
         """
+        return self.start(saga_id, plan, specs, trace_parent) is Reply.CREATED
+
+    def start(self, saga_id: str, plan: Plan,
+              specs: Sequence[str] | None = None,
+              trace_parent: str | None = None,
+              parent: tuple[str, int] | None = None) -> Reply:
+        """Store a new saga (see :meth:`create`); a nested one (``parent``:
+        its parent's id and its step index there) takes its step in the
+        parent in the same call.
+
+        Returns:
+            Reply: ``created``, ``exists``, or for a nested saga ``orphan``
+            (its parent no longer waits for it: nothing written).
+        """
         default = self.settings.step_timeout
         fields: list[Any] = [
             L.STATE, SagaState.RUNNING.value, L.CREATED, repr(time.time()),
@@ -145,11 +179,17 @@ class SagaStore:
                     fields += [L.countdown(i), step.delay]
         if plan.pivot is not None:
             fields += [L.PIVOT, plan.pivot.index]
-        reply = self._run(self._commands['start'],
-                          keys=self.keys.for_saga(saga_id),
-                          args=[new_token(), saga_id,
-                                dumps([str(f) for f in fields])])
-        return Reply(reply) is Reply.CREATED
+        if plan.children:
+            fields += [L.KIDS, ','.join(str(s.index) for s in plan.children)]
+        keys = self.keys.for_saga(saga_id)
+        args = [new_token(), saga_id, None]
+        if parent is not None:
+            # its report is overdue after a step lease (its reporter died)
+            fields += [L.UP, parent[1], L.REPORT_GRACE, default]
+            keys.append(self.keys.saga(parent[0]))
+            args.append(parent[1])
+        args[2] = dumps([str(f) for f in fields])
+        return Reply(self._run(self._commands['start'], keys=keys, args=args))
 
     def step_done(self, saga_id: str, index: int, result_json: str,
                   token: str | None = None) -> Outcome:
@@ -162,7 +202,8 @@ class SagaStore:
     def step_failed(self, saga_id: str, index: int, reason: str,
                     placeholder: str = '',
                     generation: int | None = None,
-                    stopped: bool = False) -> Outcome:
+                    stopped: bool = False,
+                    token: str | None = None) -> Outcome:
         """Record step ``index`` as failed; claims compensation if the saga
         was running.  Past a completed pivot the step is published again
         instead (``forward-retry``), or, its attempts spent, the saga is
@@ -177,10 +218,11 @@ class SagaStore:
                 flight changes nothing.
             stopped: the step was stopped on purpose (revoked): past the
                 pivot it is not tried again.
+            token: makes resending safe (a nested saga's report).
         """
         s = self.settings
         return self._decoded(saga_id, self._change(
-            'step_failed', saga_id, None, index, reason[:2000], placeholder,
+            'step_failed', saga_id, token, index, reason[:2000], placeholder,
             '' if generation is None else generation,
             s.forward_max_attempts, s.undo_retry_backoff,
             s.undo_retry_backoff_max, '1' if stopped else ''))
@@ -215,7 +257,8 @@ class SagaStore:
 
     def undo_failed(self, saga_id: str, index: int, attempt: int,
                     error: str, started: bool = True,
-                    countdown: float = 0.0) -> Outcome:
+                    countdown: float = 0.0, final: bool = False,
+                    token: str | None = None) -> Outcome:
         """Count a failed undo attempt; the outcome holds the next attempt
         (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``).
 
@@ -224,11 +267,14 @@ class SagaStore:
                 never started does not count while another copy runs.
             countdown: seconds until the next attempt is sent (its lease
                 starts after them).
+            final: no more attempts (a nested saga that is
+                COMPENSATION_FAILED spent its own).
+            token: makes resending safe (a nested saga's report).
         """
         return self._decoded(saga_id, self._change(
-            'undo_failed', saga_id, None, index, attempt, error[:2000],
-            self.settings.undo_max_attempts, '1' if started else '0',
-            countdown))
+            'undo_failed', saga_id, token, index, attempt, error[:2000],
+            0 if final else self.settings.undo_max_attempts,
+            '1' if started else '0', countdown))
 
     def receive(self, saga_id: str, index: int, attempt: int | None,
                 generation: int, holder: str) -> Reply:
@@ -344,6 +390,44 @@ class SagaStore:
         nothing)."""
         return self._decoded(saga_id, self._change('retry', saga_id,
                                                    token))
+
+    def unwind(self, saga_id: str, index: int, attempt: int,
+               token: str | None = None) -> Outcome:
+        """Attempt ``attempt`` of the undo of step ``index`` of
+        ``saga_id``, a nested saga: undo the child as a unit (see
+        ``lua/unwind.lua``); the outcome's undos are the child's."""
+        child = child_saga_id(saga_id, index)
+        return self._decoded(child, self._change(
+            'unwind', child, token, index, attempt,
+            extra_keys=[self.keys.saga(saga_id)]))
+
+    def report(self, saga_id: str) -> ChildReport | None:
+        """What nested saga ``saga_id`` owes its parent (``None``: no such
+        saga).
+
+        Raises:
+            CorruptSagaRecord: a result in its last stage is not JSON.
+        """
+        reply = self._run(self._commands['report'],
+                          keys=[self.keys.saga(saga_id)], args=[])
+        if not reply:
+            return None
+        state, up, undo_for, token, reason, results = reply
+        try:
+            decoded = [loads(r) for r in results]
+        except ValueError as exc:
+            raise CorruptSagaRecord(
+                f'saga {saga_id!r}: a result of its last stage is not '
+                f'JSON: {exc}') from exc
+        return ChildReport(
+            SagaState(state), int(up) if up else None,
+            int(undo_for) if undo_for else None, token or None,
+            reason, decoded)
+
+    def reported(self, saga_id: str, token: str) -> Reply:
+        """The report ``token`` of nested saga ``saga_id`` reached its
+        parent: ``reported``, or ``gone`` (settled already, or replaced)."""
+        return Reply(self._change('reported', saga_id, token))
 
     def forget(self, saga_id: str) -> tuple[Reply, SagaState | None]:
         """Delete a finished saga's record and index entries
@@ -537,12 +621,13 @@ class SagaStore:
     # -- plumbing -------------------------------------------------------
 
     def _change(self, command: str, saga_id: str, token: str | None,
-                *args: Any) -> Any:
+                *args: Any, extra_keys: Sequence[str] = ()) -> Any:
         """Run a command that changes a saga (``lua/<command>.lua``):
         token, now, ttl, then ``args``."""
         try:
             return self._run(self._commands[command],
-                             keys=self.keys.for_saga(saga_id), args=[
+                             keys=[*self.keys.for_saga(saga_id),
+                                   *extra_keys], args=[
                 token or new_token(), repr(time.time()),
                 self.settings.result_expires, *args])
         except CorruptSagaRecord as exc:
@@ -637,8 +722,10 @@ class SagaStore:
                 f'a saga record holds a step that cannot be decoded: {exc!r}'
             ) from exc
         stopped = [int(i) for i in reply[6]] if len(reply) > 6 else []
+        children = [int(i) for i in reply[7]] if len(reply) > 7 else []
         return Outcome(status, _state(reply[1]), _state(reply[2]), results,
-                       forward, undos, stopped, generations, countdowns)
+                       forward, undos, stopped, generations, countdowns,
+                       children)
 
 
 #: Errors after which the same call may succeed: connection trouble (also

@@ -31,6 +31,7 @@ COMMANDS = (
     'undo_done', 'undo_failed', 'undo_sent', 'receive', 'release',
     'confirm', 'renew',
     'recover', 'abort', 'retry', 'scan', 'summary', 'forget',
+    'unwind', 'report', 'reported',
 )
 
 _INCLUDE = re.compile(r'^--- @include "([\w/]+)"\s*$')

@@ -15,7 +15,7 @@
 ---   worker holds may still turn out received (the heartbeat interval)
 ---
 --- Replies {status, old state, new state, {}, {}, undos due, steps to
---- revoke}:
+--- revoke, steps whose nested saga the caller aborts}:
 ---   aborted      compensation claimed (also for this call sent again:
 ---                the steps still running are revoked again)
 ---   not-running  the saga is not RUNNING: nothing changed
@@ -41,24 +41,29 @@
 local st = hget('state')
 if not st then return {'missing'} end
 local cur = num('cur')
--- the steps to revoke: those still running (a resent call gets them again)
+-- the steps to revoke: those still running (a resent call gets them
+-- again); and the running steps nested sagas hold, which the caller
+-- aborts (the step settles when its child reports)
 local function running()
-  local ids = {}
+  local ids, kids = {}, {}
   for i in string.gmatch(hget('g' .. cur) or '', '%d+') do
-    if hget('s' .. i) == 'R' then ids[#ids + 1] = tonumber(i) end
+    if hget('s' .. i) == 'R' then
+      if hget('h' .. i) == '~' then kids[#kids + 1] = tonumber(i)
+      else ids[#ids + 1] = tonumber(i) end
+    end
   end
-  return ids
+  return ids, kids
 end
 if st ~= 'RUNNING' then
   if hget('claim') == token then
     local r = replay('aborted', st, 'claim', 'RUNNING')
-    r[7] = running()
+    r[7], r[8] = running()
     return r
   end
   return {'not-running', st, st}
 end
 if pivot_passed() then return {'past-pivot', st, st} end
-local stopped = running()
+local stopped, kids = running()
 local t = clock()
 for _, i in ipairs(stopped) do
   if not hget('h' .. i) then
@@ -74,4 +79,4 @@ local out = {}
 open_stage(cur, out)
 advance(out)
 rescore()
-return {'aborted', st, hget('state'), {}, {}, out, stopped}
+return {'aborted', st, hget('state'), {}, {}, out, stopped, kids}

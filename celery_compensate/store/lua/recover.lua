@@ -22,6 +22,8 @@
 ---   inactive   the saga is not RUNNING or COMPENSATING: rescored only
 ---   stuck      nothing in flight, yet not settled (a damaged record):
 ---              the caller quarantines it
+---   report     a nested saga settled and its report to its parent is
+---              overdue (its reporter died): the caller reports it
 ---   missing    no such saga: its index entries are dropped
 ---
 --- Transitions: step R in the outbox -> R queued, published again
@@ -31,7 +33,8 @@
 --- COMPENSATING); undo
 --- Q/W re-sent (queued lease); undo R -> W (a + 1, sent after the backoff
 --- a failed attempt gets) or -> F with saga -> COMPENSATION_FAILED; then
---- as step_failed (open the stage, walk down).
+--- as step_failed (open the stage, walk down).  A step or undo a nested
+--- saga holds (``h<i>`` ``~``) has no lease here: the child reports.
 
 --- @include "includes/saga"
 --- @include "includes/fields"
@@ -45,6 +48,7 @@
 --- @include "includes/advance"
 --- @include "includes/results"
 --- @include "includes/forward"
+--- @include "includes/owe"
 
 if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', idx, ARGV[4])
@@ -53,6 +57,16 @@ if redis.call('EXISTS', h) == 0 then
   return {'missing'}
 end
 local st = hget('state')
+local owed = tonumber(hget('rpd') or '')
+if hget('rp') and owed and owed <= clock() then
+  -- a nested saga settled and its reporter died: the caller reports it
+  -- (the parent's command is idempotent by the report's token); the next
+  -- sweep reports it again if this one dies too
+  local d = string.format('%.3f', clock() + tonumber(hget('rg') or '60'))
+  redis.call('HSET', h, 'rpd', d)
+  redis.call('ZADD', idx, d, ARGV[4])
+  return {'report', st, st}
+end
 if st ~= 'RUNNING' and st ~= 'COMPENSATING' then
   rescore()
   return {'inactive', st, st}
@@ -117,6 +131,7 @@ for _, i in ipairs(candidates) do
       if a - num('ab' .. i) >= tonumber(ARGV[5]) then
         redis.call('HSET', h, 'x' .. i, 'F', 'state',
                    'COMPENSATION_FAILED', 'ended', now, 'cf', token)
+        owe()
       else
         -- the backoff of a failed attempt (model.undo_delay): a worker
         -- that keeps dying must not burn the budget in seconds
@@ -132,7 +147,16 @@ end
 if hget('state') == 'COMPENSATING' and cur >= 0 then open_stage(cur, out) end
 advance(out)
 local now_st = hget('state')
-if (now_st == 'RUNNING' or now_st == 'COMPENSATING') and not earliest() then
+--- Whether a nested saga holds a step or undo of the stage under work (it
+--- has no deadline here: the child reports when it settles).
+local function child_holds()
+  for _, i in ipairs(candidates) do
+    if hget('h' .. i) == '~' then return true end
+  end
+  return false
+end
+if (now_st == 'RUNNING' or now_st == 'COMPENSATING') and not earliest()
+    and not child_holds() then
   -- nothing in flight, yet not settled: a damaged record; the caller
   -- quarantines it rather than let it vanish from the index
   return {'stuck', st, now_st, {}, {}, out, lost}

@@ -39,7 +39,7 @@
 --- @include "includes/damaged"
 --- @include "includes/undo_wait"
 --- @include "includes/rescore"
---- @include "includes/resume"
+--- @include "includes/redrive"
 --- @include "includes/results"
 --- @include "includes/wait_lease"
 
@@ -85,22 +85,8 @@ if st == 'FORWARD_FAILED' then
   return {'retried', st, 'RUNNING', stage_results(cur), republished(cur)}
 end
 if st ~= 'COMPENSATION_FAILED' then return {'wrong-state', st, st} end
-local n = num('n')
-for i = 0, n - 1 do
-  local bad = damaged(i)
-  if bad then return bad end
-end
-redis.call('HSET', h, 'state', 'COMPENSATING', 'rt', token)
-redis.call('HINCRBY', h, 'retries', 1)
-redis.call('HDEL', h, 'ended')
-for i = 0, n - 1 do
-  if hget('x' .. i) == 'F' then
-    local a = num('a' .. i)
-    redis.call('HSET', h, 'x' .. i, 'Q', 'a' .. i, a + 1, 'ab' .. i, a)
-    undo_wait(i, 0)
-  end
-end
 local out = {}
-resume(out)
+local bad = redrive(out)
+if bad then return bad end
 rescore()
 return {'retried', st, hget('state'), {}, {}, out}

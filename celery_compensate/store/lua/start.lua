@@ -1,23 +1,40 @@
 --- START: store a new saga with its first stage dispatched.
 ---
 --- KEYS[1] the saga hash, KEYS[2] ``:due``, KEYS[3] ``:live``, KEYS[4]
----   ``:ends``, KEYS[5] ``:sagas`` of its shard
+---   ``:ends``, KEYS[5] ``:sagas`` of its shard; for a nested saga KEYS[6]
+---   its parent's hash (the same shard: see layout.shard_of)
 --- ARGV[1] token, ARGV[2] saga id, ARGV[3] a JSON array of field, value,
----   ... (strings; one argument packs far faster than a hundred)
+---   ... (strings; one argument packs far faster than a hundred); ARGV[4]
+---   for a nested saga, its step index in the parent (else absent)
 ---
 --- Replies:
 ---   created   the saga is stored (also for the same call sent again)
 ---   exists    a saga with this id exists already: nothing written
+---   orphan    a nested saga whose parent no longer waits for it (the
+---             parent is not RUNNING, or the step is settled or held):
+---             nothing written
 ---
 --- Transitions: (none) -> RUNNING; stage 0 steps P -> R (queued: each may
---- wait ``qt`` plus its countdown in the broker); indexed in :due, :live
---- and :sagas; a reused id is taken out of :ends.
+--- wait ``qt`` plus its countdown in the broker; a nested saga's are in
+--- the outbox, as a stage a completion dispatched, since its starter is a
+--- worker that can die before publishing them); indexed in :due, :live
+--- and :sagas; a reused id is taken out of :ends.  A nested saga's step in
+--- its parent becomes held by it (``h<i>`` ``~``, no deadline, out of the
+--- outbox) in the same call.
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 1 then
   if redis.call('HGET', h, 'tok') == ARGV[1] then return 'created' end
   return 'exists'
 end
 if redis.replicate_commands then redis.replicate_commands() end
+local up = ARGV[4]
+if up then
+  local parent = KEYS[6]
+  local v = redis.call('HMGET', parent, 'state', 's' .. up, 'h' .. up)
+  if v[1] ~= 'RUNNING' or v[2] ~= 'R' or v[3] then return 'orphan' end
+  redis.call('HSET', parent, 'h' .. up, '~')
+  redis.call('HDEL', parent, 'd' .. up, 'ob' .. up)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', h, 'tok', ARGV[1], 'id', ARGV[2])
@@ -29,7 +46,13 @@ end
 local first
 local qt = tonumber(redis.call('HGET', h, 'qt'))
 for i in string.gmatch(redis.call('HGET', h, 'g0'), '%d+') do
-  local d = now + qt + tonumber(redis.call('HGET', h, 'c' .. i) or '0')
+  local wait = qt
+  if up then
+    -- in the outbox: its step lease, then the sweep publishes it again
+    wait = tonumber(redis.call('HGET', h, 'o' .. i) or qt)
+    redis.call('HSET', h, 'ob' .. i, 1)
+  end
+  local d = now + wait + tonumber(redis.call('HGET', h, 'c' .. i) or '0')
   redis.call('HSET', h, 'd' .. i, string.format('%.3f', d))
   if first == nil or d < first then first = d end
 end

@@ -20,7 +20,8 @@
 ---   missing   no such saga
 ---
 --- Transitions: undo Q/R/W -> W (``a<i>`` + 1, queued lease after the
---- countdown) or -> F with saga -> COMPENSATION_FAILED (leaves :due).
+--- countdown) or -> F with saga -> COMPENSATION_FAILED (leaves :due; a
+--- nested saga then owes its parent a report: see includes/owe.lua).
 
 --- @include "includes/saga"
 --- @include "includes/fields"
@@ -29,6 +30,7 @@
 --- @include "includes/describe"
 --- @include "includes/rescore"
 --- @include "includes/lower"
+--- @include "includes/owe"
 
 local st = hget('state')
 if not st then return {'missing'} end
@@ -50,6 +52,7 @@ if a - num('ab' .. i) >= tonumber(ARGV[7]) then
   if st ~= 'COMPENSATION_FAILED' then
     redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
                'cf', token)
+    owe()
   end
   rescore()
   return {'failed', st, 'COMPENSATION_FAILED'}

@@ -4,11 +4,12 @@
 --- Keep the saga's entry in the deadline index at the earliest lease of
 --- what it has in flight; take it out when nothing is (final states, and
 --- COMPENSATION_FAILED, which waits for an operator).  ``earliest`` is nil
---- when nothing is in flight.
+--- when nothing is in flight.  A nested saga that owes its parent a
+--- report stays in the index until that report's deadline (``rpd``).
 local function earliest()
-  local v = redis.call('HMGET', h, 'state', 'cur', 'late', 'n')
-  local best = nil
-  if v[1] ~= 'RUNNING' and v[1] ~= 'COMPENSATING' then return nil end
+  local v = redis.call('HMGET', h, 'state', 'cur', 'late', 'n', 'rpd')
+  local best = tonumber(v[5] or '')
+  if v[1] ~= 'RUNNING' and v[1] ~= 'COMPENSATING' then return best end
   -- read s/x/d/l of ``steps`` a batch at a time (unpack has a limit)
   local function scan(steps, late)
     for first = 1, #steps, 250 do

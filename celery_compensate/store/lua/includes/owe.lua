@@ -1,0 +1,16 @@
+--- @include "fields"
+--- @include "clock"
+
+--- A nested saga settled (completed, compensated, or COMPENSATION_FAILED):
+--- it owes its parent a report.  The caller reports it at once; if that
+--- caller dies first, the sweep does after ``rg`` seconds (the child's
+--- step lease), as for a lost step.  Nothing for an outermost saga.
+--- ``up``: the ``up`` field when the caller read it already.
+local function owe(up)
+  if up == nil then up = hget('up') end
+  if not up then return false end
+  local d = string.format('%.3f', clock() + tonumber(hget('rg') or '60'))
+  redis.call('HSET', h, 'rp', token, 'rpd', d)
+  redis.call('ZADD', idx, d, hget('id'))
+  return true
+end
