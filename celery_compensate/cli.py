@@ -100,7 +100,7 @@ def _fail(as_json: bool, code: int, error: str, message: str,
 
 def _saga_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
-        return validate_saga_id(value)
+        return validate_saga_id(value, nested=True)
     except (InvalidSaga, ValueError) as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
 
@@ -128,18 +128,22 @@ def compensate(ctx: click.Context) -> None:
 @click.option('--before', metavar='SAGA_ID', callback=lambda c, p, v: (
                   _saga_id(c, p, v) if v else None),
               help='Only sagas started before this one (the next page).')
+@click.option('--no-children', 'no_children', is_flag=True,
+              help='Hide nested sagas (ids with "~"): outermost sagas only.')
 @_json_option
 @_color_option
 @click.pass_context
 def list_(ctx: click.Context, state: str | None, limit: int,
-          before: str | None, as_json: bool, no_color: bool) -> None:
+          before: str | None, no_children: bool, as_json: bool,
+          no_color: bool) -> None:
     """Sagas, newest first: id, state, age and what each waits for.  When
     more are left than ``--limit``, the command for the next page is
     printed on stderr."""
     def body(st: AppState) -> tuple[Any, str]:
         want = SagaState(state.upper()) if state else None
         until = st.store.created_at(before) if before else None
-        found = st.store.list_sagas(want, limit + 1, before=until)
+        found = st.store.list_sagas(want, limit + 1, before=until,
+                                    children=not no_children)
         more = len(found) > limit
         found = found[:limit]
         now = time.time()
@@ -151,7 +155,8 @@ def list_(ctx: click.Context, state: str | None, limit: int,
         if more and not as_json:
             again = ' '.join(filter(None, (
                 f'--state {want.value}' if want else '',
-                f'--limit {limit}', f'--before {found[-1].saga_id}')))
+                f'--limit {limit}', '--no-children' if no_children else '',
+                f'--before {found[-1].saga_id}')))
             click.echo(f'more: celery compensate list {again}', err=True)
         return data, _table(('SAGA ID', 'STATE', 'AGE', 'CURRENT'), [
             (e.saga_id, e.state, _age(now - e.created), _current(e))
@@ -174,8 +179,10 @@ def show(ctx: click.Context, saga_id: str, wide: bool, as_json: bool,
     error."""
     def body(st: AppState) -> tuple[Any, str]:
         record = st.store.read(saga_id)
-        return _record_json(record), _show(record, _width(wide),
-                                           _painter(no_color))
+        tree = _tree(st, record)
+        data = _record_json(record)
+        data['children'] = tree
+        return data, _show(record, _width(wide), _painter(no_color), tree)
     _run(ctx, as_json, body)
 
 
@@ -285,6 +292,11 @@ def _current(entry: Listed) -> str:
 
 
 def _waits_for(step: StepSummary | StepRecord) -> str:
+    child = getattr(step, 'child', None)
+    if child is not None and step.state is StepState.RUNNING:
+        return f'step {step.index} nested saga {child} running'
+    if child is not None and step.undo_state is UndoState.RUNNING:
+        return f'undo of step {step.index}: nested saga {child} compensating'
     if step.state is StepState.RUNNING:
         return f'step {step.index} {step.task_name} running'
     if step.state is StepState.FAILED and step.undo_state is UndoState.NONE:
@@ -302,8 +314,41 @@ def _doing(record: SagaRecord) -> str:
     return '; '.join(_waits_for(step) for step in record.current) or '-'
 
 
+def _tree(st: AppState, record: SagaRecord) -> list[dict[str, Any]]:
+    """The sagas nested in ``record``, and theirs: ``{'step', 'saga_id',
+    'state', 'children'}`` each (state ``None``: not started)."""
+    nodes = []
+    for step in record.steps:
+        if step.child is None:
+            continue
+        try:
+            child = st.store.read(step.child)
+        except SagaNotFound:
+            nodes.append({'step': step.index, 'saga_id': step.child,
+                          'state': None, 'children': []})
+            continue
+        nodes.append({'step': step.index, 'saga_id': step.child,
+                      'state': child.state.value,
+                      'children': _tree(st, child)})
+    return nodes
+
+
+def _tree_lines(nodes: list[dict[str, Any]], paint: Callable[[str], str],
+                indent: str = '') -> list[str]:
+    lines = []
+    for n, node in enumerate(nodes):
+        last = n == len(nodes) - 1
+        state = paint(node['state']) if node['state'] else 'not started'
+        lines.append(f'{indent}{"└─" if last else "├─"} step {node["step"]}: '
+                     f'{node["saga_id"]} {state}')
+        lines += _tree_lines(node['children'], paint,
+                             indent + ('   ' if last else '│  '))
+    return lines
+
+
 def _show(record: SagaRecord, width: int | None = None,
-          paint: Callable[[str], str] = str) -> str:
+          paint: Callable[[str], str] = str,
+          tree: list[dict[str, Any]] | None = None) -> str:
     now = time.time()
     lines = [
         f'saga     {record.saga_id}',
@@ -321,7 +366,13 @@ def _show(record: SagaRecord, width: int | None = None,
         lines.append(f'failed   step {record.failed_step} {name}')
     if record.retries:
         lines.append(f'retried  {record.retries} time(s) by an operator')
+    if record.parent is not None:
+        lines.append(f'parent   {record.parent[0]} (its step '
+                     f'{record.parent[1]})')
     lines.append(f'waiting  {_doing(record)}')
+    if tree:
+        lines.append('nested')
+        lines += ['  ' + line for line in _tree_lines(tree, paint)]
     if width is not None:
         lines = [line if len(line) <= width else _cut(line, max(width, 20))
                  for line in lines]
@@ -342,7 +393,8 @@ def _show(record: SagaRecord, width: int | None = None,
         lines += ['', _table(
             ('UNDO OF', 'TASK', 'TASK ID', 'STATE', 'ATTEMPTS', 'STARTED',
              'DONE', 'LAST ERROR'),
-            [(s.index, s.undo_name, s.undo_task_id, s.undo_state.name,
+            [(s.index, s.undo_name or f'(saga {s.child} compensates)',
+              '' if s.child else s.undo_task_id, s.undo_state.name,
               s.undo_attempts, _offset(s.undo_started_at, record.created),
               _offset(s.undone_at, record.created),
               s.undo_error or '') for s in undos],
@@ -352,7 +404,9 @@ def _show(record: SagaRecord, width: int | None = None,
 
 def _task_label(step: StepRecord) -> str:
     """The step's task, marked when it is the pivot, and with its forward
-    attempts once it failed past the pivot."""
+    attempts once it failed past the pivot; a nested saga's id."""
+    if step.child is not None:
+        return f'saga {step.child}'
     label = step.task_name + (' (pivot)' if step.pivot else '')
     if step.attempts > 1:
         label += f' (attempt {step.attempts})'

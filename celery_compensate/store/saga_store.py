@@ -21,7 +21,9 @@ from ..clients import connect
 from ..exceptions import (
     CorruptSagaRecord, SagaNotFound, SagaStoreError, SagaStoreUnavailable,
 )
-from ..model import Plan, SagaState, StepSpec, StepState, child_saga_id
+from ..model import (
+    Plan, SagaState, StepSpec, StepState, child_saga_id, parent_of,
+)
 from ..settings import Settings
 from . import layout as L
 from .layout import SHARDS, Keys, shard_of
@@ -506,8 +508,8 @@ class SagaStore:
 
     def list_sagas(self, state: SagaState | None = None, limit: int = 50,
                    page: int = 100, steps: int = 3,
-                   width: int = 120, before: float | None = None
-                   ) -> list[Listed]:
+                   width: int = 120, before: float | None = None,
+                   children: bool = True) -> list[Listed]:
         """The newest sagas first, read from the per-shard indexes (never
         ``KEYS``): the unfinished ones when ``state`` is RUNNING,
         COMPENSATING, COMPENSATION_FAILED or FORWARD_FAILED, else every
@@ -526,6 +528,8 @@ class SagaStore:
             width: texts (reason, undo error) cut to this many characters.
             before: only sagas started before this time (the next page
                 after a saga started then).
+            children: also nested sagas (``False``: outermost ones only;
+                nested ones are skipped before they are read).
         Raises:
             SagaStoreUnavailable: Redis cannot be reached.
         """
@@ -561,6 +565,8 @@ class SagaStore:
 
         top = '+inf' if before is None else f'({before!r}'
         for saga_id, created in self._newest(keys, page, top):
+            if not children and parent_of(saga_id) is not None:
+                continue
             batch.append((saga_id, created))
             if len(batch) >= page:
                 flush()

@@ -342,3 +342,37 @@ def test_the_same_operations_on_saga_result(env):
     for call in (lambda: ghost.steps, ghost.retry, ghost.abort):
         with pytest.raises(SagaNotFound, match="'no-such-saga' not found"):
             call()
+
+
+def test_show_draws_the_tree_of_nested_sagas_and_list_can_hide_them(env):
+    res = env.start(tasks.do.si('a'),
+                    saga(tasks.do.si('b'), saga(tasks.do.si('c')),
+                         app=env.app),
+                    tasks.do.si('d', fail=True))
+    assert res.wait(timeout=30) is SagaState.COMPENSATED
+    child, grandchild = f'{res.id}~1', f'{res.id}~1~1'
+
+    proc = env.cli('show', res.id)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index('nested')
+    assert lines[at + 1:at + 3] == [
+        f'  └─ step 1: {child} COMPENSATED',
+        f'     └─ step 1: {grandchild} COMPENSATED']
+    assert any(line.split()[:3] == ['1', '1', 'saga'] and child in line
+               for line in lines)
+    code, data = env.cli_json('show', res.id)
+    assert code == 0
+    assert data['children'][0]['saga_id'] == child
+    assert data['children'][0]['children'][0]['state'] == 'COMPENSATED'
+
+    proc = env.cli('show', grandchild)
+    assert proc.returncode == 0, proc.stderr
+    assert f'parent   {child} (its step 1)' in proc.stdout
+
+    code, data = env.cli_json('list', '--limit', '20')
+    ids = [d['saga_id'] for d in data]
+    assert {res.id, child, grandchild} <= set(ids)
+    code, data = env.cli_json('list', '--limit', '20', '--no-children')
+    ids = [d['saga_id'] for d in data]
+    assert res.id in ids and child not in ids and grandchild not in ids

@@ -138,6 +138,8 @@ HEALTHY = ('dup', 'kill_publish', 'retry_wait', 'fail_once', 'kill_once')
 PIVOT_FAULTS = ('fail_once', 'fail_once:fx', 'kill_once')
 #: sagas that get a pivot
 PIVOT_RATIO = 0.25
+#: sagas some of whose stages (before any pivot) run as a nested saga
+NEST_RATIO = 0.3
 #: the chaos app's step lease and sweep interval (tests/tools/chaos_app.py)
 #: and its queue timeout: a saga with nothing happening to it for longer
 #: than lease + sweep + 5 s (+ the queue timeout after an undo's Ignore)
@@ -301,6 +303,9 @@ class Plan:
     abort: int | None = None
     #: the stage of its pivot (one member), if it has one
     pivot: int | None = None
+    #: the first and last stage run as one nested saga (a step of the
+    #: outer saga, numbered as the range's first step there), if any
+    nest: tuple[int, int] | None = None
     #: wall times the driver revoked or aborted something of it
     touched: list[float] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)
@@ -317,6 +322,22 @@ class Plan:
 
     def never_steps(self) -> set[int]:
         return {i for i, f in self.undo.items() if f.startswith('never')}
+
+    def nested_steps(self) -> tuple[int, int] | None:
+        """The first and last logical step in the nested saga."""
+        if self.nest is None:
+            return None
+        k0, k1 = self.nest
+        return self.stages[k0][0], self.stages[k1][-1]
+
+    def where(self, sid: str, i: int) -> tuple[str, int]:
+        """The saga id and step index that logical step ``i`` has."""
+        span = self.nested_steps()
+        if span is None or i < span[0]:
+            return sid, i
+        if i <= span[1]:
+            return f'{sid}~{span[0]}', i - span[0]
+        return sid, i - (span[1] - span[0])
 
 
 def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
@@ -341,6 +362,8 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
     if not kinds or rng.random() >= FAULTY_RATIO:
         if rng.random() < PIVOT_RATIO:
             add_pivot(rng, plan, None)
+        if rng.random() < NEST_RATIO:
+            add_nest(rng, plan)
         return plan
     chosen: list[str] = []
     for _ in range(1 if rng.random() < 0.75 else 2):
@@ -409,7 +432,19 @@ def make_plan(rng: random.Random, key: int, enabled: set[str]) -> Plan:
             plan.faults[kind] += 1
     if rng.random() < PIVOT_RATIO:
         add_pivot(rng, plan, t)
+    if rng.random() < NEST_RATIO:
+        add_nest(rng, plan)
     return plan
+
+
+def add_nest(rng: random.Random, plan: Plan) -> None:
+    """Run a range of stages before any pivot as one nested saga."""
+    end = plan.pivot if plan.pivot is not None else len(plan.stages)
+    if end < 1:
+        return
+    k0 = rng.randrange(0, end)
+    k1 = rng.randrange(k0, end)
+    plan.nest = (k0, k1)
 
 
 def add_pivot(rng: random.Random, plan: Plan, t: int | None) -> None:
@@ -600,10 +635,11 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
                         StepState.PENDING, StepState.RUNNING)):
                 problem('undo-not-due', att, i, f'undo ran for a step '
                         f'{srec.state.name} in a {state.value} saga')
+            sid, index = plan.where(att.sid, i)
             for _, kind, d in lg.entries:
                 if kind == 'undo-start' and (
-                        d.get('idem') != idempotency_key(att.sid, i)
-                        or d.get('sid') != att.sid):
+                        d.get('idem') != idempotency_key(sid, index)
+                        or d.get('sid') != sid):
                     problem('bad-idem', att, i, f'undo got idempotency key '
                             f'{d.get("idem")!r}, saga id {d.get("sid")!r}')
                     break
@@ -669,6 +705,34 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
                             f'(#{p1})')
                     break
     return Analysis(counts, problems, info, per)
+
+
+def flat_record(rec: Any, plan: Plan, app: Any) -> Any:
+    """The outermost saga's record with its nested saga's step replaced
+    by the nested saga's steps, numbered as the plan's logical steps (a
+    nested saga never started: its steps PENDING)."""
+    import dataclasses
+
+    from celery_compensate import SagaNotFound, SagaResult
+    from celery_compensate.model import StepState, UndoState
+    span = plan.nested_steps()
+    if span is None:
+        return rec
+    first, last = span
+    outer = rec.steps[first]
+    try:
+        inner = SagaResult(outer.child, app=app).info().steps
+    except SagaNotFound:
+        inner = [dataclasses.replace(
+            outer, index=i, state=StepState.PENDING,
+            undo_state=UndoState.NONE, undo_attempts=0, child=None)
+            for i in range(last - first + 1)]
+    steps = [*rec.steps[:first],
+             *(dataclasses.replace(s, index=first + n)
+               for n, s in enumerate(inner)),
+             *(dataclasses.replace(s, index=s.index + last - first)
+               for s in rec.steps[first + 1:])]
+    return dataclasses.replace(rec, steps=steps)
 
 
 # -- the driver --------------------------------------------------------------
@@ -867,7 +931,7 @@ class Driver:
             from celery_compensate.model import parse_task_id
             info = parse_task_id(task_id)
             for a in self.attempts.values():
-                if info is not None and a.sid == info.saga_id:
+                if info is not None and a.sid == info.saga_id.partition('~')[0]:
                     a.plan.touched.append(time.time())
             self.app.control.revoke(task_id, terminate=True,
                                     signal=self.rng.choice(('SIGTERM',
@@ -915,6 +979,10 @@ class Driver:
                     sig = sig.set(time_limit=1)
                 members.append(sig)
             sigs.append(members[0] if len(members) == 1 else group(members))
+        if plan.nest is not None:
+            from celery_compensate import saga
+            k0, k1 = plan.nest
+            sigs[k0:k1 + 1] = [saga(*sigs[k0:k1 + 1], app=self.app)]
         return sigs
 
     def submit_wave(self, wave: list[Plan]) -> None:
@@ -948,11 +1016,11 @@ class Driver:
         now = self.clock()
         for i, mode in plan.revoke:
             if mode == 'early':
-                tid = step_task_id(att.sid, i)
+                tid = step_task_id(*plan.where(att.sid, i))
                 self.at(now + self.rng.uniform(0, 0.3),
                         partial(self.revoke, tid))
             elif mode == 'undo':
-                tid = undo_task_id(att.sid, i, 1)
+                tid = undo_task_id(*plan.where(att.sid, i), 1)
                 self.at(now + self.rng.uniform(0, 0.3),
                         partial(self.revoke, tid))
             else:
@@ -991,7 +1059,7 @@ class Driver:
             what, att = hit
             delay = self.rng.uniform(0.05, 0.4)
             if what == 'revoke':
-                tid = step_task_id(att.sid, int(data['i']))
+                tid = step_task_id(*att.plan.where(att.sid, int(data['i'])))
                 self.at(self.clock() + delay, partial(self.revoke, tid))
             else:
                 self.at(self.clock() + delay, partial(self.abort, att))
@@ -1129,7 +1197,9 @@ class Driver:
         records: dict[str, Any] = {}
         for att in self.attempts.values():
             try:
-                records[att.sid] = SagaResult(att.sid, app=self.app).info()
+                records[att.sid] = flat_record(
+                    SagaResult(att.sid, app=self.app).info(), att.plan,
+                    self.app)
                 att.state = records[att.sid].state.value
             except SagaNotFound:
                 records[att.sid] = None

@@ -254,3 +254,17 @@ def test_cluster_errors_after_which_a_call_may_succeed_are_unavailable(error):
 
     with pytest.raises(SagaStoreUnavailable, match='is unreachable'):
         store._run(fails)
+
+
+def test_a_nested_saga_keeps_its_tree_in_one_slot(env, crds):
+    """A child is in its root's slot: its start takes its parent's step,
+    its undo as a unit, and the root's expiry of the whole tree each run
+    as one command on one node."""
+    res = saga(tasks.do.si('a'), saga(tasks.do.si('b'), tasks.do.si('c')),
+               tasks.do.si('d', fail=True)).apply_async()
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    assert undone(log(crds, env, res.id)) == ["c", "b", "a"]
+    store = get_state(env).store
+    child = res.children[0]
+    assert child.state is SagaState.COMPENSATED
+    assert crds.ttl(store.keys.saga(child.id)) > 0

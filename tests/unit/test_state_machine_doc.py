@@ -83,7 +83,7 @@ def test_the_doc_has_the_three_machines():
                   '## An undo attempt', '## Holes'):
         assert f'\n{title}\n' in text, title
     tables = text.count('| state | event | next state | effects | test |')
-    assert tables == 4
+    assert tables == 5
     assert len(transition_rows()) > 100
 
 

@@ -65,14 +65,16 @@ def test_clone_s_and_si_give_the_first_stage_its_arguments(
 
 def test_pipes_append_and_prepend_steps(celery_app, celery_worker, rds):
     middle = saga(tasks.do.si('b'))
-    combined = tasks.do.si('a') | middle | tasks.do.si('c') | saga(
-        tasks.do.si('d'))
+    combined = tasks.do.si('a') | middle | tasks.do.si('c')
     assert isinstance(combined, Saga)
-    assert [s.args for s in combined.steps] == [
-        ('a',), ('b',), ('c',), ('d',)]
+    assert [s.args for s in combined.steps] == [('a',), ('b',), ('c',)]
+    # a saga piped into a saga stays a unit: one step, a nested saga
+    combined = combined | saga(tasks.do.si('d'))
+    assert len(combined.steps) == 4 and isinstance(combined.steps[3], Saga)
     res = combined.apply_async()
     assert res.get(timeout=15) == 'res-d'
     assert _done(rds, celery_app, res) == ['do:a', 'do:b', 'do:c', 'do:d']
+    assert res.children[0].id == f'{res.id}~3'
 
 
 def test_countdown_delays_the_first_stage_only(celery_app):
@@ -106,10 +108,13 @@ def test_a_saga_as_a_chains_last_link(celery_app, celery_worker, rds):
     assert handle.state is SagaState.COMPENSATED
 
 
-def test_nested_sagas_and_sagas_inside_chains_are_refused_clearly(
+def test_nested_sagas_with_ids_and_sagas_inside_chains_are_refused_clearly(
         celery_app):
     inner = saga(tasks.do.si('b'))
-    with pytest.raises(InvalidSaga, match='cannot be a step of another saga'):
+    inner.freeze('mine')
+    with pytest.raises(InvalidSaga, match=r'step 1 \(nested saga\): a nested '
+                                          'saga gets its id from its parent'):
         saga(tasks.do.si('a'), inner)
+    inner = saga(tasks.do.si('b'))
     with pytest.raises(InvalidSaga, match='last link of a chain'):
         inner.apply_async(chain=[tasks.do.si('x')])

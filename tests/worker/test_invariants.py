@@ -287,13 +287,22 @@ def test_every_script_touches_one_slot():
         'compensate_redis_url': 'redis://localhost:1/0'}))
     for name in COMMANDS:
         script = assemble(name).text
-        # every key a script names comes from KEYS (checked below)
-        assert 'KEYS[6]' not in script and 'KEYS[1]' in script, name
+        # every key a script names comes from KEYS (checked below); KEYS[6]
+        # is a nested saga's parent (start, unwind), in its child's slot
+        assert 'KEYS[7]' not in script and 'KEYS[1]' in script, name
+        assert ('KEYS[6]' in script) == (name in ('start', 'unwind')), name
+        # the one key built inside a script: a nested saga's, its parent's
+        # key plus '~<step>' (finish expires a finished root's tree), in
+        # the same hash tag by construction (layout.shard_of)
+        assert script.count(".. '~' ..") == (
+            2 if 'local function expire_kids' in script else 0), name
     shards = set()
     for n in range(500):
         sid = f'saga-{n}'
         shards.add(shard_of(sid))
-        slots = {key_slot(k.encode()) for k in store.keys.for_saga(sid)}
+        slots = {key_slot(k.encode()) for k in (
+            *store.keys.for_saga(sid), store.keys.saga(f'{sid}~2'),
+            store.keys.saga(f'{sid}~2~0'), f"{store.keys.saga(sid)}~7")}
         slots.add(key_slot(store.keys.sweep(shard_of(sid)).encode()))
         slots.add(key_slot(store.keys.bad(shard_of(sid)).encode()))
         assert len(slots) == 1, sid

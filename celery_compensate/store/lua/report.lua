@@ -3,6 +3,7 @@
 --- then REPORTED).
 ---
 --- KEYS[1] the nested saga's hash
+--- ARGV[1..] none
 ---
 --- Replies {} when there is no such saga, else {state, its step index in
 --- the parent ('' for an outermost saga), the parent's undo attempt it
