@@ -57,6 +57,10 @@ class TraceHooks(Protocol):
         """A saga is being started: the ``traceparent`` of the span it is
         started in, to keep in its record (``None``: none)."""
 
+    def nested(self, parent_id: str) -> str | None:
+        """A nested saga of ``parent_id`` is being started: the
+        ``traceparent`` to keep in its record (its parent's span)."""
+
     def created(self, saga_id: str, trace_parent: str | None) -> None:
         """The saga's record was written (its id was free): what it
         publishes goes to ``trace_parent``'s trace."""

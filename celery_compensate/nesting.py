@@ -68,7 +68,7 @@ class Nesting:
         child_id = child_saga_id(saga_id, step.index)
         plan = step.child.with_arguments(args, kwargs)
         tracing = c.tracing
-        trace_parent = tracing.started(child_id) if tracing else None
+        trace_parent = tracing.nested(saga_id) if tracing else None
         reply = self.store.start(child_id, plan, None, trace_parent,
                                  parent=(saga_id, step.index))
         if reply is Reply.EXISTS:

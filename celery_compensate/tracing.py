@@ -320,6 +320,17 @@ class Tracing:
                            saga_id, exc_info=True)
             return None
 
+    def nested(self, parent_id: str) -> str | None:
+        """The ``traceparent`` of saga ``parent_id``'s span: a nested
+        saga's span is a child of its parent's (``None``: none)."""
+        try:
+            ctx = self._saga_context(parent_id, self.trace_parent(parent_id))
+            return format_traceparent(ctx)
+        except Exception:  # noqa: BLE001 - tracing must not stop a saga
+            logger.warning('saga %s: cannot read its span', parent_id,
+                           exc_info=True)
+            return None
+
     def created(self, saga_id: str, trace_parent: str | None) -> None:
         """The saga's record was written: remember its trace parent for
         what this process publishes of it."""

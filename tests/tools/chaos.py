@@ -659,6 +659,10 @@ def analyse(attempts: Any, lines: list[str], effects: dict[str, str],
                 problem('forward-undone', att, p, f'{state.value} although '
                         'its pivot was recorded done first')
             info['pivots-passed' if passed else 'pivots-not-passed'] += 1
+        if plan.nest is not None:
+            info['nested'] += 1
+            if state is not SagaState.COMPLETED:
+                info['nested-compensated'] += 1
         if state is SagaState.COMPLETED:
             bad = [i for i in range(plan.n)
                    if (logs.get(i) or StepLog()).count['do'] != 1
@@ -1264,7 +1268,8 @@ class Driver:
             f'{counts["undo-not-due"]}, completed-bad '
             f'{counts["completed-bad"]}, other {other}, compensation-failed '
             f'{cf} (expected {info["expected-cf"]}), orphans {len(orphans)}, '
-            f'undo-runs {info["undo-runs"]}, late-copies '
+            f'nested {info["nested"]} ({info["nested-compensated"]} not '
+            f'completed), undo-runs {info["undo-runs"]}, late-copies '
             f'{info["redelivered-runs"] + info["redelivered-skipped"]}, '
             f'worker-crashes {crashes}, time {elapsed:.0f}s')
         print(line, flush=True)

@@ -188,3 +188,14 @@ def test_chaos_short_run(tmp_path):
     assert set(result['counts']) == set(MUST_BE_ZERO)
     assert result['compensation_failed'] == result['expected_cf'], output
     assert result['faults'] > 0, output
+
+
+def test_a_nested_range_maps_each_logical_step_to_its_saga():
+    """The checker reads a nested saga's steps where the library put them:
+    the child ``<sid>~<first>`` numbers them from 0, the outer saga's
+    later steps shift down by the range's size minus one."""
+    plan = Plan(0, [[0], [1, 2], [3], [4]], nest=(1, 2))
+    assert plan.nested_steps() == (1, 3)
+    assert [plan.where('s', i) for i in range(5)] == [
+        ('s', 0), ('s~1', 0), ('s~1', 1), ('s~1', 2), ('s', 2)]
+    assert Plan(0, [[0], [1]]).where('s', 1) == ('s', 1)
