@@ -197,6 +197,11 @@ class SagaResult:
         status, state = self._store.forget(self.id)
         if status is Reply.MISSING:
             raise SagaNotFound(self.id)
+        if status is Reply.NOT_FINISHED and state in FINAL_STATES:
+            raise SagaNotFinished(
+                f'saga {self.id} is a nested saga: it is kept until its '
+                f'outermost saga ends (its parent may still undo it), then '
+                f'expires with it')
         if status is Reply.NOT_FINISHED:
             raise SagaNotFinished(
                 f'saga {self.id} is {state.value if state else "?"}: only a '

@@ -215,3 +215,17 @@ def test_the_root_expires_its_whole_tree(celery_app, rds):
     assert store.step_done('p', 2, '"rd"').status is Reply.COMPLETED
     assert rds.ttl(store.keys.saga(child)) > 0
     assert rds.zscore(store.keys.for_saga(child)[3], child) is not None
+
+
+def test_a_child_is_not_forgotten_before_its_outermost_saga_ends(celery_app,
+                                                                 rds):
+    store = make(celery_app)
+    child = started(store)
+    store.step_done(child, 0, '"rb"')
+    store.step_done(child, 1, '"rc"')
+    # COMPLETED, but its parent may still undo it as a unit
+    assert store.forget(child) == (Reply.NOT_FINISHED, SagaState.COMPLETED)
+    rep = store.report(child)
+    store.step_done('p', 1, '"rc"', rep.token)
+    store.step_done('p', 2, '"rd"')
+    assert store.forget(child) == (Reply.FORGOTTEN, SagaState.COMPLETED)

@@ -46,3 +46,20 @@ def test_always_eager_runs_a_long_saga_iteratively(celery_app, rds):
     res = saga(*[tasks.do.si(f's{n}') for n in range(300)]).apply_async()
     assert res.state is SagaState.COMPLETED
     assert res.get(timeout=0) == 'res-s299'
+
+
+@pytest.mark.parametrize('fail', [None, 'c', 'd'])
+def test_apply_runs_a_nested_saga(celery_app, rds, fail):
+    res = saga(tasks.do.si('a'),
+               saga(tasks.do.si('b'), tasks.do.si('c', fail=fail == 'c')),
+               tasks.do.si('d', fail=fail == 'd')).apply()
+    entries = ledger(rds, celery_app, res.id)
+    if fail is None:
+        assert res.state is SagaState.COMPLETED
+        assert res.children[0].state is SagaState.COMPLETED
+        assert undone(entries) == []
+        return
+    assert res.state is SagaState.COMPENSATED
+    assert res.children[0].state is SagaState.COMPENSATED
+    assert undone(entries) == (['b', 'a'] if fail == 'c'
+                               else ['c', 'b', 'a'])

@@ -7,7 +7,10 @@
 --- Replies {status, state}:
 ---   forgotten     it was COMPLETED, COMPENSATED or COMPENSATION_FAILED
 ---                 (the last gives up on its failed undos): deleted
----   not-finished  it is RUNNING or COMPENSATING: nothing changed
+---   not-finished  it is RUNNING or COMPENSATING, or it is a nested saga
+---                 whose outermost saga has not ended (its parent may
+---                 still undo it, or waits for its report): nothing
+---                 changed
 ---   missing       no such saga
 ---
 --- Transitions: a final saga -> (missing).
@@ -17,6 +20,10 @@
 local st = redis.call('HGET', h, 'state')
 if not st then return {'missing'} end
 if st == 'RUNNING' or st == 'COMPENSATING' then return {'not-finished', st} end
+-- a nested saga starts to expire only with its outermost saga
+if redis.call('HEXISTS', h, 'up') == 1 and redis.call('TTL', h) < 0 then
+  return {'not-finished', st}
+end
 local id = redis.call('HGET', h, 'id')
 redis.call('DEL', h)
 for _, key in ipairs({idx, live, ends, KEYS[5]}) do
