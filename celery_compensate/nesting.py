@@ -21,25 +21,47 @@ place of publishing an undo:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
 from .model import SagaState, StepSpec, child_saga_id, parent_of
-from .store import Reply, UndoDue, new_token
+from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
-    from .coordinator import Coordinator
+    from celery import Celery
 
-__all__ = ('Nesting',)
+__all__ = ('Nesting', 'Advancer')
 
 logger = get_logger(__name__)
 
 #: states a nested saga reports to its parent when it enters them
 SETTLED = frozenset({SagaState.COMPLETED, SagaState.COMPENSATED,
                      SagaState.COMPENSATION_FAILED})
+
+
+class Advancer(Protocol):
+    """What nesting needs of the coordinator above it (which owns the
+    publishing, the logs and the signals of every transition)."""
+
+    app: Celery
+    store: SagaStore
+    tracing: Any
+
+    def publish_stage(self, saga_id: str, steps: Sequence[StepSpec],
+                      prev: Sequence[Any] = ()) -> None: ...
+
+    def apply(self, saga_id: str, outcome: Outcome, step: int | None = None,
+              reason: str | None = None) -> None: ...
+
+    def abort(self, saga_id: str, reason: str) -> Outcome: ...
+
+    def failed_for_good(self, saga_id: str, step: int, outcome: Outcome,
+                        error: str, what: str) -> None: ...
+
+    def settled(self, saga_id: str, outcome: Outcome) -> None: ...
 
 
 class Nesting:
@@ -50,7 +72,7 @@ class Nesting:
             hand-off makes due).
     """
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Advancer) -> None:
         self.coordinator = coordinator
         self.store = coordinator.store
 

@@ -191,7 +191,8 @@ class SagaResult:
         saga gives up on its failed undos.
 
         Raises:
-            SagaNotFinished: it is still ``RUNNING`` or ``COMPENSATING``.
+            SagaNotFinished: it is still ``RUNNING`` or ``COMPENSATING``, or
+                it is a nested saga whose outermost saga has not ended.
             SagaNotFound: no saga with this id.
         """
         status, state = self._store.forget(self.id)

@@ -184,13 +184,14 @@ class SagaStore:
         if plan.children:
             fields += [L.KIDS, ','.join(str(s.index) for s in plan.children)]
         keys = self.keys.for_saga(saga_id)
-        args = [new_token(), saga_id, None]
+        extra: list[Any] = []
         if parent is not None:
             # its report is overdue after a step lease (its reporter died)
             fields += [L.UP, parent[1], L.REPORT_GRACE, default]
             keys.append(self.keys.saga(parent[0]))
-            args.append(parent[1])
-        args[2] = dumps([str(f) for f in fields])
+            extra.append(parent[1])
+        args = [new_token(), saga_id, dumps([str(f) for f in fields]),
+                *extra]
         return Reply(self._run(self._commands['start'], keys=keys, args=args))
 
     def step_done(self, saga_id: str, index: int, result_json: str,

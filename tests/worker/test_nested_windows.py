@@ -22,10 +22,18 @@ from celery_compensate import SagaState, StepState, saga
 
 from .. import tasks
 from ..helpers import assert_stage_order, undone, wait_for
-from .test_recovery import entries
-from .test_windows import LEASE, SWEEP, _sweeper, cluster  # noqa: F401
+from .test_recovery import _cluster, entries
+from .test_windows import HEARTBEAT, LEASE, QUEUE, SWEEP, _sweeper
 
 pytestmark = pytest.mark.prefork
+
+
+@pytest.fixture
+def cluster(redis_url):
+    with _cluster(redis_url, step_timeout=LEASE, queue_timeout=QUEUE,
+                  heartbeat_interval=HEARTBEAT,
+                  recovery_interval=SWEEP) as env:
+        yield env
 
 
 def _kill_on(app, rds, saga_id: str, step: str, mode: str = 'child') -> None:
@@ -40,7 +48,7 @@ def _killed(app, rds) -> bool:
 
 @pytest.mark.parametrize('mode', ['child', 'worker'])
 def test_killed_between_storing_a_child_and_publishing_its_first_step(
-        cluster, mode):  # noqa: F811
+        cluster, mode):
     app, rds, start = cluster
     _sweeper(app, start)
     start('one')
@@ -61,7 +69,7 @@ def test_killed_between_storing_a_child_and_publishing_its_first_step(
 
 
 def test_killed_between_reporting_a_child_and_publishing_the_next_step(
-        cluster):  # noqa: F811
+        cluster):
     app, rds, start = cluster
     _sweeper(app, start)
     start('one')
@@ -82,7 +90,7 @@ def test_killed_between_reporting_a_child_and_publishing_the_next_step(
 
 
 def test_killed_between_unwinding_a_child_and_publishing_its_undo(
-        cluster):  # noqa: F811
+        cluster):
     app, rds, start = cluster
     _sweeper(app, start)
     start('one')
@@ -99,7 +107,7 @@ def test_killed_between_unwinding_a_child_and_publishing_its_undo(
     assert_stage_order(log, {'c', 'b'}, {'a'})
 
 
-def test_a_worker_killed_inside_the_child(cluster):  # noqa: F811
+def test_a_worker_killed_inside_the_child(cluster):
     app, rds, start = cluster
     _sweeper(app, start)
     first = start('first')
