@@ -123,30 +123,37 @@ class Nesting:
             SagaStoreUnavailable: Redis is unreachable (the parent's undo
                 stays queued; the sweep sends it again).
         """
+        self._unwind(saga_id, due.step.index, due.attempt)
+
+    def _unwind(self, saga_id: str, index: int, attempt: int) -> None:
         c = self.coordinator
-        child_id = child_saga_id(saga_id, due.step.index)
-        outcome = self.store.unwind(saga_id, due.step.index, due.attempt,
-                                    new_token())
+        child_id = child_saga_id(saga_id, index)
+        outcome = self.store.unwind(saga_id, index, attempt, new_token())
         status = outcome.status
         if status is Reply.GONE:
             # never started (refused as an orphan, or never published):
             # nothing of it took effect
             logger.info('saga %s: nested saga %s never started: nothing to '
                         'undo', saga_id, child_id)
-            self._tell(saga_id, due.step.index, self.store.undo_done(
-                saga_id, due.step.index, new_token()),
+            self._tell(saga_id, index, self.store.undo_done(
+                saga_id, index, new_token()),
                 f'nested saga {child_id} never started')
             return
         if status is Reply.STALE:
             logger.info('saga %s: the undo of nested saga %s (attempt %d) '
                         'is not in flight: nothing done', saga_id, child_id,
-                        due.attempt)
+                        attempt)
+            return
+        if status is Reply.WAITING and outcome.old_state is SagaState.RUNNING:
+            # still going forward (its start was taken for failed: the
+            # reply was lost): stop it, it reports once it compensated
+            c.abort(child_id, f'its parent {saga_id} undoes it')
             return
         if status is Reply.UNWINDING:
             if outcome.old_state is SagaState.COMPLETED:
                 logger.warning('saga %s: COMPENSATING: undone as a unit (step '
                                '%d of saga %s is compensated)', child_id,
-                               due.step.index, saga_id)
+                               index, saga_id)
                 signals.compensation_started.send(
                     sender=c.app, saga_id=child_id, step=None,
                     reason='undone as a unit: its parent compensates')
@@ -174,6 +181,12 @@ class Nesting:
             # compensating again (re-driven, or undone as a unit): the
             # parent acted on this report already
             self.store.reported(child_id, rep.token)
+            return
+        if rep.state is SagaState.COMPLETED and rep.undo_for is not None:
+            # its parent undoes it already (it had taken the child's start
+            # for failed): it completed meanwhile, so it is undone now
+            self.store.reported(child_id, rep.token)
+            self._unwind(saga_id, index, rep.undo_for)
             return
         if rep.state is SagaState.COMPLETED:
             result = rep.results[0] if len(rep.results) == 1 else rep.results

@@ -229,3 +229,54 @@ def test_a_child_is_not_forgotten_before_its_outermost_saga_ends(celery_app,
     store.step_done('p', 1, '"rc"', rep.token)
     store.step_done('p', 2, '"rd"')
     assert store.forget(child) == (Reply.FORGOTTEN, SagaState.COMPLETED)
+
+
+def _lapse(rds, store, saga_id: str, index: int) -> None:
+    rds.hset(store.keys.saga(saga_id), L.deadline(index),
+             f'{time.time() - 1:.3f}')
+
+
+def test_a_child_whose_start_was_taken_for_failed_is_stopped_and_undone(
+        celery_app, rds):
+    """The start's reply was lost (Redis hiccup): its caller records the
+    step failed, yet the child exists and runs.  The parent's undo of it
+    aborts it; once it has compensated, the parent goes on."""
+    from celery_compensate.model import TaskIdInfo
+    store = make(celery_app)
+    child = started(store)
+    coordinator = get_state(celery_app).coordinator
+    coordinator.step_failed(TaskIdInfo('p', 1, False), 'publish failed')
+    assert store.get_state(child) is SagaState.COMPENSATING
+    parent = store.keys.saga('p')
+    assert rds.hget(parent, L.undo_state(1)) == 'R'
+    # its step b, never received, is given up after the abort's grace
+    _lapse(rds, store, child, 0)
+    coordinator.recover(child)
+    assert store.get_state(child) is SagaState.COMPENSATED
+    assert rds.hget(parent, L.undo_state(1)) == 'D'
+    # then a's undo is due (here its publishing is refused: the plan's
+    # t.a is no task of this app, so its undo's call does not fit)
+    assert rds.hget(parent, L.attempt(0)) is not None
+    assert rds.hget(store.keys.saga(child), L.REPORT) is None
+
+
+def test_a_child_taken_for_failed_that_completes_is_undone_as_a_unit(
+        celery_app, rds):
+    from celery_compensate.model import TaskIdInfo
+    store = make(celery_app)
+    child = started(store)
+    coordinator = get_state(celery_app).coordinator
+    store.step_done(child, 0, '"rb"')
+    # the parent's undo finds it running and aborts it; c completes anyway
+    coordinator.step_failed(TaskIdInfo('p', 1, False), 'publish failed')
+    assert store.get_state(child) is SagaState.COMPENSATING
+    out = store.step_done(child, 1, '"rc"')
+    assert out.status is Reply.LATE
+    coordinator.apply(child, out)
+    ckey = store.keys.saga(child)
+    assert rds.hget(ckey, L.undo_state(1)) == 'Q'        # c first
+    store.undo_done(child, 1)
+    coordinator.apply(child, store.undo_done(child, 0))
+    assert store.get_state(child) is SagaState.COMPENSATED
+    parent = store.keys.saga('p')
+    assert rds.hget(parent, L.undo_state(1)) == 'D'
