@@ -66,14 +66,16 @@ def saga(*steps: Any, app: Celery | None = None, **options: Any) -> Saga:
 
     Arguments:
         steps: the steps in order; a chain adds its links as consecutive
-            steps, a group adds one parallel stage.
+            steps, a group adds one parallel stage, a saga is one step of
+            its own (a nested saga, compensated as a unit).
         app: the app (default: the app of the first signature, else the
             current app).
         options: publishing options of the saga, as for ``apply_async``.
 
     Raises:
         InvalidSaga: no steps, an unknown undo, a ``compensate_with`` of the
-            wrong type, arguments that cannot be serialized.
+            wrong type, arguments that cannot be serialized, sagas nested
+            deeper than ``compensate_max_depth``.
     """
     return Saga(*steps, app=app, **options)
 
@@ -92,9 +94,12 @@ class Saga(Signature):
     ``apply_async(args, kwargs, saga_id=None, **options)`` starts it;
     ``countdown``, ``eta`` and ``expires`` apply to its first stage, as for
     a chain; other publishing options to every step (a step's own options
-    win).  ``saga | sig`` and ``saga | saga`` append steps, ``sig | saga``
-    prepends one; ``clone``, ``s`` and ``si`` copy it with partial
-    arguments for its first stage (``si``: it ignores a parent's result);
+    win).  ``saga | sig`` appends a step, ``sig | saga`` prepends one,
+    ``saga | saga`` appends the right-hand saga as one step (a nested
+    saga, with its own id ``<id>~<step>``: see
+    :attr:`SagaResult.children`); ``clone``, ``s`` and ``si`` copy it with
+    partial arguments for its first stage (``si``: it ignores a parent's
+    result);
     ``freeze()`` fixes its id and returns its :class:`SagaResult`.
     """
 
