@@ -31,7 +31,8 @@ import click
 from .exceptions import CompensateError, InvalidSaga, SagaNotFound
 from .appstate import AppState, get_state
 from .model import (
-    SagaState, StepState, UndoState, step_task_id, undo_task_id,
+    CHILD_TASK, SagaState, StepState, UndoState, child_saga_id, step_task_id,
+    undo_task_id,
     validate_saga_id,
 )
 from .store import Listed, Reply, SagaRecord, StepRecord, StepSummary
@@ -284,15 +285,18 @@ def _current(entry: Listed) -> str:
     summary = entry.summary
     if summary is None:
         return f'unreadable record: {entry.error}'
-    parts = [_waits_for(step) for step in summary.steps]
+    parts = [_waits_for(step, entry.saga_id) for step in summary.steps]
     more = summary.waiting - len(summary.steps)
     if more > 0:
         parts.append(f'{more} more')
     return '; '.join(parts) or '-'
 
 
-def _waits_for(step: StepSummary | StepRecord) -> str:
+def _waits_for(step: StepSummary | StepRecord,
+               saga_id: str | None = None) -> str:
     child = getattr(step, 'child', None)
+    if child is None and saga_id and step.task_name == CHILD_TASK:
+        child = child_saga_id(saga_id, step.index)
     if child is not None and step.state is StepState.RUNNING:
         return f'step {step.index} nested saga {child} running'
     if child is not None and step.undo_state is UndoState.RUNNING:

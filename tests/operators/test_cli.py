@@ -18,6 +18,8 @@ from celery import Celery
 
 from celery_compensate import SagaNotFound, SagaResult, SagaState, install, saga
 from celery_compensate.cli import EXIT_NOT_FOUND, EXIT_WRONG_STATE
+from celery_compensate.appstate import get_state
+from celery_compensate.store import layout as L
 from celery_compensate.testing import WorkerProcess, delete_keys, free_port
 
 from .. import tasks
@@ -346,7 +348,7 @@ def test_the_same_operations_on_saga_result(env):
 
 def test_show_draws_the_tree_of_nested_sagas_and_list_can_hide_them(env):
     res = env.start(tasks.do.si('a'),
-                    saga(tasks.do.si('b'), saga(tasks.do.si('c')),
+                    saga(tasks.do.si('b'), saga(tasks.do.si('c'), app=env.app),
                          app=env.app),
                     tasks.do.si('d', fail=True))
     assert res.wait(timeout=30) is SagaState.COMPENSATED
@@ -373,6 +375,16 @@ def test_show_draws_the_tree_of_nested_sagas_and_list_can_hide_them(env):
     code, data = env.cli_json('list', '--limit', '20')
     ids = [d['saga_id'] for d in data]
     assert {res.id, child, grandchild} <= set(ids)
+    running = env.start(tasks.do.si('a'),
+                        saga(tasks.do.si('b', sleep=20), app=env.app))
+    key = get_state(env.app).store.keys.saga(f'{running.id}~1')
+    wait_for(lambda: env.rds.hget(key, L.step_state(0)) == 'R', timeout=15)
+    code, data = env.cli_json('list', '--state', 'RUNNING', '--no-children')
+    mine = [d for d in data if d['saga_id'] == running.id]
+    assert mine[0]['current'] == (f'step 1 nested saga {running.id}~1 '
+                                  'running')
+    env.cli('abort', running.id)
+    assert running.wait(timeout=30) is SagaState.COMPENSATED
     code, data = env.cli_json('list', '--limit', '20', '--no-children')
     ids = [d['saga_id'] for d in data]
     assert res.id in ids and child not in ids and grandchild not in ids
