@@ -21,19 +21,23 @@ place of publishing an undo:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import (
+    TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeVar,
+)
 
 from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
-from .model import SagaState, StepSpec, child_saga_id, parent_of
+from .model import SagaState, StepSpec, TaskIdInfo, child_saga_id, parent_of
 from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ('Nesting', 'Advancer')
+
+_T = TypeVar('_T')
 
 logger = get_logger(__name__)
 
@@ -63,6 +67,9 @@ class Advancer(Protocol):
 
     def settled(self, saga_id: str, outcome: Outcome) -> None: ...
 
+    def persist(self, record: Callable[[], _T], info: TaskIdInfo,
+                what: str) -> _T: ...
+
 
 class Nesting:
     """Starts, reports and unwinds the nested sagas of one app.
@@ -91,8 +98,14 @@ class Nesting:
         plan = step.child.with_arguments(args, kwargs)
         tracing = c.tracing
         trace_parent = tracing.nested(saga_id) if tracing else None
-        reply = self.store.start(child_id, plan, None, trace_parent,
-                                 parent=(saga_id, step.index))
+        token = new_token()
+        # resent with its token while Redis is briefly away: a start whose
+        # reply was lost answers ``created`` again, so the step is not
+        # taken for failed while its child runs
+        reply = c.persist(lambda: self.store.start(
+            child_id, plan, None, trace_parent, parent=(saga_id, step.index),
+            token=token), TaskIdInfo(saga_id, step.index, False),
+            'the start of the nested saga of step')
         if reply is Reply.EXISTS:
             # a resent start (the sweep published the step again): the
             # child runs already, and its own outbox covers its first stage
@@ -100,9 +113,14 @@ class Nesting:
                         'already', saga_id, child_id, step.index)
             return
         if reply is Reply.ORPHAN:
-            logger.info('saga %s: nested saga %s (step %d) not started: '
-                        'the saga no longer waits for it', saga_id,
-                        child_id, step.index)
+            # the sweep published the step again (its publisher died) after
+            # the saga stopped running: settled now, not after a queue
+            # lease (a step settled already ignores this)
+            why = 'not started: its saga no longer runs'
+            logger.info('saga %s: nested saga %s (step %d) %s', saga_id,
+                        child_id, step.index, why)
+            outcome = self.store.step_failed(saga_id, step.index, why)
+            c.apply(saga_id, outcome, step=step.index, reason=why)
             return
         if tracing:
             tracing.created(child_id, trace_parent)

@@ -47,7 +47,10 @@ Fields (``i`` a step index, ``k`` a stage index)
             ``rp``/``rpd`` the token of the report it owes its parent (it
             settled: completed, compensated, or COMPENSATION_FAILED) and
             until when its reporter may take (the sweep reports it after);
-            ``rg`` that grace in seconds (a step lease)
+            ``rg`` that grace in seconds (a step lease); ``ptk`` its
+            parent's ``tok`` (a child left by an earlier saga with the
+            parent's id is replaced, not taken for this one's); ``xp``
+            its outermost saga ended (it expires when it ends)
 ``cur``     highest dispatched stage; during compensation the stage whose
             undos are running (``-1`` once every stage is settled)
 ``g<k>``    comma-separated step indices of stage ``k``
@@ -97,7 +100,7 @@ __all__ = (
     'ID', 'STATE', 'N', 'NS', 'QT', 'CREATED', 'ENDED', 'REASON', 'FAILED',
     'RETRIES', 'CSTART', 'CUR', 'LATE', 'TOKEN', 'CLAIM', 'FIN', 'CF', 'RT',
     'PIVOT', 'FF', 'RTF', 'TRACE_PARENT', 'KIDS', 'UP', 'UNDO_FOR', 'REPORT',
-    'REPORT_BY', 'REPORT_GRACE', 'CHILD_HOLDS', 'forward_attempt',
+    'REPORT_BY', 'REPORT_GRACE', 'PARENT_TOKEN', 'ROOT_ENDED', 'CHILD_HOLDS', 'forward_attempt',
     'forward_attempts_before', 'forward_retry_token', 'forward_retry_by',
     'forward_retry_delay',
     'members', 'waiting', 'undos_left', 'stage_token', 'publisher',
@@ -210,13 +213,15 @@ UNDO_FOR = 'ua'
 REPORT = 'rp'
 REPORT_BY = 'rpd'
 REPORT_GRACE = 'rg'
+PARENT_TOKEN = 'ptk'
+ROOT_ENDED = 'xp'
 #: ``h<i>`` of a step (or undo) a nested saga holds
 CHILD_HOLDS = '~'
 
 SAGA_FIELDS = (ID, STATE, N, NS, QT, CREATED, ENDED, REASON, FAILED,
                RETRIES, CSTART, CUR, LATE, TOKEN, CLAIM, FIN, CF, RT, PIVOT,
                FF, RTF, TRACE_PARENT, KIDS, UP, UNDO_FOR, REPORT, REPORT_BY,
-               REPORT_GRACE)
+               REPORT_GRACE, PARENT_TOKEN, ROOT_ENDED)
 
 # -- stage fields: the prefix, then the stage index -------------------------
 

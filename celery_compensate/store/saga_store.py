@@ -147,10 +147,12 @@ class SagaStore:
     def start(self, saga_id: str, plan: Plan,
               specs: Sequence[str] | None = None,
               trace_parent: str | None = None,
-              parent: tuple[str, int] | None = None) -> Reply:
+              parent: tuple[str, int] | None = None,
+              token: str | None = None) -> Reply:
         """Store a new saga (see :meth:`create`); a nested one (``parent``:
         its parent's id and its step index there) takes its step in the
-        parent in the same call.
+        parent in the same call.  Resending with the same ``token`` is
+        safe (``created`` again).
 
         Returns:
             Reply: ``created``, ``exists``, or for a nested saga ``orphan``
@@ -190,8 +192,8 @@ class SagaStore:
             fields += [L.UP, parent[1], L.REPORT_GRACE, default]
             keys.append(self.keys.saga(parent[0]))
             extra.append(parent[1])
-        args = [new_token(), saga_id, dumps([str(f) for f in fields]),
-                *extra]
+        args = [token or new_token(), saga_id,
+                dumps([str(f) for f in fields]), *extra]
         return Reply(self._run(self._commands['start'], keys=keys, args=args))
 
     def step_done(self, saga_id: str, index: int, result_json: str,

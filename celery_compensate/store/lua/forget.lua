@@ -13,7 +13,8 @@
 ---                 changed
 ---   missing       no such saga
 ---
---- Transitions: a final saga -> (missing).
+--- Transitions: a final saga -> (missing), with its nested sagas (a
+--- saga started again with its id must not find them).
 
 --- @include "includes/saga"
 
@@ -24,9 +25,17 @@ if st == 'RUNNING' or st == 'COMPENSATING' then return {'not-finished', st} end
 if redis.call('HEXISTS', h, 'up') == 1 and redis.call('TTL', h) < 0 then
   return {'not-finished', st}
 end
-local id = redis.call('HGET', h, 'id')
-redis.call('DEL', h)
-for _, key in ipairs({idx, live, ends, KEYS[5]}) do
-  redis.call('ZREM', key, id)
+--- Delete a saga and its nested sagas, and theirs (in its shard: see
+--- layout.shard_of), from the record and every index.
+local function delete(key, id)
+  local kids = redis.call('HGET', key, 'kids')
+  redis.call('DEL', key)
+  for _, index in ipairs({idx, live, ends, KEYS[5]}) do
+    redis.call('ZREM', index, id)
+  end
+  for j in string.gmatch(kids or '', '%d+') do
+    delete(key .. '~' .. j, id .. '~' .. j)
+  end
 end
+delete(h, redis.call('HGET', h, 'id'))
 return {'forgotten', st}

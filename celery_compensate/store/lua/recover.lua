@@ -151,7 +151,10 @@ local now_st = hget('state')
 --- has no deadline here: the child reports when it settles).
 local function child_holds()
   for _, i in ipairs(candidates) do
-    if hget('h' .. i) == '~' then return true end
+    if hget('h' .. i) == '~' and (hget('s' .. i) == 'R'
+                                  or hget('x' .. i) == 'R') then
+      return true
+    end
   end
   return false
 end

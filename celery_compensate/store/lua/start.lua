@@ -9,7 +9,9 @@
 ---
 --- Replies:
 ---   created   the saga is stored (also for the same call sent again)
----   exists    a saga with this id exists already: nothing written
+---   exists    a saga with this id exists already: nothing written (a
+---             nested saga left by an earlier saga with its parent's id,
+---             ``ptk`` not the parent's ``tok``, is replaced instead)
 ---   orphan    a nested saga whose parent no longer waits for it (the
 ---             parent is not RUNNING, or the step is settled or held):
 ---             nothing written
@@ -24,7 +26,13 @@
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 1 then
   if redis.call('HGET', h, 'tok') == ARGV[1] then return 'created' end
-  return 'exists'
+  -- a nested saga left by an earlier saga with its parent's id (that one
+  -- was forgotten, or expired before it) is replaced; one this parent
+  -- started (its creation token, ``ptk``) is the same child started again
+  if not ARGV[4] or redis.call('HGET', h, 'ptk')
+      == redis.call('HGET', KEYS[6], 'tok') then
+    return 'exists'
+  end
 end
 if redis.replicate_commands then redis.replicate_commands() end
 local up = ARGV[4]
@@ -32,12 +40,16 @@ if up then
   local parent = KEYS[6]
   local v = redis.call('HMGET', parent, 'state', 's' .. up, 'h' .. up)
   if v[1] ~= 'RUNNING' or v[2] ~= 'R' or v[3] then return 'orphan' end
+  redis.call('DEL', h)
   redis.call('HSET', parent, 'h' .. up, '~')
   redis.call('HDEL', parent, 'd' .. up, 'ob' .. up)
 end
+redis.call('HSET', h, 'tok', ARGV[1], 'id', ARGV[2])
+if up then
+  redis.call('HSET', h, 'ptk', redis.call('HGET', KEYS[6], 'tok'))
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HSET', h, 'tok', ARGV[1], 'id', ARGV[2])
 local fields = cjson.decode(ARGV[3])
 for j = 1, #fields, 1000 do
   redis.call('HSET', h, unpack(fields, j, math.min(j + 999, #fields)))

@@ -38,7 +38,7 @@
 local i = ARGV[4]
 -- what the common case needs, in two reads
 local f = redis.call('HMGET', h, 'state', 's' .. i, 'k' .. i, 'p' .. i,
-                     'u' .. i, 'ns', 'id', 'qt', 'up', 'kids')
+                     'u' .. i, 'ns', 'id', 'qt', 'up', 'kids', 'xp')
 local st, s, ns, id, qt = f[1], f[2], tonumber(f[6] or ''), f[7], f[8]
 local k = tonumber(f[3] or '')
 -- how many members of stage k run; the member lists (O(W) bytes) are
@@ -69,7 +69,7 @@ local function next_stage(set)
   set[#set + 1] = 'dn' .. k; set[#set + 1] = token
   if nk >= ns then
     if st ~= 'COMPLETED' then
-      finish('COMPLETED', id, set, {f[9], f[10]})
+      finish('COMPLETED', id, set, {f[9], f[10], f[11]})
     else
       redis.call('HSET', h, unpack(set))
     end

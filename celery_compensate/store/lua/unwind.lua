@@ -20,7 +20,9 @@
 ---   waiting    the child compensates already: it reports when it settles
 ---   report     the child is settled for this attempt (COMPENSATED, or
 ---              COMPENSATION_FAILED): it owes its parent the report now
----   gone       no such child (never started): nothing to undo
+---   gone       no such child (never started): nothing to undo; the
+---              parent's undo keeps its lease until the caller records it
+---              done
 ---   stale      the parent's undo is not in flight at this attempt:
 ---              nothing changed
 ---
@@ -45,12 +47,14 @@ if tonumber(v[2] or '') ~= a
     or not (v[1] == 'Q' or v[1] == 'W' or (v[1] == 'R' and v[3] == '~')) then
   return {'stale'}
 end
+local st = hget('state')
+-- no hold for a child that does not exist: the caller records the undo
+-- done, and if it dies first the undo's lease sends it again
+if not st then return {'gone'} end
 if v[1] ~= 'R' then
   redis.call('HSET', parent, 'x' .. i, 'R', 'h' .. i, '~', 'b' .. i, now)
   redis.call('HDEL', parent, 'd' .. i)
 end
-local st = hget('state')
-if not st then return {'gone'} end
 if hget('claim') == token then
   return replay('unwinding', st, 'claim', 'COMPLETED')
 end
