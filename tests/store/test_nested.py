@@ -280,3 +280,67 @@ def test_a_child_taken_for_failed_that_completes_is_undone_as_a_unit(
     assert store.get_state(child) is SagaState.COMPENSATED
     parent = store.keys.saga('p')
     assert rds.hget(parent, L.undo_state(1)) == 'D'
+
+
+def test_a_sibling_fails_while_the_child_runs(celery_app, rds):
+    """The child runs on, completes late, and is undone as a unit before
+    the parent's earlier step."""
+    store = get_state(celery_app).store
+    plan = Plan.from_stages([
+        [(TaskRef('t.a'), UNDO, False)],
+        [(TaskRef('celery_compensate.saga'), None, False, None, None, 0.0,
+          False, child_plan()), (TaskRef('t.y'), UNDO, False)],
+    ])
+    assert store.create('q', plan)
+    store.step_done('q', 0, '"ra"')
+    assert store.start('q~1', child_plan(), parent=('q', 1)) is Reply.CREATED
+    assert store.step_failed('q', 2, 'y failed').status is Reply.CLAIMED
+    assert store.recover('q').status is Reply.RECOVERED     # not stuck
+    store.step_done('q~1', 0, '"rb"')
+    store.step_done('q~1', 1, '"rc"')
+    rep = store.report('q~1')
+    late = store.step_done('q', 1, '"rc"', rep.token)
+    assert late.status is Reply.LATE
+    assert [(d.step.index, d.attempt) for d in late.undos] == [(1, 1)]
+    store.reported('q~1', rep.token)
+    out = store.unwind('q', 1, 1, 'u')
+    assert out.status is Reply.UNWINDING and [d.step.index for d in
+                                              out.undos] == [1]
+    # a is not due before the child compensated
+    assert rds.hget(store.keys.saga('q'), L.undo_state(0)) is None
+    store.undo_done('q~1', 1)
+    assert store.undo_done('q~1', 0).new_state is SagaState.COMPENSATED
+    rep = store.report('q~1')
+    done = store.undo_done('q', 1, rep.token)
+    assert [d.step.index for d in done.undos] == [0]
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
+def test_a_child_repaired_alone_resumes_its_parent(celery_app, rds):
+    """A COMPENSATION_FAILED child retried on its own: once COMPENSATED its
+    report resumes the parent (no other undo of the parent failed)."""
+    store = make(celery_app)
+    child = started(store)
+    store.step_done(child, 0, '"rb"')
+    store.step_done(child, 1, '"rc"')
+    rep = store.report(child)
+    store.step_done('p', 1, '"rc"', rep.token)
+    store.reported(child, rep.token)
+    store.step_failed('p', 2, 'd failed')
+    store.unwind('p', 1, 1, 'u')
+    store.undo_done(child, 1)
+    store.undo_failed(child, 0, 1, 'no', countdown=0)
+    assert store.undo_failed(child, 0, 2, 'no', countdown=0).new_state \
+        is SagaState.COMPENSATION_FAILED
+    rep = store.report(child)
+    assert store.undo_failed('p', 1, 1, 'cf', final=True,
+                             token=rep.token).new_state \
+        is SagaState.COMPENSATION_FAILED
+    store.reported(child, rep.token)
+    store.retry(child)
+    assert store.undo_done(child, 0).new_state is SagaState.COMPENSATED
+    rep = store.report(child)
+    assert rep.undo_for == 1
+    out = store.undo_done('p', 1, rep.token)
+    assert out.new_state is SagaState.COMPENSATING
+    assert [d.step.index for d in out.undos] == [0]

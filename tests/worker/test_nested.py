@@ -189,3 +189,35 @@ def test_children_expire_with_their_outermost_saga(celery_app, celery_worker,
     child = store.keys.saga(f'{res.id}~0')
     assert rds.ttl(child) > 0
     assert rds.ttl(store.keys.saga(res.id)) > 0
+
+
+def test_a_nested_saga_travels_as_a_dict_and_as_a_link(celery_app,
+                                                       celery_worker, rds):
+    """Rebuilt by ``Signature.from_dict`` (a link, a chord body), the plan
+    is the same, children included; as a link it runs and compensates."""
+    import json
+
+    from celery.canvas import Signature
+    sg = saga(tasks.chained.s('a'), saga(tasks.do.si('b'), tasks.do.si('c')),
+              tasks.do.si('d', fail=True))
+    rebuilt = Signature.from_dict(json.loads(json.dumps(dict(sg))),
+                                  app=celery_app)
+    assert rebuilt._plan.to_list() == sg._plan.to_list()
+    assert sg.clone()._plan.to_list() == sg._plan.to_list()
+    handle = sg.freeze()
+    tasks.plain.apply_async(('x',), link=sg)
+    assert handle.wait(timeout=15) is SagaState.COMPENSATED
+    entries = ledger(rds, celery_app, handle.id)
+    assert "do:a:'res-x'" in entries
+    # (t.undo names the step by its first argument: 'res-x' for a)
+    assert undone(entries) == ['c', 'b', 'res-x']
+
+
+def test_three_levels_undone_innermost_first(celery_app, celery_worker, rds):
+    res = saga(tasks.do.si('a'),
+               saga(tasks.do.si('b'), saga(tasks.do.si('c'), tasks.do.si('d'))),
+               tasks.do.si('e', fail=True)).apply_async()
+    assert res.wait(timeout=20) is SagaState.COMPENSATED
+    assert undone(ledger(rds, celery_app, res.id)) == ['d', 'c', 'b', 'a']
+    (child,) = res.children
+    assert [g.state for g in child.children] == [SagaState.COMPENSATED]
