@@ -56,9 +56,12 @@ if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', KEYS[5], ARGV[4])
   return {'missing'}
 end
-local st = hget('state')
-local owed = tonumber(hget('rpd') or '')
-if hget('rp') and owed and owed <= clock() then
+-- one read for the state and a nested saga's owed report (``rp``,
+-- ``rpd``): a sweep of a flat saga pays no extra command
+local head = redis.call('HMGET', h, 'state', 'rp', 'rpd')
+local st = head[1]
+local owed = tonumber(head[3] or '')
+if head[2] and owed and owed <= clock() then
   -- a nested saga settled and its reporter died: the caller reports it
   -- (the parent's command is idempotent by the report's token); the next
   -- sweep reports it again if this one dies too

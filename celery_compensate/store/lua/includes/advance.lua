@@ -41,5 +41,9 @@ local function advance(out)
     if cur >= 0 then open_stage(cur, out) end
   end
   if num('late') > 0 then return end
-  if hget('state') ~= 'COMPENSATED' then finish('COMPENSATED', hget('id')) end
+  if hget('state') ~= 'COMPENSATED' then
+    -- the id and what finish needs of a nested saga, in one read
+    local v = redis.call('HMGET', h, 'id', 'up', 'kids', 'xp')
+    finish('COMPENSATED', v[1], nil, {v[2], v[3], v[4]})
+  end
 end
