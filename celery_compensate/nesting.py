@@ -29,6 +29,7 @@ from celery.utils.log import get_logger
 from kombu.utils.json import dumps
 
 from . import signals
+from .messages import unstored
 from .model import SagaState, StepSpec, TaskIdInfo, child_saga_id, parent_of
 from .store import Outcome, Reply, SagaStore, UndoDue, new_token
 
@@ -132,6 +133,15 @@ class Nesting:
         # not the outermost first stage: a publishing error fails the
         # child's step (and so the child), it is not raised
         c.publish_stage(child_id, plan.stages[0])
+        try:
+            # published: out of the outbox, under the queue lease (a
+            # backlog longer than the step lease must not make the sweep
+            # publish it again); if this fails, the sweep may, once
+            self.store.confirm_first_stage(child_id)
+        except Exception:  # noqa: BLE001 - the outbox covers it
+            logger.warning('saga %s: could not confirm its first stage was '
+                           'published; the sweep may publish it again',
+                           child_id, exc_info=True)
 
     def unwind(self, saga_id: str, due: UndoDue) -> None:
         """Undo the child that is ``due.step`` of ``saga_id`` as a unit:
@@ -208,9 +218,25 @@ class Nesting:
             return
         if rep.state is SagaState.COMPLETED:
             result = rep.results[0] if len(rep.results) == 1 else rep.results
-            outcome = self.store.step_done(saga_id, index, dumps(result),
-                                           rep.token)
-            c.apply(saga_id, outcome, step=index)
+            result_json = dumps(result)
+            size = len(result_json.encode())
+            limit = self.store.settings.result_max_bytes
+            if size > limit:
+                # its last stage's results together are too large for the
+                # parent's record: as a step whose result cannot be stored,
+                # it took effect, fails, and is undone (as a unit)
+                why = (f'ResultTooLarge: nested saga {child_id} completed '
+                       f'with {size} bytes of JSON (its last stage\'s '
+                       f'results), more than compensate_result_max_bytes '
+                       f'({limit})')
+                outcome = self.store.step_failed(
+                    saga_id, index, why, dumps(unstored(why)),
+                    token=rep.token)
+                c.apply(saga_id, outcome, step=index, reason=why)
+            else:
+                outcome = self.store.step_done(saga_id, index, result_json,
+                                               rep.token)
+                c.apply(saga_id, outcome, step=index)
         elif rep.undo_for is None:
             why = (f'nested saga {child_id} is {rep.state}'
                    + (f': {rep.reason}' if rep.reason else ''))

@@ -336,6 +336,12 @@ class SagaStore:
             ('release', saga_id, [index, holder])
             for saga_id, index, holder, succeeded in gone])]
 
+    def confirm_first_stage(self, saga_id: str) -> Reply:
+        """The starter of a nested saga published its first stage: the
+        members no worker received yet leave the outbox for the queue
+        lease (``lua/confirm.lua`` with step ``-1``)."""
+        return Reply(self._change('confirm', saga_id, None, -1))
+
     def due(self, limit: int, gap: float, hold: float
             ) -> tuple[float, list[str], list[int]]:
         """Scan every shard of the deadline index (one round trip).

@@ -220,3 +220,33 @@ def test_a_settled_childs_hold_does_not_hide_a_damaged_record(celery_app,
     assert store.step_done('q', 1, '"rc"', rep.token).status is Reply.RECORDED
     rds.hdel(store.keys.saga('q'), L.deadline(2))       # damaged
     assert store.recover('q').status is Reply.STUCK
+
+
+def test_the_childs_first_stage_leaves_its_outbox_once_published(celery_app,
+                                                                 rds):
+    """Its starter confirms the publish: a backlog longer than the step
+    lease does not make the sweep publish it again (the queue lease)."""
+    store = make(celery_app)
+    coordinator = get_state(celery_app).coordinator
+    coordinator.step_done(TaskIdInfo('p', 0, False), 'ra')
+    ckey = store.keys.saga('p~1')
+    assert rds.hget(ckey, L.STATE) == 'RUNNING'
+    assert rds.hget(ckey, L.outbox(0)) is None
+    left = float(rds.hget(ckey, L.deadline(0))) - time.time()
+    assert left > store.settings.queue_timeout - 5
+
+
+@pytest.mark.compensate_conf(compensate_result_max_bytes=64)
+def test_a_childs_result_too_large_for_its_parent_undoes_it(celery_app, rds):
+    store = make(celery_app)
+    coordinator = get_state(celery_app).coordinator
+    child = started(store)
+    store.step_done(child, 0, '"rb"')
+    big = '"' + 'x' * 100 + '"'
+    coordinator.settled(child, store.step_done(child, 1, big))
+    parent = store.keys.saga('p')
+    assert rds.hget(parent, L.step_state(1)) == 'F'
+    assert 'ResultTooLarge' in rds.hget(parent, L.failure(1))
+    # it took effect: undone as a unit
+    assert store.get_state(child) is SagaState.COMPENSATING
+    assert rds.hget(parent, L.undo_state(1)) == 'R'

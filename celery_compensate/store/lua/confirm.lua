@@ -6,7 +6,9 @@
 --- heartbeat, for every saga step that succeeded there.
 ---
 --- KEYS[1-4] saga hash, :due, :live, :ends (see includes/saga.lua)
---- ARGV[1-3] token, now, ttl (unused); ARGV[4] step index
+--- ARGV[1-3] token, now, ttl (unused); ARGV[4] step index, or -1: the
+---   saga's first stage, published by the process that started it (a
+---   nested saga's, which starts in the outbox)
 ---
 --- Replies (a status alone):
 ---   confirmed  members of the stage it dispatched left the outbox
@@ -20,10 +22,13 @@
 --- @include "includes/lower"
 
 local i = ARGV[4]
-local k = tonumber(hget('k' .. i) or '')
-if not k then return 'gone' end
-local nk = k + 1
-if hget('pb' .. nk) ~= i then return 'gone' end
+local nk = 0
+if i ~= '-1' then
+  local k = tonumber(hget('k' .. i) or '')
+  if not k then return 'gone' end
+  nk = k + 1
+  if hget('pb' .. nk) ~= i then return 'gone' end
+end
 local n = 0
 for j in string.gmatch(hget('g' .. nk) or '', '%d+') do
   if hget('ob' .. j) == '1' then
