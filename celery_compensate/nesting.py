@@ -205,6 +205,12 @@ class Nesting:
             return
         c = self.coordinator
         saga_id, index = parent
+        if not rep.mine:
+            logger.warning('saga %s: not reported: its parent %s is not the '
+                           'saga that started it (an earlier saga with that '
+                           'id)', child_id, saga_id)
+            self.store.reported(child_id, rep.token)
+            return
         if rep.state not in SETTLED:
             # compensating again (re-driven, or undone as a unit): the
             # parent acted on this report already
@@ -212,9 +218,11 @@ class Nesting:
             return
         if rep.state is SagaState.COMPLETED and rep.undo_for is not None:
             # its parent undoes it already (it had taken the child's start
-            # for failed): it completed meanwhile, so it is undone now
-            self.store.reported(child_id, rep.token)
+            # for failed): it completed meanwhile, so it is undone now.
+            # The report is cleared only after (unwind clears it itself):
+            # if this dies first, the sweep reports it again
             self._unwind(saga_id, index, rep.undo_for)
+            self.store.reported(child_id, rep.token)
             return
         if rep.state is SagaState.COMPLETED:
             result = rep.results[0] if len(rep.results) == 1 else rep.results
@@ -252,7 +260,7 @@ class Nesting:
                    f'{saga_id} to re-drive it)')
             outcome = self.store.undo_failed(
                 saga_id, index, rep.undo_for, why, started=True, final=True,
-                token=rep.token)
+                token=rep.token, nested=True)
             if outcome.status is Reply.FAILED:
                 c.failed_for_good(saga_id, index, outcome, why, why)
                 c.settled(saga_id, outcome)

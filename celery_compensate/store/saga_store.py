@@ -90,6 +90,9 @@ class ChildReport:
     reason: str
     #: the results of its last stage, when it completed
     results: list[Any]
+    #: its parent is the saga that started it (``False``: a leftover of
+    #: an earlier saga with the parent's id, which reports nothing)
+    mine: bool = True
 
 
 def _state(value: Any) -> SagaState | None:
@@ -263,7 +266,8 @@ class SagaStore:
     def undo_failed(self, saga_id: str, index: int, attempt: int,
                     error: str, started: bool = True,
                     countdown: float = 0.0, final: bool = False,
-                    token: str | None = None) -> Outcome:
+                    token: str | None = None,
+                    nested: bool = False) -> Outcome:
         """Count a failed undo attempt; the outcome holds the next attempt
         (status ``retry``) or the saga is COMPENSATION_FAILED (``failed``).
 
@@ -275,11 +279,14 @@ class SagaStore:
             final: no more attempts (a nested saga that is
                 COMPENSATION_FAILED spent its own).
             token: makes resending safe (a nested saga's report).
+            nested: the undo is a nested saga's own compensation, which
+                may fail after it was recorded done (its late completer's
+                undo spent its attempts): then it is failed again.
         """
         return self._decoded(saga_id, self._change(
             'undo_failed', saga_id, token, index, attempt, error[:2000],
             0 if final else self.settings.undo_max_attempts,
-            '1' if started else '0', countdown))
+            '1' if started else '0', countdown, '1' if nested else ''))
 
     def receive(self, saga_id: str, index: int, attempt: int | None,
                 generation: int, holder: str) -> Reply:
@@ -419,11 +426,15 @@ class SagaStore:
         Raises:
             CorruptSagaRecord: a result in its last stage is not JSON.
         """
+        up_id = parent_of(saga_id)
+        if up_id is None:
+            return None
         reply = self._run(self._commands['report'],
-                          keys=[self.keys.saga(saga_id)], args=[])
+                          keys=[self.keys.saga(saga_id),
+                                self.keys.saga(up_id[0])], args=[])
         if not reply:
             return None
-        state, up, undo_for, token, reason, results = reply
+        state, up, undo_for, token, reason, results, mine = reply
         try:
             decoded = [loads(r) for r in results]
         except ValueError as exc:
@@ -433,7 +444,7 @@ class SagaStore:
         return ChildReport(
             SagaState(state), int(up) if up else None,
             int(undo_for) if undo_for else None, token or None,
-            reason, decoded)
+            reason, decoded, bool(mine))
 
     def reported(self, saga_id: str, token: str) -> Reply:
         """The report ``token`` of nested saga ``saga_id`` reached its

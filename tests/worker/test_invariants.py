@@ -292,12 +292,12 @@ def test_every_script_touches_one_slot():
         assert 'KEYS[7]' not in script and 'KEYS[1]' in script, name
         assert ('KEYS[6]' in script) == (name in ('start', 'unwind')), name
         # the one key built inside a script: a nested saga's, its parent's
-        # key plus '~<step>' (finish expires a finished root's tree, forget
-        # deletes it), in the same hash tag by construction
+        # key plus '~<step>' (finish expires a finished root's tree,
+        # delete_tree deletes one), in the same hash tag by construction
         # (layout.shard_of)
-        tree = ('local function expire_kids' in script
-                or name == 'forget')
-        assert script.count(".. '~' ..") == (2 if tree else 0), name
+        helpers = (('local function expire_kids' in script)
+                   + ('local function delete_tree' in script))
+        assert script.count(".. '~' ..") == 2 * helpers, name
     shards = set()
     for n in range(500):
         sid = f'saga-{n}'

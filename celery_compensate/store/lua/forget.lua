@@ -8,34 +8,25 @@
 ---   forgotten     it was COMPLETED, COMPENSATED or COMPENSATION_FAILED
 ---                 (the last gives up on its failed undos): deleted
 ---   not-finished  it is RUNNING or COMPENSATING, or it is a nested saga
----                 whose outermost saga has not ended (its parent may
----                 still undo it, or waits for its report): nothing
----                 changed
+---                 whose outermost saga has not ended (no ``xp``: its
+---                 parent may still undo it, or waits for its report):
+---                 nothing changed
 ---   missing       no such saga
 ---
 --- Transitions: a final saga -> (missing), with its nested sagas (a
 --- saga started again with its id must not find them).
 
 --- @include "includes/saga"
+--- @include "includes/tree"
 
 local st = redis.call('HGET', h, 'state')
 if not st then return {'missing'} end
 if st == 'RUNNING' or st == 'COMPENSATING' then return {'not-finished', st} end
--- a nested saga starts to expire only with its outermost saga
-if redis.call('HEXISTS', h, 'up') == 1 and redis.call('TTL', h) < 0 then
+-- a nested saga starts to expire only with its outermost saga (``xp``:
+-- that one ended, and this one waits for an operator)
+if redis.call('HEXISTS', h, 'up') == 1 and redis.call('TTL', h) < 0
+    and redis.call('HEXISTS', h, 'xp') == 0 then
   return {'not-finished', st}
 end
---- Delete a saga and its nested sagas, and theirs (in its shard: see
---- layout.shard_of), from the record and every index.
-local function delete(key, id)
-  local kids = redis.call('HGET', key, 'kids')
-  redis.call('DEL', key)
-  for _, index in ipairs({idx, live, ends, KEYS[5]}) do
-    redis.call('ZREM', index, id)
-  end
-  for j in string.gmatch(kids or '', '%d+') do
-    delete(key .. '~' .. j, id .. '~' .. j)
-  end
-end
-delete(h, redis.call('HGET', h, 'id'))
+delete_tree(h, redis.call('HGET', h, 'id'), {idx, live, ends, KEYS[5]})
 return {'forgotten', st}

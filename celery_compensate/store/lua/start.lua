@@ -23,6 +23,8 @@
 --- and :sagas; a reused id is taken out of :ends.  A nested saga's step in
 --- its parent becomes held by it (``h<i>`` ``~``, no deadline, out of the
 --- outbox) in the same call.
+--- @include "includes/tree"
+
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 1 then
   if redis.call('HGET', h, 'tok') == ARGV[1] then return 'created' end
@@ -40,7 +42,8 @@ if up then
   local parent = KEYS[6]
   local v = redis.call('HMGET', parent, 'state', 's' .. up, 'h' .. up)
   if v[1] ~= 'RUNNING' or v[2] ~= 'R' or v[3] then return 'orphan' end
-  redis.call('DEL', h)
+  -- a leftover (see above) goes with its own nested sagas
+  delete_tree(h, ARGV[2], {KEYS[2], KEYS[3], KEYS[4], KEYS[5]})
   redis.call('HSET', parent, 'h' .. up, '~')
   redis.call('HDEL', parent, 'd' .. up, 'ob' .. up)
 end

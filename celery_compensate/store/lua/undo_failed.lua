@@ -9,14 +9,16 @@
 --- ARGV[1-3] token, now, ttl; ARGV[4] step index; ARGV[5] the attempt that
 ---   failed; ARGV[6] error; ARGV[7] max attempts; ARGV[8] '1' if the
 ---   failing copy had started, else '0'; ARGV[9] seconds until the next
----   attempt
+---   attempt; ARGV[10] '1': the undo is a nested saga's own compensation,
+---   which may fail after it was recorded done (its late completer's undo)
 ---
 --- Replies {status, old state, new state, {}, {}, {the next attempt}}:
 ---   retry     the next attempt is due (also for this call sent again)
 ---   failed    the budget is spent: saga -> COMPENSATION_FAILED
 ---   stale     not the current attempt: nothing counted
 ---   running   a copy that never started, while another copy runs
----   ignored   the undo is not in flight
+---   ignored   the undo is not in flight (or done, but for a nested
+---             saga's failure after it: ARGV[10])
 ---   missing   no such saga
 ---
 --- Transitions: undo Q/R/W -> W (``a<i>`` + 1, queued lease after the
@@ -31,6 +33,7 @@
 --- @include "includes/rescore"
 --- @include "includes/lower"
 --- @include "includes/owe"
+--- @include "includes/reopen"
 
 local st = hget('state')
 if not st then return {'missing'} end
@@ -42,6 +45,29 @@ if hget('tu' .. i) == token and (x == 'W' or x == 'F') then
   local old = st
   if hget('cf') == token then old = 'COMPENSATING' end
   return {'failed', old, st}
+end
+if x == 'D' and ARGV[10] == '1' and tonumber(ARGV[5]) == a then
+  -- a nested saga reported undone, then its own late completer's undo
+  -- spent its attempts: the step is not undone after all.  As a late
+  -- undo that failed: F again (counted in its stage, or in ``late`` once
+  -- the cursor moved below it), the saga COMPENSATION_FAILED (reopened if
+  -- it had ended), for an operator's retry to re-drive the child.
+  redis.call('HSET', h, 'x' .. i, 'F', 'e' .. i, ARGV[6], 'tu' .. i, token)
+  local k = hget('k' .. i)
+  if tonumber(k) == num('cur') then
+    redis.call('HINCRBY', h, 'y' .. k, 1)
+  else
+    redis.call('HSET', h, 'l' .. i, 1)
+    redis.call('HINCRBY', h, 'late', 1)
+  end
+  if st == 'COMPENSATED' then reopen() end
+  if st ~= 'COMPENSATION_FAILED' then
+    redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
+               'cf', token)
+    owe()
+  end
+  rescore()
+  return {'failed', st, 'COMPENSATION_FAILED'}
 end
 if x == '' or x == 'D' or x == 'F' then return {'ignored', st, st} end
 if tonumber(ARGV[5]) ~= a then return {'stale', st, st} end

@@ -20,7 +20,8 @@
 ---   waiting    the child compensates already: it reports when it settles
 ---   report     the child is settled for this attempt (COMPENSATED, or
 ---              COMPENSATION_FAILED): it owes its parent the report now
----   gone       no such child (never started): nothing to undo; the
+---   gone       no such child (never started, or a leftover of an earlier
+---              saga with the parent's id): nothing to undo; the
 ---              parent's undo keeps its lease until the caller records it
 ---              done
 ---   stale      the parent's undo is not in flight at this attempt:
@@ -48,9 +49,13 @@ if tonumber(v[2] or '') ~= a
   return {'stale'}
 end
 local st = hget('state')
--- no hold for a child that does not exist: the caller records the undo
--- done, and if it dies first the undo's lease sends it again
-if not st then return {'gone'} end
+-- no hold for a child that does not exist (or is a leftover of an earlier
+-- saga with the parent's id: its ``ptk`` is not the parent's ``tok``): the
+-- caller records the undo done, and if it dies first the undo's lease
+-- sends it again
+if not st or hget('ptk') ~= redis.call('HGET', parent, 'tok') then
+  return {'gone'}
+end
 if v[1] ~= 'R' then
   redis.call('HSET', parent, 'x' .. i, 'R', 'h' .. i, '~', 'b' .. i, now)
   redis.call('HDEL', parent, 'd' .. i)

@@ -2,14 +2,7 @@
 --- @include "num"
 --- @include "undo_wait"
 --- @include "describe"
-
---- A finished saga has work again (a late undo): it stops expiring.
-local function reopen()
-  local id = hget('id')
-  redis.call('PERSIST', h)
-  redis.call('ZREM', ends, id)
-  redis.call('ZADD', live, hget('created') or '0', id)
-end
+--- @include "reopen"
 
 --- Undo step i again, or out of order (attempt ``attempt``, a fresh
 --- budget): it completed after its undo was sent, or after its stage had
