@@ -113,11 +113,14 @@ class Nesting:
             logger.info('saga %s: nested saga %s (step %d) was started '
                         'already', saga_id, child_id, step.index)
             return
-        if reply is Reply.ORPHAN:
-            # the sweep published the step again (its publisher died) after
-            # the saga stopped running: settled now, not after a queue
-            # lease (a step settled already ignores this)
-            why = 'not started: its saga no longer runs'
+        if reply in (Reply.ORPHAN, Reply.BUSY):
+            # ORPHAN: the sweep published the step again (its publisher
+            # died) after the saga stopped running: settled now, not after
+            # a queue lease (a step settled already ignores this)
+            why = ('not started: its saga no longer runs'
+                   if reply is Reply.ORPHAN else
+                   f'not started: a nested saga {child_id} left by an '
+                   f'earlier saga with the id {saga_id} is still at work')
             logger.info('saga %s: nested saga %s (step %d) %s', saga_id,
                         child_id, step.index, why)
             outcome = self.store.step_failed(saga_id, step.index, why)

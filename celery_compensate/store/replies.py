@@ -22,6 +22,7 @@ class Reply(str, enum.Enum):
     CREATED = 'created'             #: the saga is stored (or the call was resent)
     EXISTS = 'exists'               #: a saga with this id exists already
     ORPHAN = 'orphan'               #: a nested saga's parent no longer waits for it
+    BUSY = 'busy'                   #: a leftover child with that id is still at work
     # forward steps: step_done, step_failed
     RECORDED = 'recorded'           #: completed; its stage still runs
     NEXT = 'next'                   #: completed its stage: publish the next one

@@ -33,6 +33,52 @@ def _due(store, rds, sid):
     return rds.zscore(store.keys.for_saga(sid)[1], sid)
 
 
+def deliver(store, child):
+    """nesting.report, store commands only (no publishing)."""
+    parent, index = child.rsplit('~', 1)
+    index = int(index)
+    rep = store.report(child)
+    if rep is None or rep.token is None:
+        return None
+    assert rep.mine
+    if rep.state not in (SagaState.COMPLETED, SagaState.COMPENSATED,
+                         SagaState.COMPENSATION_FAILED):
+        store.reported(child, rep.token)
+        return 'cleared'
+    if rep.state is SagaState.COMPLETED:
+        out = store.step_done(parent, index, '"x"', rep.token)
+    elif rep.undo_for is None:
+        out = store.step_failed(parent, index, 'child failed',
+                                token=rep.token)
+    elif rep.state is SagaState.COMPENSATED:
+        out = store.undo_done(parent, index, rep.token)
+    else:
+        out = store.undo_failed(parent, index, rep.undo_for, 'child CF',
+                                final=True, token=rep.token, nested=True)
+    store.reported(child, rep.token)
+    return out
+
+
+def counters(rds, store, sid):
+    h = store.keys.saga(sid)
+    return {f: v for f, v in rds.hgetall(h).items()
+            if f in ('late', 'cur', 'state') or f.startswith('y')
+            or f.startswith('l') and f[1:].isdigit()
+            or f.startswith('x') and f[1:].isdigit()}
+
+
+def _reversed_parent(celery_app, rds):
+    """p x1 D, cur 0 (a's undo queued); the child's late completer's undo
+    spends its budget; its CF report reaches p (reversal)."""
+    store = make(celery_app)
+    child = _child_compensated_then_reported(store)
+    assert store.step_done(child, 1, '"rc"').status is Reply.LATE
+    store.undo_failed(child, 1, 1, 'no', countdown=0)
+    cf = store.undo_failed(child, 1, 2, 'no again', countdown=0)
+    assert cf.new_state is SagaState.COMPENSATION_FAILED
+    return store, child
+
+
 def _cf_child_after_root_ended(celery_app, rds):
     """Root p ends COMPENSATED while its child is reopened by a late
     completer (xp); the child's late undo then spends its budget: the child
@@ -256,6 +302,83 @@ def test_a_leftover_child_at_work_does_not_hold_a_new_parent(celery_app,
     assert rds.hget(parent, L.undo_state(1)) == 'D', (
         store.get_state('p'), rds.hget(parent, L.undo_state(1)),
         rds.hget(parent, L.held(1)), _due(store, rds, 'p'))
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
+def test_a_root_reopened_by_its_childs_late_failure_ends_once_retried(
+        celery_app, rds):
+    """The child's CF report is owed (its reporter died) before its root
+    ends; the root ends COMPENSATED (xp on the child); the sweep then
+    delivers the report: the root is reopened COMPENSATION_FAILED.  The
+    operator's retry re-drives the child (its parent waits for it again:
+    ``xp`` dropped) and, once COMPENSATED, its report resumes the root."""
+    store, child = _reversed_parent(celery_app, rds)
+    ck = store.keys.saga(child)
+    assert rds.hget(ck, L.REPORT)                   # owed, not sent
+    assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
+    assert rds.hget(ck, 'xp') == '1'
+    rds.hset(ck, L.REPORT_BY, f'{time.time() - 1:.3f}')
+    assert store.recover(child).status is Reply.REPORT
+    out = deliver(store, child)
+    assert out.status is Reply.FAILED
+    assert store.get_state('p') is SagaState.COMPENSATION_FAILED
+    retried = store.retry('p')
+    assert [(d.step.index, d.attempt) for d in retried.undos] == [(1, 2)]
+    assert store.unwind('p', 1, 2).status is Reply.REDRIVEN
+    assert store.undo_done(child, 1).new_state is SagaState.COMPENSATED
+    deliver(store, child)
+    p = store.keys.saga('p')
+    assert store.get_state('p') is SagaState.COMPENSATED, (
+        store.get_state('p'), counters(rds, store, 'p'),
+        rds.hget(p, L.held(1)), rds.hget(ck, L.REPORT), rds.ttl(ck),
+        store.recover('p').status)
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
+def test_a_reopened_roots_child_retried_alone_then_the_root_ends(
+        celery_app, rds):
+    store, child = _reversed_parent(celery_app, rds)
+    ck = store.keys.saga(child)
+    assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
+    rds.hset(ck, L.REPORT_BY, f'{time.time() - 1:.3f}')
+    assert store.recover(child).status is Reply.REPORT
+    assert deliver(store, child).status is Reply.FAILED
+    # the operator retries the child alone first, then the root
+    assert store.retry(child).status is Reply.RETRIED
+    assert store.undo_done(child, 1).new_state is SagaState.COMPENSATED
+    deliver(store, child)
+    # then the root
+    store.retry('p')
+    un = store.unwind('p', 1, 2)
+    deliver(store, child)
+    p = store.keys.saga('p')
+    assert store.get_state('p') is SagaState.COMPENSATED, (
+        un.status, store.get_state('p'), counters(rds, store, 'p'),
+        rds.hget(p, L.held(1)), rds.hget(ck, L.REPORT))
+
+
+def test_a_leftover_child_at_work_is_not_replaced(celery_app, rds):
+    """A leftover child at work (its late undo running on a worker) is not
+    replaced by a new saga with the same id (BUSY: the new step fails);
+    the old worker's outcome lands on the leftover it belongs to."""
+    store = make(celery_app)
+    child = _child_compensated_then_reported(store)
+    late = store.step_done(child, 1, '"rc"')
+    assert [(d.step.index, d.attempt) for d in late.undos] == [(1, 1)]
+    assert store.undo_begin(child, 1, 1, 'old-worker') is Reply.RUN
+    assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
+    rds.delete(store.keys.saga('p'))            # the root's ttl ran out
+    make(celery_app)
+    store.step_done('p', 0, '"ra2"')
+    assert store.start(child, child_plan(), parent=('p', 1)) is Reply.BUSY
+    coordinator = get_state(celery_app).coordinator
+    coordinator.nesting.start('p', _plan().steps[1], ['ra2'], {})
+    parent = store.keys.saga('p')
+    assert rds.hget(parent, L.step_state(1)) == 'F'
+    assert 'still at work' in rds.hget(parent, L.failure(1))
+    old = store.undo_done(child, 1, 'old-worker-done')
+    assert old.status is Reply.UNDONE
+    assert old.new_state is SagaState.COMPENSATED
 
 
 # -- resends and late calls that answer as they should ---------------------

@@ -60,6 +60,9 @@ if v[1] ~= 'R' then
   redis.call('HSET', parent, 'x' .. i, 'R', 'h' .. i, '~', 'b' .. i, now)
   redis.call('HDEL', parent, 'd' .. i)
 end
+-- its parent waits for it again (reopened and retried after its root had
+-- ended): it reports again
+redis.call('HDEL', h, 'xp')
 if hget('claim') == token then
   return replay('unwinding', st, 'claim', 'COMPLETED')
 end
