@@ -269,7 +269,7 @@ class Nesting:
                 c.settled(saga_id, outcome)
         self.store.reported(child_id, rep.token)
 
-    def _tell(self, saga_id: str, index: int, outcome: Any,
+    def _tell(self, saga_id: str, index: int, outcome: Outcome,
               how: str) -> None:
         """The parent's undo of step ``index`` is done: announce it."""
         c = self.coordinator
