@@ -109,6 +109,7 @@ __all__ = (
     'settled_at', 'failure',
     'undo_state', 'attempt', 'attempts_before', 'undo_started', 'undone_at',
     'undo_error', 'late', 'redo', 'settle_token', 'begin_token', 'undo_token',
+    'undone_tokens',
     'STEP_FIELDS', 'STAGE_FIELDS', 'SAGA_FIELDS',
 )
 
@@ -408,6 +409,13 @@ def undo_token(i: int) -> str:
     return f'tu{i}'
 
 
+def undone_tokens(i: int) -> str:
+    """A nested saga's step: the report tokens that recorded its undo done
+    before its late failure turned it back (space-separated): a resend of
+    one of them is stale."""
+    return f'ot{i}'
+
+
 def _prefixes(*fields: Callable[[int], str]) -> dict[str, str]:
     """Each field function's name and the prefix it spells (for checks
     that scan the Lua commands)."""
@@ -425,4 +433,5 @@ STEP_FIELDS = _prefixes(
     forward_retry_token, forward_retry_by, forward_retry_delay, step_state,
     result, settled_at, failure,
     undo_state, attempt, attempts_before, undo_started, undone_at,
-    undo_error, late, redo, settle_token, begin_token, undo_token)
+    undo_error, late, redo, settle_token, begin_token, undo_token,
+    undone_tokens)

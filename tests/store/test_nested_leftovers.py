@@ -434,3 +434,36 @@ def test_an_unwind_resent_after_its_report_answers_the_same(celery_app, rds):
     t1 = store.report(child).token
     assert store.unwind('p', 1, 1, 'same').status is Reply.REPORT
     assert store.report(child).token == t1
+
+
+@pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
+def test_an_old_undone_report_resent_after_the_childs_late_failure_is_stale(
+        celery_app, rds):
+    """The sweep sent the child's COMPENSATED report (its reporter stalled
+    longer than the step lease); the child then fails late, which turns
+    the parent's undo back to F; the stalled reporter's resend of the old
+    report finally arrives: stale, the undo stays F."""
+    store = make(celery_app)
+    child = started(store)
+    store.step_done(child, 0, '"rb"')
+    store.step_failed(child, 1, 'lost')
+    store.undo_done(child, 0)
+    rep = store.report(child)
+    store.step_failed('p', 1, 'child compensated', token=rep.token)
+    store.reported(child, rep.token)
+    assert store.unwind('p', 1, 1, 'u1').status is Reply.REPORT
+    t1 = store.report(child).token
+    assert store.undo_done('p', 1, t1).status is Reply.UNDONE   # the sweep
+    store.reported(child, t1)
+    assert store.step_done(child, 1, '"rc"').status is Reply.LATE
+    store.undo_failed(child, 1, 1, 'no', countdown=0)
+    store.undo_failed(child, 1, 2, 'no', countdown=0)
+    assert deliver(store, child).status is Reply.FAILED
+    slow = store.undo_done('p', 1, t1)      # the stalled first reporter
+    assert slow.status is Reply.DUPLICATE
+    assert rds.hget(store.keys.saga('p'), L.undo_state(1)) == 'F'
+    # the operator's retry still works through it
+    store.retry('p')
+    assert store.unwind('p', 1, 2).status is Reply.REDRIVEN
+    assert store.undo_done(child, 1).new_state is SagaState.COMPENSATED
+    assert deliver(store, child).status is Reply.UNDONE

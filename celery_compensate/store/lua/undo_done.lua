@@ -6,7 +6,8 @@
 ---
 --- Replies {status, old state, new state, {}, {}, undos due}:
 ---   undone     recorded (also for this call sent again)
----   duplicate  another call recorded this undo already
+---   duplicate  another call recorded this undo already (or a nested
+---              saga's report resent after its late failure: ``ot<i>``)
 ---   not-due    the undo is not due: nothing recorded
 ---   missing    no such saga
 ---   error CORRUPT  the record lacks the step's stage, spec or counters
@@ -35,6 +36,12 @@ if x == 'D' then
   return replay('undone', st, 'fin', 'COMPENSATING')
 end
 if x == '' then return {'not-due', st, st} end
+if x == 'F' and string.find(hget('ot' .. i) or '', ' ' .. token .. ' ', 1,
+                            true) then
+  -- a nested saga's report that recorded this undo done before its late
+  -- failure turned it back, resent late: stale
+  return {'duplicate', st, st}
+end
 local bad = damaged(i)
 if bad then return bad end
 redis.call('HSET', h, 'x' .. i, 'D', 'z' .. i, now, 'tu' .. i, token)

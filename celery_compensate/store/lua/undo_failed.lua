@@ -52,6 +52,10 @@ if x == 'D' and ARGV[10] == '1' and tonumber(ARGV[5]) == a then
   -- undo that failed: F again (counted in its stage, or in ``late`` once
   -- the cursor moved below it), the saga COMPENSATION_FAILED (reopened if
   -- it had ended), for an operator's retry to re-drive the child.
+  -- the report that recorded it done may still be resent (a stalled
+  -- reporter): it is stale from now on
+  redis.call('HSET', h, 'ot' .. i,
+             (hget('ot' .. i) or '') .. ' ' .. (hget('tu' .. i) or '') .. ' ')
   redis.call('HSET', h, 'x' .. i, 'F', 'e' .. i, ARGV[6], 'tu' .. i, token)
   local k = hget('k' .. i)
   if tonumber(k) == num('cur') then
