@@ -25,6 +25,7 @@
 --- and :sagas; a reused id is taken out of :ends.  A nested saga's step in
 --- its parent becomes held by it (``h<i>`` ``~``, no deadline, out of the
 --- outbox) in the same call.
+
 --- @include "includes/tree"
 
 local h = KEYS[1]
