@@ -293,11 +293,12 @@ def test_every_script_touches_one_slot():
         assert ('KEYS[6]' in script) == (name in ('start', 'unwind')), name
         # the one key built inside a script: a nested saga's, its parent's
         # key plus '~<step>' (finish expires a finished root's tree,
-        # delete_tree deletes one), in the same hash tag by construction
-        # (layout.shard_of)
-        helpers = (('local function expire_kids' in script)
-                   + ('local function delete_tree' in script))
-        assert script.count(".. '~' ..") == 2 * helpers, name
+        # delete_tree deletes one, tree_at_work reads one), in the same hash
+        # tag by construction (layout.shard_of)
+        built = (2 * ('local function expire_kids' in script)
+                 + 2 * ('local function delete_tree' in script)
+                 + ('local function tree_at_work' in script))
+        assert script.count(".. '~' ..") == built, name
     shards = set()
     for n in range(500):
         sid = f'saga-{n}'

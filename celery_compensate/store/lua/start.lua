@@ -12,8 +12,9 @@
 ---   exists    a saga with this id exists already: nothing written (a
 ---             nested saga left by an earlier saga with its parent's id,
 ---             ``ptk`` not the parent's ``tok``, is replaced instead)
----   busy      a leftover (as above) still RUNNING or COMPENSATING:
----             nothing written; the caller fails the step
+---   busy      a leftover (as above) still RUNNING or COMPENSATING, or
+---             with a nested saga that is: nothing written; the caller
+---             fails the step
 ---   orphan    a nested saga whose parent no longer waits for it (the
 ---             parent is not RUNNING, or the step is settled or held):
 ---             nothing written
@@ -27,6 +28,7 @@
 --- outbox) in the same call.
 
 --- @include "includes/tree"
+--- @include "includes/busy"
 
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 1 then
@@ -38,10 +40,10 @@ if redis.call('EXISTS', h) == 1 then
       == redis.call('HGET', KEYS[6], 'tok') then
     return 'exists'
   end
-  -- a leftover still at work (an undo of it may be running) is not
-  -- replaced: what it settles must not land on the new child
-  local left = redis.call('HGET', h, 'state')
-  if left == 'RUNNING' or left == 'COMPENSATING' then return 'busy' end
+  -- a leftover still at work, or with a nested saga at work (an undo of
+  -- it may be running), is not replaced: what it settles must not land
+  -- on the new child
+  if tree_at_work(h) then return 'busy' end
 end
 if redis.replicate_commands then redis.replicate_commands() end
 local up = ARGV[4]

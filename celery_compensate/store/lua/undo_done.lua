@@ -36,10 +36,10 @@ if x == 'D' then
   return replay('undone', st, 'fin', 'COMPENSATING')
 end
 if x == '' then return {'not-due', st, st} end
-if x == 'F' and string.find(hget('ot' .. i) or '', ' ' .. token .. ' ', 1,
-                            true) then
+if string.find(hget('ot' .. i) or '', ' ' .. token .. ' ', 1, true) then
   -- a nested saga's report that recorded this undo done before its late
-  -- failure turned it back, resent late: stale
+  -- failure turned it back, resent late (before or after an operator's
+  -- retry sent the undo again): stale
   return {'duplicate', st, st}
 end
 local bad = damaged(i)

@@ -61,8 +61,11 @@ if v[1] ~= 'R' then
   redis.call('HDEL', parent, 'd' .. i)
 end
 -- its parent waits for it again (reopened and retried after its root had
--- ended): it reports again
-redis.call('HDEL', h, 'xp')
+-- ended): it reports again, and is kept until then
+if redis.call('HDEL', h, 'xp') == 1 then
+  redis.call('PERSIST', h)
+  redis.call('ZREM', ends, hget('id'))
+end
 if hget('claim') == token then
   return replay('unwinding', st, 'claim', 'COMPLETED')
 end
