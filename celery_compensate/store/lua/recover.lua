@@ -48,7 +48,7 @@
 --- @include "includes/advance"
 --- @include "includes/results"
 --- @include "includes/forward"
---- @include "includes/owe"
+--- @include "includes/compensation_failed"
 
 if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', idx, ARGV[4])
@@ -132,9 +132,8 @@ for _, i in ipairs(candidates) do
       local why = 'lost: the worker running attempt ' .. a .. ' died'
       redis.call('HSET', h, 'e' .. i, why, 'tu' .. i, token)
       if a - num('ab' .. i) >= tonumber(ARGV[5]) then
-        redis.call('HSET', h, 'x' .. i, 'F', 'state',
-                   'COMPENSATION_FAILED', 'ended', now, 'cf', token)
-        owe()
+        redis.call('HSET', h, 'x' .. i, 'F')
+        compensation_failed(hget('state'))
       else
         -- the backoff of a failed attempt (model.undo_delay): a worker
         -- that keeps dying must not burn the budget in seconds

@@ -32,8 +32,9 @@
 --- @include "includes/describe"
 --- @include "includes/rescore"
 --- @include "includes/lower"
---- @include "includes/owe"
+--- @include "includes/compensation_failed"
 --- @include "includes/reopen"
+--- @include "includes/count_undo"
 
 local st = hget('state')
 if not st then return {'missing'} end
@@ -49,27 +50,17 @@ end
 if x == 'D' and ARGV[10] == '1' and tonumber(ARGV[5]) == a then
   -- a nested saga reported undone, then its own late completer's undo
   -- spent its attempts: the step is not undone after all.  As a late
-  -- undo that failed: F again (counted in its stage, or in ``late`` once
-  -- the cursor moved below it), the saga COMPENSATION_FAILED (reopened if
-  -- it had ended), for an operator's retry to re-drive the child.
-  -- the report that recorded it done may still be resent (a stalled
-  -- reporter): it is stale from now on
+  -- undo that failed: F again, counted again (count_undo), the saga
+  -- COMPENSATION_FAILED (reopened if it had ended), for an operator's
+  -- retry to re-drive the child.  The report that had recorded it done
+  -- may still be resent (a stalled reporter): its token is stale from now
+  -- on (``ot<i>``).
   redis.call('HSET', h, 'ot' .. i,
              (hget('ot' .. i) or '') .. ' ' .. (hget('tu' .. i) or '') .. ' ')
   redis.call('HSET', h, 'x' .. i, 'F', 'e' .. i, ARGV[6], 'tu' .. i, token)
-  local k = hget('k' .. i)
-  if tonumber(k) == num('cur') then
-    redis.call('HINCRBY', h, 'y' .. k, 1)
-  else
-    redis.call('HSET', h, 'l' .. i, 1)
-    redis.call('HINCRBY', h, 'late', 1)
-  end
+  count_undo(i)
   if st == 'COMPENSATED' then reopen() end
-  if st ~= 'COMPENSATION_FAILED' then
-    redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
-               'cf', token)
-    owe()
-  end
+  compensation_failed(st)
   rescore()
   return {'failed', st, 'COMPENSATION_FAILED'}
 end
@@ -79,11 +70,7 @@ if x == 'R' and ARGV[8] == '0' then return {'running', st, st} end
 redis.call('HSET', h, 'e' .. i, ARGV[6], 'tu' .. i, token)
 if a - num('ab' .. i) >= tonumber(ARGV[7]) then
   redis.call('HSET', h, 'x' .. i, 'F')
-  if st ~= 'COMPENSATION_FAILED' then
-    redis.call('HSET', h, 'state', 'COMPENSATION_FAILED', 'ended', now,
-               'cf', token)
-    owe()
-  end
+  compensation_failed(st)
   rescore()
   return {'failed', st, 'COMPENSATION_FAILED'}
 end
