@@ -11,37 +11,12 @@ import pytest
 
 from celery_compensate import SagaState
 from celery_compensate.appstate import get_state
-from celery_compensate.model import Plan, TaskRef, UndoSpec
-from celery_compensate.store import Reply, SagaStore
+from celery_compensate.store import Reply
 from celery_compensate.store import layout as L
 
-UNDO = UndoSpec('t.undo')
-
-
-def child_plan() -> Plan:
-    return Plan.from_stages([[(TaskRef('t.b'), UNDO, False)],
-                             [(TaskRef('t.c'), UNDO, False)]])
-
-
-def make(celery_app, sid: str = 'p') -> SagaStore:
-    """a -> child (b -> c) -> d"""
-    store = get_state(celery_app).store
-    plan = Plan.from_stages([
-        [(TaskRef('t.a'), UNDO, False)],
-        [(TaskRef('celery_compensate.saga'), None, False, None, None, 0.0,
-          False, child_plan())],
-        [(TaskRef('t.d'), UNDO, False)],
-    ])
-    assert store.create(sid, plan)
-    return store
-
-
-def started(store: SagaStore, sid: str = 'p') -> str:
-    assert store.step_done(sid, 0, '"ra"').status is Reply.NEXT
-    assert store.start(f'{sid}~1', child_plan(),
-                       parent=(sid, 1)) is Reply.CREATED
-    return f'{sid}~1'
-
+from .nested import (
+    child_plan, complete_child, deliver, lapse, make, parallel, started,
+)
 
 def test_the_childs_start_takes_its_step_in_the_parent(celery_app, rds):
     store = make(celery_app)
@@ -125,11 +100,8 @@ def test_the_sweep_sends_a_report_whose_reporter_died(celery_app, rds):
 def test_unwind_compensates_a_completed_child_as_a_unit(celery_app, rds):
     store = make(celery_app)
     child = started(store)
-    store.step_done(child, 0, '"rb"')
-    store.step_done(child, 1, '"rc"')
-    rep = store.report(child)
-    store.step_done('p', 1, '"rc"', rep.token)
-    store.reported(child, rep.token)
+    complete_child(store, child)
+    assert deliver(store, child).status is Reply.NEXT
     failed = store.step_failed('p', 2, 'd failed')
     assert failed.status is Reply.CLAIMED
     # stage 2 (d) had nothing to undo: the child's undo is due
@@ -206,11 +178,8 @@ def test_abort_hands_the_held_steps_to_the_caller(celery_app, rds):
 def test_the_root_expires_its_whole_tree(celery_app, rds):
     store = make(celery_app)
     child = started(store)
-    store.step_done(child, 0, '"rb"')
-    store.step_done(child, 1, '"rc"')
-    rep = store.report(child)
-    store.step_done('p', 1, '"rc"', rep.token)
-    store.reported(child, rep.token)
+    complete_child(store, child)
+    assert deliver(store, child).status is Reply.NEXT
     assert rds.ttl(store.keys.saga(child)) == -1
     assert store.step_done('p', 2, '"rd"').status is Reply.COMPLETED
     assert rds.ttl(store.keys.saga(child)) > 0
@@ -231,11 +200,6 @@ def test_a_child_is_not_forgotten_before_its_outermost_saga_ends(celery_app,
     assert store.forget(child) == (Reply.FORGOTTEN, SagaState.COMPLETED)
 
 
-def _lapse(rds, store, saga_id: str, index: int) -> None:
-    rds.hset(store.keys.saga(saga_id), L.deadline(index),
-             f'{time.time() - 1:.3f}')
-
-
 def test_a_child_whose_start_was_taken_for_failed_is_stopped_and_undone(
         celery_app, rds):
     """The start's reply was lost (Redis hiccup): its caller records the
@@ -250,7 +214,7 @@ def test_a_child_whose_start_was_taken_for_failed_is_stopped_and_undone(
     parent = store.keys.saga('p')
     assert rds.hget(parent, L.undo_state(1)) == 'R'
     # its step b, never received, is given up after the abort's grace
-    _lapse(rds, store, child, 0)
+    lapse(rds, store, child, 0)
     coordinator.recover(child)
     assert store.get_state(child) is SagaState.COMPENSATED
     assert rds.hget(parent, L.undo_state(1)) == 'D'
@@ -285,15 +249,7 @@ def test_a_child_taken_for_failed_that_completes_is_undone_as_a_unit(
 def test_a_sibling_fails_while_the_child_runs(celery_app, rds):
     """The child runs on, completes late, and is undone as a unit before
     the parent's earlier step."""
-    store = get_state(celery_app).store
-    plan = Plan.from_stages([
-        [(TaskRef('t.a'), UNDO, False)],
-        [(TaskRef('celery_compensate.saga'), None, False, None, None, 0.0,
-          False, child_plan()), (TaskRef('t.y'), UNDO, False)],
-    ])
-    assert store.create('q', plan)
-    store.step_done('q', 0, '"ra"')
-    assert store.start('q~1', child_plan(), parent=('q', 1)) is Reply.CREATED
+    store = parallel(celery_app)
     assert store.step_failed('q', 2, 'y failed').status is Reply.CLAIMED
     assert store.recover('q').status is Reply.RECOVERED     # not stuck
     store.step_done('q~1', 0, '"rb"')
@@ -321,11 +277,8 @@ def test_a_child_repaired_alone_resumes_its_parent(celery_app, rds):
     report resumes the parent (no other undo of the parent failed)."""
     store = make(celery_app)
     child = started(store)
-    store.step_done(child, 0, '"rb"')
-    store.step_done(child, 1, '"rc"')
-    rep = store.report(child)
-    store.step_done('p', 1, '"rc"', rep.token)
-    store.reported(child, rep.token)
+    complete_child(store, child)
+    assert deliver(store, child).status is Reply.NEXT
     store.step_failed('p', 2, 'd failed')
     store.unwind('p', 1, 1, 'u')
     store.undo_done(child, 1)

@@ -16,23 +16,11 @@ from celery_compensate.model import Plan, TaskIdInfo, TaskRef
 from celery_compensate.store import Reply
 from celery_compensate.store import layout as L
 
-from .test_nested import UNDO, child_plan, make, started
+from .nested import (
+    UNDO, child_compensated_then_reported, child_plan, complete_child,
+    due_score, lapse, make, parallel, started,
+)
 
-
-def _due(store, rds, sid):
-    return rds.zscore(store.keys.for_saga(sid)[1], sid)
-
-
-def _lapse(rds, store, saga_id: str, index: int) -> None:
-    rds.hset(store.keys.saga(saga_id), L.deadline(index),
-             f'{time.time() - 1:.3f}')
-
-
-def _complete_child(store, child='p~1'):
-    store.step_done(child, 0, '"rb"')
-    done = store.step_done(child, 1, '"rc"')
-    assert done.new_state is SagaState.COMPLETED
-    return done
 
 
 def test_a_start_whose_reply_was_lost_is_sent_again_with_its_token(
@@ -76,7 +64,7 @@ def test_an_unwind_of_a_child_never_started_keeps_the_undos_lease(
     parent = store.keys.saga('p')
     assert rds.hget(parent, L.undo_state(1)) == 'Q'
     assert rds.hget(parent, L.held(1)) is None
-    _lapse(rds, store, 'p', 1)
+    lapse(rds, store, 'p', 1)
     coordinator.recover('p')
     assert rds.hget(parent, L.undo_state(1)) == 'D'
 
@@ -86,7 +74,7 @@ def test_forget_of_a_child_its_parent_may_still_undo_is_refused(celery_app,
     store = make(celery_app)
     coordinator = get_state(celery_app).coordinator
     child = started(store)
-    _complete_child(store)                  # its reporter dies here
+    complete_child(store)                  # its reporter dies here
     with pytest.raises(SagaNotFinished, match='nested saga'):
         SagaResult(child, app=celery_app).forget()
     coordinator.settled(child, store.step_done(child, 1, '"rc"'))
@@ -99,7 +87,7 @@ def test_forget_of_a_root_deletes_its_children(celery_app, rds):
     store = make(celery_app)
     coordinator = get_state(celery_app).coordinator
     child = started(store)
-    coordinator.settled(child, _complete_child(store))
+    coordinator.settled(child, complete_child(store))
     assert store.step_done('p', 2, '"rd"').status is Reply.COMPLETED
     SagaResult('p', app=celery_app).forget()
     assert not rds.exists(store.keys.saga(child))
@@ -113,7 +101,7 @@ def test_a_child_left_by_an_earlier_saga_with_the_same_id_is_replaced(
     store = make(celery_app)
     coordinator = get_state(celery_app).coordinator
     child = started(store)
-    coordinator.settled(child, _complete_child(store))
+    coordinator.settled(child, complete_child(store))
     rds.delete(store.keys.saga('p'))        # as if expired first
     make(celery_app)                        # the id is reused
     store.step_done('p', 0, '"ra2"')
@@ -126,27 +114,10 @@ def test_a_child_left_by_an_earlier_saga_with_the_same_id_is_replaced(
     assert store.start(child, child_plan(), parent=('p', 1)) is Reply.EXISTS
 
 
-def _child_compensated_then_reported(store):
-    """The child's c is given up as lost, b undone: the child COMPENSATED,
-    reported, and undone for its parent."""
-    child = started(store)
-    store.step_done(child, 0, '"rb"')
-    store.step_failed(child, 1, 'lost: its worker died')
-    assert store.undo_done(child, 0).new_state is SagaState.COMPENSATED
-    rep = store.report(child)
-    store.step_failed('p', 1, 'child compensated', token=rep.token)
-    store.reported(child, rep.token)
-    assert store.unwind('p', 1, 1, 'u1').status is Reply.REPORT
-    rep = store.report(child)
-    assert store.undo_done('p', 1, rep.token).status is Reply.UNDONE
-    store.reported(child, rep.token)
-    return child
-
-
 def test_a_child_still_compensating_when_its_root_ends_is_kept(celery_app,
                                                                rds):
     store = make(celery_app)
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     ckey = store.keys.saga(child)
     # c completes after all: the child undoes it, out of order
     late = store.step_done(child, 1, '"rc"')
@@ -154,17 +125,17 @@ def test_a_child_still_compensating_when_its_root_ends_is_kept(celery_app,
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
     # the root ended: the child at work is kept, in :due, and expires once
     # it ends
-    assert rds.ttl(ckey) == -1 and _due(store, rds, child) is not None
+    assert rds.ttl(ckey) == -1 and due_score(store, rds, child) is not None
     assert store.undo_done(child, 1).new_state is SagaState.COMPENSATED
     assert rds.ttl(ckey) > 0
-    assert _due(store, rds, child) is None
+    assert due_score(store, rds, child) is None
     assert rds.hget(ckey, L.REPORT) is None     # nobody to report to
 
 
 def test_a_childs_late_completer_after_its_root_ended_expires(celery_app,
                                                               rds):
     store = make(celery_app)
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     ckey = store.keys.saga(child)
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
     assert rds.ttl(ckey) > 0                    # expires with its root
@@ -194,7 +165,7 @@ def test_a_child_step_published_again_after_its_parent_stopped_settles(
     assert store.step_done('q', 0, '"ra"').status is Reply.NEXT
     assert store.step_failed('q', 1, 'y failed').status is Reply.CLAIMED
     key = store.keys.saga('q')
-    _lapse(rds, store, 'q', 2)
+    lapse(rds, store, 'q', 2)
     coordinator.recover('q')                    # start: ORPHAN
     assert not rds.exists(store.keys.saga('q~2'))
     assert rds.hget(key, L.step_state(2)) == 'F'
@@ -206,16 +177,8 @@ def test_a_settled_childs_hold_does_not_hide_a_damaged_record(celery_app,
     """A completed child's step keeps its ``~`` marker: the sweep still
     quarantines a record with nothing in flight (here: a sibling's lease
     lost), instead of taking it for waiting on that child."""
-    store = get_state(celery_app).store
-    plan = Plan.from_stages([
-        [(TaskRef('t.a'), UNDO, False)],
-        [(TaskRef('celery_compensate.saga'), None, False, None, None, 0.0,
-          False, child_plan()), (TaskRef('t.y'), UNDO, False)],
-    ])
-    assert store.create('q', plan)
-    store.step_done('q', 0, '"ra"')
-    assert store.start('q~1', child_plan(), parent=('q', 1)) is Reply.CREATED
-    _complete_child(store, 'q~1')
+    store = parallel(celery_app)
+    complete_child(store, 'q~1')
     rep = store.report('q~1')
     assert store.step_done('q', 1, '"rc"', rep.token).status is Reply.RECORDED
     rds.hdel(store.keys.saga('q'), L.deadline(2))       # damaged

@@ -16,47 +16,11 @@ from celery_compensate.model import Plan, TaskRef
 from celery_compensate.store import Reply
 from celery_compensate.store import layout as L
 
-from .test_nested import UNDO, child_plan, make, started
-from .test_nested_faults import _child_compensated_then_reported
+from .nested import (
+    UNDO, SAGA, child_compensated_then_reported, child_plan, deliver,
+    due_score, make, parent_plan, reversed_parent, started,
+)
 
-
-def _plan() -> Plan:
-    return Plan.from_stages([
-        [(TaskRef('t.a'), UNDO, False)],
-        [(TaskRef('celery_compensate.saga'), None, False, None, None, 0.0,
-          False, child_plan())],
-        [(TaskRef('t.d'), UNDO, False)],
-    ])
-
-
-def _due(store, rds, sid):
-    return rds.zscore(store.keys.for_saga(sid)[1], sid)
-
-
-def deliver(store, child):
-    """nesting.report, store commands only (no publishing)."""
-    parent, index = child.rsplit('~', 1)
-    index = int(index)
-    rep = store.report(child)
-    if rep is None or rep.token is None:
-        return None
-    assert rep.mine
-    if rep.state not in (SagaState.COMPLETED, SagaState.COMPENSATED,
-                         SagaState.COMPENSATION_FAILED):
-        store.reported(child, rep.token)
-        return 'cleared'
-    if rep.state is SagaState.COMPLETED:
-        out = store.step_done(parent, index, '"x"', rep.token)
-    elif rep.undo_for is None:
-        out = store.step_failed(parent, index, 'child failed',
-                                token=rep.token)
-    elif rep.state is SagaState.COMPENSATED:
-        out = store.undo_done(parent, index, rep.token)
-    else:
-        out = store.undo_failed(parent, index, rep.undo_for, 'child CF',
-                                final=True, token=rep.token, nested=True)
-    store.reported(child, rep.token)
-    return out
 
 
 def counters(rds, store, sid):
@@ -67,25 +31,13 @@ def counters(rds, store, sid):
             or f.startswith('x') and f[1:].isdigit()}
 
 
-def _reversed_parent(celery_app, rds):
-    """p x1 D, cur 0 (a's undo queued); the child's late completer's undo
-    spends its budget; its CF report reaches p (reversal)."""
-    store = make(celery_app)
-    child = _child_compensated_then_reported(store)
-    assert store.step_done(child, 1, '"rc"').status is Reply.LATE
-    store.undo_failed(child, 1, 1, 'no', countdown=0)
-    cf = store.undo_failed(child, 1, 2, 'no again', countdown=0)
-    assert cf.new_state is SagaState.COMPENSATION_FAILED
-    return store, child
-
-
 def _cf_child_after_root_ended(celery_app, rds):
     """Root p ends COMPENSATED while its child is reopened by a late
     completer (xp); the child's late undo then spends its budget: the child
     is COMPENSATION_FAILED on its own (its root ended: no report)."""
     store = make(celery_app)
     coordinator = get_state(celery_app).coordinator
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     late = store.step_done(child, 1, '"rc"')
     assert late.new_state is SagaState.COMPENSATING
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
@@ -124,7 +76,7 @@ def test_a_leftover_child_is_not_taken_for_a_new_sagas_child(
     assert store.step_done('p', 0, '"ra2"').status is Reply.NEXT
     coordinator.abort('p', 'customer cancelled')
     # the publisher of stage 1 starts the child now: ORPHAN, the step fails
-    step = _plan().steps[1]
+    step = parent_plan().steps[1]
     coordinator.nesting.start('p', step, ['ra2'], {})
     parent = store.keys.saga('p')
     assert rds.hget(parent, L.step_state(1)) == 'F'
@@ -135,9 +87,6 @@ def test_a_leftover_child_is_not_taken_for_a_new_sagas_child(
     assert rds.hget(parent, L.undo_error(1)) is None
     # the earlier saga's child is left alone
     assert store.get_state(child) is SagaState.COMPENSATION_FAILED
-
-
-SAGA = TaskRef('celery_compensate.saga')
 
 
 def _g_plan() -> Plan:
@@ -251,7 +200,7 @@ def test_a_completed_childs_report_stays_owed_until_it_is_unwound(
         coordinator.recover(sid)
     assert (rds.hget(ckey, L.REPORT) is not None
             or store.get_state(child) is not SagaState.COMPLETED), (
-        store.get_state(child), _due(store, rds, child),
+        store.get_state(child), due_score(store, rds, child),
         rds.hget(parent, L.undo_state(1)), rds.hget(parent, L.held(1)),
         store.recover('p').status)
 
@@ -266,7 +215,7 @@ def test_a_childs_late_failure_after_it_was_undone_fails_its_parent(
     late undo failed."""
     store = make(celery_app)
     coordinator = get_state(celery_app).coordinator
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     assert rds.hget(store.keys.saga('p'), L.undo_state(0)) == 'Q'
     assert store.step_done(child, 1, '"rc"').status is Reply.LATE
     store.undo_failed(child, 1, 1, 'no', countdown=0)
@@ -286,14 +235,14 @@ def test_a_leftover_child_at_work_does_not_hold_a_new_parent(celery_app,
     comes."""
     store = make(celery_app)
     coordinator = get_state(celery_app).coordinator
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     assert store.step_done(child, 1, '"rc"').status is Reply.LATE
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
     rds.delete(store.keys.saga('p'))        # the earlier root expired
     make(celery_app)                        # the id is reused
     store.step_done('p', 0, '"ra2"')
     coordinator.abort('p', 'customer cancelled')
-    coordinator.nesting.start('p', _plan().steps[1], ['ra2'], {})  # ORPHAN
+    coordinator.nesting.start('p', parent_plan().steps[1], ['ra2'], {})  # ORPHAN
     parent = store.keys.saga('p')
     assert rds.hget(parent, L.step_state(1)) == 'F'
     # the old child's late undo completes: it ends (expires: xp)
@@ -301,7 +250,7 @@ def test_a_leftover_child_at_work_does_not_hold_a_new_parent(celery_app,
     assert rds.hget(parent, L.held(1)) is None
     assert rds.hget(parent, L.undo_state(1)) == 'D', (
         store.get_state('p'), rds.hget(parent, L.undo_state(1)),
-        rds.hget(parent, L.held(1)), _due(store, rds, 'p'))
+        rds.hget(parent, L.held(1)), due_score(store, rds, 'p'))
 
 
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
@@ -312,7 +261,7 @@ def test_a_root_reopened_by_its_childs_late_failure_ends_once_retried(
     delivers the report: the root is reopened COMPENSATION_FAILED.  The
     operator's retry re-drives the child (its parent waits for it again:
     ``xp`` dropped) and, once COMPENSATED, its report resumes the root."""
-    store, child = _reversed_parent(celery_app, rds)
+    store, child = reversed_parent(celery_app)
     ck = store.keys.saga(child)
     assert rds.hget(ck, L.REPORT)                   # owed, not sent
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
@@ -337,7 +286,7 @@ def test_a_root_reopened_by_its_childs_late_failure_ends_once_retried(
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
 def test_a_reopened_roots_child_retried_alone_then_the_root_ends(
         celery_app, rds):
-    store, child = _reversed_parent(celery_app, rds)
+    store, child = reversed_parent(celery_app)
     ck = store.keys.saga(child)
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
     rds.hset(ck, L.REPORT_BY, f'{time.time() - 1:.3f}')
@@ -362,7 +311,7 @@ def test_a_leftover_child_at_work_is_not_replaced(celery_app, rds):
     replaced by a new saga with the same id (BUSY: the new step fails);
     the old worker's outcome lands on the leftover it belongs to."""
     store = make(celery_app)
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     late = store.step_done(child, 1, '"rc"')
     assert [(d.step.index, d.attempt) for d in late.undos] == [(1, 1)]
     assert store.undo_begin(child, 1, 1, 'old-worker') is Reply.RUN
@@ -372,7 +321,7 @@ def test_a_leftover_child_at_work_is_not_replaced(celery_app, rds):
     store.step_done('p', 0, '"ra2"')
     assert store.start(child, child_plan(), parent=('p', 1)) is Reply.BUSY
     coordinator = get_state(celery_app).coordinator
-    coordinator.nesting.start('p', _plan().steps[1], ['ra2'], {})
+    coordinator.nesting.start('p', parent_plan().steps[1], ['ra2'], {})
     parent = store.keys.saga('p')
     assert rds.hget(parent, L.step_state(1)) == 'F'
     assert 'still at work' in rds.hget(parent, L.failure(1))

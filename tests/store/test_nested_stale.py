@@ -8,35 +8,15 @@ import pytest
 
 from celery_compensate import SagaState
 from celery_compensate.appstate import get_state
-from celery_compensate.model import Plan, TaskRef
 from celery_compensate.store import Reply
 from celery_compensate.store import layout as L
 
-from .test_nested import UNDO, child_plan, make, started
-from .test_nested_leftovers import SAGA, _c_plan, _g_plan, deliver
+from .nested import (
+    child_compensated_then_reported, child_plan, deliver, make,
+    parent_plan, reversed_parent, stale_report, started,
+)
 
-
-def _stale_t1_setup(celery_app, rds):
-    """As test_an_old_undone_report_resent_after_the_childs_late_failure_
-    is_stale: T1 recorded p's undo of step 1 D; the child fails late and
-    its CF report reverses it to F."""
-    store = make(celery_app)
-    child = started(store)
-    store.step_done(child, 0, '"rb"')
-    store.step_failed(child, 1, 'lost')
-    store.undo_done(child, 0)
-    rep = store.report(child)
-    store.step_failed('p', 1, 'child compensated', token=rep.token)
-    store.reported(child, rep.token)
-    assert store.unwind('p', 1, 1, 'u1').status is Reply.REPORT
-    t1 = store.report(child).token
-    assert store.undo_done('p', 1, t1).status is Reply.UNDONE   # the sweep
-    store.reported(child, t1)
-    assert store.step_done(child, 1, '"rc"').status is Reply.LATE
-    store.undo_failed(child, 1, 1, 'no', countdown=0)
-    store.undo_failed(child, 1, 2, 'no', countdown=0)
-    assert deliver(store, child).status is Reply.FAILED
-    return store, child, t1
+from .test_nested_leftovers import _c_plan, _g_plan
 
 
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
@@ -44,7 +24,7 @@ def test_stale_undone_report_after_retry_while_child_redriven(celery_app,
                                                              rds):
     """The stalled T1 resend arrives after the operator's retry, while
     the re-driven child still compensates (p's x1 = R held '~'): stale."""
-    store, child, t1 = _stale_t1_setup(celery_app, rds)
+    store, child, t1 = stale_report(celery_app, rds)
     store.retry('p')
     assert store.unwind('p', 1, 2).status is Reply.REDRIVEN
     assert store.get_state(child) is SagaState.COMPENSATING
@@ -58,20 +38,12 @@ def test_stale_undone_report_after_retry_while_child_redriven(celery_app,
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
 def test_stale_undone_report_after_retry_before_unwind(celery_app, rds):
     """Same, arriving between the retry (x1 = Q) and the unwind: stale."""
-    store, child, t1 = _stale_t1_setup(celery_app, rds)
+    store, child, t1 = stale_report(celery_app, rds)
     store.retry('p')
     assert rds.hget(store.keys.saga('p'), L.undo_state(1)) == 'Q'
     slow = store.undo_done('p', 1, t1)
     assert slow.status is Reply.DUPLICATE, (slow.status, slow.new_state,
                                             store.get_state(child))
-
-
-def _nested2_plan() -> Plan:
-    return Plan.from_stages([
-        [(TaskRef('t.a'), UNDO, False)],
-        [(SAGA, None, False, None, None, 0.0, False, _c_plan())],
-        [(TaskRef('t.d'), UNDO, False)],
-    ])
 
 
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
@@ -82,7 +54,7 @@ def test_a_leftover_whose_own_child_is_at_work_is_not_replaced(celery_app,
     down the leftover's tree and answers BUSY, so the old worker's outcome
     never lands on a new G."""
     store = get_state(celery_app).store
-    assert store.create('p', _nested2_plan())
+    assert store.create('p', parent_plan(_c_plan()))
     store.step_done('p', 0, '"ra"')
     assert store.start('p~1', _c_plan(), parent=('p', 1)) is Reply.CREATED
     assert store.start('p~1~0', _g_plan(),
@@ -109,7 +81,7 @@ def test_a_leftover_whose_own_child_is_at_work_is_not_replaced(celery_app,
     assert store.undo_begin('p~1~0', 0, 1, 'old-worker') is Reply.RUN
     rds.delete(store.keys.saga('p'))            # p's ttl ran out
     # the id is reused; its p~1 starts while the old G is still at work
-    assert store.create('p', _nested2_plan())
+    assert store.create('p', parent_plan(_c_plan()))
     store.step_done('p', 0, '"ra2"')
     started_again = store.start('p~1', _c_plan(), parent=('p', 1))
     gkey = store.keys.saga('p~1~0')
@@ -130,8 +102,7 @@ def test_unwind_report_keeps_the_ttl_of_a_child_its_parent_waits_for(
     (retried alone): when a retried parent waits for it again, unwind drops
     ``xp`` and its expiry, so it cannot vanish before its report."""
     import time
-    from .test_nested_leftovers import _reversed_parent
-    store, child = _reversed_parent(celery_app, rds)
+    store, child = reversed_parent(celery_app)
     ck = store.keys.saga(child)
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
     rds.hset(ck, L.REPORT_BY, f'{time.time() - 1:.3f}')
@@ -153,7 +124,7 @@ def test_the_root_does_not_end_on_a_stale_report_after_a_retry(
         celery_app, rds):
     """The Q variant's consequence, had the resend been taken: the root
     must not end while the child stays COMPENSATION_FAILED."""
-    store, child, t1 = _stale_t1_setup(celery_app, rds)
+    store, child, t1 = stale_report(celery_app, rds)
     store.retry('p')
     store.undo_done('p', 1, t1)
     un = store.unwind('p', 1, 2)
@@ -167,7 +138,7 @@ def test_the_root_does_not_end_on_a_stale_report_after_a_retry(
 
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
 def test_a_fresh_report_settles_an_F_undo(celery_app, rds):
-    store, child, t1 = _stale_t1_setup(celery_app, rds)
+    store, child, t1 = stale_report(celery_app, rds)
     ot = rds.hget(store.keys.saga('p'), 'ot1')
     assert ot == f' {t1} '
     # a token sharing a prefix with T1 is not taken for it
@@ -177,7 +148,7 @@ def test_a_fresh_report_settles_an_F_undo(celery_app, rds):
 
 @pytest.mark.compensate_conf(compensate_undo_max_attempts=2)
 def test_child_retried_alone_reports_to_F_undo(celery_app, rds):
-    store, child, t1 = _stale_t1_setup(celery_app, rds)
+    store, child, t1 = stale_report(celery_app, rds)
     assert store.retry(child).status is Reply.RETRIED
     assert store.undo_done(child, 1).new_state is SagaState.COMPENSATED
     out = deliver(store, child)
@@ -197,9 +168,8 @@ def test_resend_of_own_start_is_exists_not_busy(celery_app, rds):
 
 
 def test_unwind_of_a_leftover_keeps_xp(celery_app, rds):
-    from .test_nested_faults import _child_compensated_then_reported
     store = make(celery_app)
-    child = _child_compensated_then_reported(store)
+    child = child_compensated_then_reported(store)
     store.step_done(child, 1, '"rc"')           # at work again
     assert store.undo_done('p', 0).new_state is SagaState.COMPENSATED
     ck = store.keys.saga(child)

@@ -22,18 +22,14 @@ from celery_compensate import SagaState, StepState, saga
 
 from .. import tasks
 from ..helpers import assert_stage_order, undone, wait_for
-from .test_recovery import _cluster, entries
-from .test_windows import HEARTBEAT, LEASE, QUEUE, SWEEP, _sweeper
+from . import test_windows
+from .test_recovery import entries
+from .test_windows import LEASE, SWEEP, _sweeper
 
 pytestmark = pytest.mark.prefork
 
-
-@pytest.fixture
-def cluster(redis_url):
-    with _cluster(redis_url, step_timeout=LEASE, queue_timeout=QUEUE,
-                  heartbeat_interval=HEARTBEAT,
-                  recovery_interval=SWEEP) as env:
-        yield env
+#: the windows' workers: a short lease and sweep, a long queue timeout
+cluster = test_windows.cluster
 
 
 def _kill_on(app, rds, saga_id: str, step: str, mode: str = 'child') -> None:
